@@ -1,0 +1,78 @@
+"""Transformer-XL relative multi-head attention over [memory ; current segment] (spec §1).
+
+For query i (absolute position M+i) and key j the distance is d = M+i-j (masked when d < 0):
+
+    score(i, j) = [ (q_i + u)·k_j + (q_i + v)·(W_R · sinusoid(d)) ] / sqrt(Dh)
+
+The position term is computed once per distance (`bd_BHNK_by_distance`) and then gathered by
+distance, instead of the pad-and-reshape "relative shift" of the reference code.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from memtx.config import ModelConfig
+
+NEG_INF = -1e30
+
+
+def sinusoid(positions_K: jax.Array, d_model: int) -> jax.Array:
+    """[K] positions -> [K, d_model]: the sin block then the cos block, freqs 1/10000^(2k/D)."""
+    inv_freq = 1.0 / (10000.0 ** (jnp.arange(0, d_model, 2, dtype=jnp.float32) / d_model))
+    angles = positions_K.astype(jnp.float32)[:, None] * inv_freq[None, :]
+    return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
+
+
+def param_with_axes(module: nn.Module, name: str, shape, axes, init):
+    return module.param(name, nn.with_logical_partitioning(init, axes), shape)
+
+
+class RelativeAttention(nn.Module):
+    """Multi-head attention of the current segment over [memory ; segment], XL positions."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BND, mem_BMD, mem_valid_BM, u_HD, v_HD, deterministic: bool = True):
+        cfg = self.cfg
+        H, Dh, D = cfg.num_heads, cfg.dim_per_head, cfg.d_model
+        dtype = jnp.dtype(cfg.dtype)
+        init = nn.initializers.normal(cfg.init_std)
+        w_qkv = param_with_axes(self, "qkv", (D, 3, H, Dh), ("embed", "qkv", "heads", "kv"), init)
+        w_r = param_with_axes(self, "r_proj", (D, H, Dh), ("embed", "heads", "kv"), init)
+        w_o = param_with_axes(self, "out", (H, Dh, D), ("heads", "kv", "embed"), init)
+        w_qkv, w_r, w_o = (w.astype(dtype) for w in (w_qkv, w_r, w_o))
+
+        B, N, _ = x_BND.shape
+        M = mem_BMD.shape[1]
+        K = M + N
+        keys_in_BKD = jnp.concatenate([mem_BMD.astype(dtype), x_BND.astype(dtype)], axis=1)
+        q_BNHD = jnp.einsum("bnd,dhk->bnhk", x_BND.astype(dtype), w_qkv[:, 0])
+        k_BKHD = jnp.einsum("bkd,dhe->bkhe", keys_in_BKD, w_qkv[:, 1])
+        v_BKHD = jnp.einsum("bkd,dhe->bkhe", keys_in_BKD, w_qkv[:, 2])
+        q_BNHD = nn.with_logical_constraint(q_BNHD, ("act_batch", "act_seq", "act_heads", "act_kv"))
+        k_BKHD = nn.with_logical_constraint(k_BKHD, ("act_batch", "act_seq", "act_heads", "act_kv"))
+        v_BKHD = nn.with_logical_constraint(v_BKHD, ("act_batch", "act_seq", "act_heads", "act_kv"))
+
+        # Position term, once per distance d = 0..K-1, then gathered to [N, K] by d = M+i-j.
+        r_KHD = jnp.einsum("kd,dhe->khe", sinusoid(jnp.arange(K), D).astype(dtype), w_r)
+        ac_BHNK = jnp.einsum("bnhd,bkhd->bhnk", q_BNHD + u_HD.astype(dtype), k_BKHD,
+                             preferred_element_type=jnp.float32)
+        bd_BHNK_by_distance = jnp.einsum("bnhd,khd->bhnk", q_BNHD + v_HD.astype(dtype), r_KHD,
+                                         preferred_element_type=jnp.float32)
+        distance_NK = M + jnp.arange(N)[:, None] - jnp.arange(K)[None, :]
+        bd_BHNK = bd_BHNK_by_distance[:, :, jnp.arange(N)[:, None], jnp.clip(distance_NK, 0, K - 1)]
+
+        scores = (ac_BHNK + bd_BHNK) / jnp.sqrt(jnp.float32(Dh))
+        key_valid_BK = jnp.concatenate([mem_valid_BM, jnp.ones((B, N), bool)], axis=1)
+        mask_BHNK = (distance_NK >= 0)[None, None] & key_valid_BK[:, None, None, :]
+        scores = jnp.where(mask_BHNK, scores, NEG_INF)
+        probs_BHNK = jax.nn.softmax(scores, axis=-1)
+        self.sow("intermediates", "attn_prob", probs_BHNK)
+        probs_BHNK = nn.Dropout(cfg.dropout)(probs_BHNK, deterministic=deterministic)
+
+        out_BNHD = jnp.einsum("bhnk,bkhd->bnhd", probs_BHNK.astype(dtype), v_BKHD)
+        return jnp.einsum("bnhd,hde->bne", out_BNHD, w_o)

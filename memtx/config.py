@@ -1,0 +1,340 @@
+"""Experiment configuration: plain dataclasses, Python config files, command-line overrides.
+
+A config file is a Python module `configs/NAME.py` with `get_config(preset=None) -> Config`.
+It is named on the command line as `configs/txl.py` or `configs/txl.py:preset`, and any field
+can be overridden with `--config.SECTION.FIELD=VALUE`. Every problem with a config (unknown
+key, wrong type, inconsistent values) raises `ConfigError` whose message is one line naming
+the key; entry points print it and exit without a traceback.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import importlib.util
+import json
+import math
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A bad config value; the message is one line that names the key."""
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 259  # byte vocabulary: 256 bytes + PAD, BOS, EOS
+    vocab_pad_multiple: int = 128  # embedding rows padded to this multiple (shardable); pad ids masked
+    num_layers: int = 4
+    d_model: int = 256
+    num_heads: int = 4
+    head_dim: int = 0  # 0: d_model // num_heads (must then divide)
+    d_ff: int = 1024
+    mem_len: int = 128  # Transformer-XL memory length M; 0 is Transformer+RPE
+    pre_norm: bool = False  # False: post-LN as the reference; True: pre-LN (+ final LN)
+    dropout: float = 0.0
+    layer_norm_eps: float = 1e-5
+    init_std: float = 0.02
+    dtype: str = "float32"  # compute dtype: float32 | bfloat16 (parameters stay float32)
+
+    @property
+    def dim_per_head(self) -> int:
+        return self.head_dim or self.d_model // self.num_heads
+
+    @property
+    def padded_vocab_size(self) -> int:
+        m = self.vocab_pad_multiple
+        return -(-self.vocab_size // m) * m
+
+
+@dataclass
+class DataConfig:
+    corpus: str = "stdlib"  # "stdlib", a directory, a glob of text files, or one file
+    split_fractions: tuple[int, ...] = (98, 1, 1)  # train / validation / test hash buckets
+    seq_len: int = 128  # segment length N
+    batch_size: int = 8  # global number of rows, each streaming one document
+    seed: int = 0  # document shuffling seed
+    eval_split: str = "validation"
+    eval_batch_size: int = 8
+    eval_max_docs: int = 0  # 0: every document of the split
+
+
+@dataclass
+class OptimConfig:
+    learning_rate: float = 1e-3
+    warmup_steps: int = 100
+    final_lr_ratio: float = 0.0  # cosine decays to learning_rate * final_lr_ratio
+    b1: float = 0.9
+    b2: float = 0.999
+    weight_decay: float = 0.0
+    clip_norm: float = 0.25  # global-norm clipping as in the papers; 0 disables
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    seed: int = 0  # parameter init and dropout
+    log_every: int = 20
+    checkpoint_every: int = 200
+    keep_checkpoints: int = 2
+    stop_after: int = 0  # stop this run after this many steps (resumable); 0: run to `steps`
+
+
+@dataclass
+class MeshConfig:
+    shape: tuple[int, ...] = (-1, 1, 1)  # one entry may be -1: fill with the remaining devices
+    axes: tuple[str, ...] = ("data", "fsdp", "model")
+    # Logical axis name -> mesh axes. Layers name logical axes only; this is the one place
+    # that decides how they are laid out on the mesh.
+    rules: tuple[tuple[str, Any], ...] = (
+        # parameters
+        ("vocab", "model"),
+        ("embed", "fsdp"),
+        ("mlp", "model"),
+        ("heads", "model"),
+        ("kv", None),
+        ("qkv", None),
+        # activations and memory state
+        ("act_batch", ("data", "fsdp")),
+        ("act_seq", None),
+        ("act_embed", None),
+        ("act_heads", "model"),
+        ("act_kv", None),
+        ("act_mlp", "model"),
+        ("act_vocab", "model"),
+        ("act_mem", None),
+        ("layers", None),
+    )
+
+
+@dataclass
+class Config:
+    name: str = "txl"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading and overriding
+
+
+def load_config_file(spec: str) -> Config:
+    """Loads `path/to/file.py[:preset]` by calling its `get_config(preset)`."""
+    path, _, preset = spec.partition(":")
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file '{path}' does not exist")
+    module_spec = importlib.util.spec_from_file_location(f"memtx_config_{abs(hash(path))}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"config file '{path}' has no get_config()")
+    try:
+        cfg = module.get_config(preset) if preset else module.get_config()
+    except KeyError as e:
+        raise ConfigError(f"config file '{path}' has no preset {e}") from None
+    if not isinstance(cfg, Config):
+        raise ConfigError(f"get_config() of '{path}' must return memtx.config.Config")
+    return cfg
+
+
+def _field_types(obj) -> dict[str, Any]:
+    return typing.get_type_hints(type(obj))
+
+
+def _parse_value(key: str, text: str, typ: Any) -> Any:
+    origin = typing.get_origin(typ)
+    if typ is bool:
+        low = text.strip().lower()
+        if low in ("true", "1", "yes"):
+            return True
+        if low in ("false", "0", "no"):
+            return False
+        raise ConfigError(f"config key '{key}' expects true/false, got '{text}'")
+    if typ is int:
+        try:
+            return int(text)
+        except ValueError:
+            raise ConfigError(f"config key '{key}' expects an integer, got '{text}'") from None
+    if typ is float:
+        try:
+            return float(text)
+        except ValueError:
+            raise ConfigError(f"config key '{key}' expects a number, got '{text}'") from None
+    if typ is str:
+        return text
+    if origin is tuple:
+        try:
+            value = ast.literal_eval(text if text.strip().startswith("(") else f"({text},)")
+        except (ValueError, SyntaxError):
+            raise ConfigError(f"config key '{key}' expects a tuple like 2,2,2; got '{text}'") from None
+        value = tuple(value) if isinstance(value, (tuple, list)) else (value,)
+        args = typing.get_args(typ)
+        if len(args) == 2 and args[1] is Ellipsis and args[0] in (int, str):
+            if not all(isinstance(v, args[0]) and not isinstance(v, bool) for v in value):
+                raise ConfigError(f"config key '{key}' expects a tuple of {args[0].__name__}, got '{text}'")
+        return value
+    raise ConfigError(f"config key '{key}' cannot be set from the command line")
+
+
+def apply_override(cfg: Config, key: str, text: str) -> None:
+    """Sets `cfg.<key>` (dotted, e.g. 'model.num_layers') from its command-line text."""
+    node = cfg
+    parts = key.split(".")
+    for depth, part in enumerate(parts):
+        names = [f.name for f in dataclasses.fields(node)]
+        if part not in names:
+            prefix = ".".join(parts[:depth])
+            where = f" under '{prefix}'" if prefix else ""
+            close = difflib.get_close_matches(part, names, n=1)
+            hint = f" (did you mean '{'.'.join(parts[:depth] + close)}'?)" if close else f"; known keys{where}: {', '.join(names)}"
+            raise ConfigError(f"unknown config key '{key}'{hint}")
+        if depth == len(parts) - 1:
+            typ = _field_types(node)[part]
+            if dataclasses.is_dataclass(getattr(node, part)):
+                raise ConfigError(f"config key '{key}' is a section; set one of its fields")
+            setattr(node, part, _parse_value(key, text, typ))
+        else:
+            node = getattr(node, part)
+            if not dataclasses.is_dataclass(node):
+                raise ConfigError(f"unknown config key '{key}' ('{'.'.join(parts[:depth + 1])}' is not a section)")
+
+
+def parse_overrides(args: list[str]) -> list[tuple[str, str]]:
+    """['--config.a.b=1', '--config.c', '2'] -> [('a.b', '1'), ('c', '2')]."""
+    out, i = [], 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--config."):
+            raise ConfigError(f"unrecognised argument '{arg}' (overrides look like --config.model.num_layers=4)")
+        body = arg[len("--config."):]
+        if "=" in body:
+            key, text = body.split("=", 1)
+        elif i + 1 < len(args):
+            key, text = body, args[i + 1]
+            i += 1
+        else:
+            raise ConfigError(f"config key '{body}' has no value")
+        out.append((key, text))
+        i += 1
+    return out
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(data: dict) -> Config:
+    """Inverse of `to_dict` (for the resolved config saved in a work directory)."""
+
+    def build(cls, values):
+        hints = typing.get_type_hints(cls)
+        kwargs = {}
+        for f in dataclasses.fields(cls):
+            if f.name not in values:
+                continue
+            typ, value = hints[f.name], values[f.name]
+            if dataclasses.is_dataclass(typ):
+                value = build(typ, value)
+            elif typing.get_origin(typ) is tuple:
+                value = tuple(tuple(v) if isinstance(v, list) else v for v in value)
+            kwargs[f.name] = value
+        return cls(**kwargs)
+
+    return build(Config, data)
+
+
+def save_json(cfg: Config, path: str) -> None:
+    with open(path, "w") as f:
+        json.dump(to_dict(cfg), f, indent=2)
+
+
+def load_json(path: str) -> Config:
+    with open(path) as f:
+        return from_dict(json.load(f))
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation (before anything is compiled)
+
+
+def resolve_mesh_shape(shape: tuple[int, ...], num_devices: int) -> tuple[int, ...]:
+    if sum(1 for s in shape if s == -1) > 1:
+        raise ConfigError(f"mesh.shape {shape} may have at most one -1")
+    if any(s == 0 or s < -1 for s in shape):
+        raise ConfigError(f"mesh.shape {shape} must have positive sizes (or one -1)")
+    known = math.prod(s for s in shape if s != -1)
+    if -1 in shape:
+        if num_devices % known:
+            raise ConfigError(f"mesh.shape {shape} does not fit {num_devices} devices")
+        shape = tuple(num_devices // known if s == -1 else s for s in shape)
+    if math.prod(shape) != num_devices:
+        raise ConfigError(f"mesh.shape {shape} needs {math.prod(shape)} devices but {num_devices} are available")
+    return shape
+
+
+def validate(cfg: Config, num_devices: int) -> tuple[int, ...]:
+    """Checks consistency; returns the resolved mesh shape. Raises ConfigError naming the key."""
+    m, d, o, t = cfg.model, cfg.data, cfg.optim, cfg.train
+
+    def positive(key, value):
+        if value <= 0:
+            raise ConfigError(f"config key '{key}' must be > 0, got {value}")
+
+    for key in ("num_layers", "d_model", "num_heads", "d_ff", "vocab_size", "vocab_pad_multiple"):
+        positive(f"model.{key}", getattr(m, key))
+    if m.head_dim < 0:
+        raise ConfigError(f"config key 'model.head_dim' must be >= 0, got {m.head_dim}")
+    if m.head_dim == 0 and m.d_model % m.num_heads:
+        raise ConfigError(
+            f"config key 'model.num_heads' ({m.num_heads}) does not divide model.d_model ({m.d_model}); "
+            "change one or set model.head_dim")
+    if m.mem_len < 0:
+        raise ConfigError(f"config key 'model.mem_len' must be >= 0, got {m.mem_len}")
+    if not 0.0 <= m.dropout < 1.0:
+        raise ConfigError(f"config key 'model.dropout' must be in [0, 1), got {m.dropout}")
+    if m.dtype not in ("float32", "bfloat16"):
+        raise ConfigError(f"config key 'model.dtype' must be float32 or bfloat16, got '{m.dtype}'")
+    if m.d_model % 2:
+        raise ConfigError(f"config key 'model.d_model' must be even (sinusoid positions), got {m.d_model}")
+    positive("data.seq_len", d.seq_len)
+    positive("data.batch_size", d.batch_size)
+    positive("data.eval_batch_size", d.eval_batch_size)
+    if len(d.split_fractions) != 3 or min(d.split_fractions) < 0 or d.split_fractions[0] <= 0:
+        raise ConfigError(f"config key 'data.split_fractions' must be 3 non-negative ints (train > 0), got {d.split_fractions}")
+    if d.eval_split not in ("train", "validation", "test"):
+        raise ConfigError(f"config key 'data.eval_split' must be train, validation or test, got '{d.eval_split}'")
+    positive("optim.learning_rate", o.learning_rate)
+    if o.warmup_steps < 0:
+        raise ConfigError(f"config key 'optim.warmup_steps' must be >= 0, got {o.warmup_steps}")
+    if o.clip_norm < 0:
+        raise ConfigError(f"config key 'optim.clip_norm' must be >= 0, got {o.clip_norm}")
+    positive("train.steps", t.steps)
+    positive("train.log_every", t.log_every)
+    positive("train.checkpoint_every", t.checkpoint_every)
+    positive("train.keep_checkpoints", t.keep_checkpoints)
+    if o.warmup_steps >= t.steps:
+        raise ConfigError(f"config key 'optim.warmup_steps' ({o.warmup_steps}) must be < train.steps ({t.steps})")
+
+    mesh = cfg.mesh
+    if len(mesh.shape) != len(mesh.axes):
+        raise ConfigError(f"config key 'mesh.shape' {mesh.shape} must have one size per axis in mesh.axes {mesh.axes}")
+    shape = resolve_mesh_shape(mesh.shape, num_devices)
+    sizes = dict(zip(mesh.axes, shape))
+    for name, target in mesh.rules:
+        for axis in (target if isinstance(target, (tuple, list)) else (target,)):
+            if axis is not None and axis not in sizes:
+                raise ConfigError(f"config key 'mesh.rules' maps '{name}' to unknown mesh axis '{axis}'")
+    batch_axes = dict(mesh.rules).get("act_batch")
+    batch_axes = batch_axes if isinstance(batch_axes, (tuple, list)) else (batch_axes,)
+    dp = math.prod(sizes[a] for a in batch_axes if a is not None)
+    for key, value in (("data.batch_size", d.batch_size), ("data.eval_batch_size", d.eval_batch_size)):
+        if value % dp:
+            raise ConfigError(f"config key '{key}' ({value}) is not divisible by the data-parallel size {dp}")
+    return shape

@@ -1,0 +1,131 @@
+"""Decoder-only Transformer LM with Transformer-XL recurrence memory (M = 0: Transformer+RPE).
+
+`TransformerLM.__call__(inputs_BN, memory, num_valid_B)` returns the logits and the new memory;
+`segment_nll` is the one function the train step, evaluation and generation all call for a
+segment: reset the rows that start a document, run the model, score the targets.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from memtx.attention import RelativeAttention, param_with_axes
+from memtx.config import ModelConfig
+from memtx.memory import xl
+
+
+class LayerNorm(nn.Module):
+    eps: float = 1e-5
+
+    @nn.compact
+    def __call__(self, x):
+        D = x.shape[-1]
+        scale = param_with_axes(self, "scale", (D,), ("embed",), nn.initializers.ones)
+        bias = param_with_axes(self, "bias", (D,), ("embed",), nn.initializers.zeros)
+        x32 = x.astype(jnp.float32)
+        mean = x32.mean(-1, keepdims=True)
+        var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps) * scale + bias
+        return y.astype(x.dtype)
+
+
+class FeedForward(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BND, deterministic: bool = True):
+        cfg = self.cfg
+        dtype = jnp.dtype(cfg.dtype)
+        init = nn.initializers.normal(cfg.init_std)
+        wi = param_with_axes(self, "wi", (cfg.d_model, cfg.d_ff), ("embed", "mlp"), init)
+        bi = param_with_axes(self, "bi", (cfg.d_ff,), ("mlp",), nn.initializers.zeros)
+        wo = param_with_axes(self, "wo", (cfg.d_ff, cfg.d_model), ("mlp", "embed"), init)
+        bo = param_with_axes(self, "bo", (cfg.d_model,), ("embed",), nn.initializers.zeros)
+        h_BNF = jax.nn.relu(x_BND.astype(dtype) @ wi.astype(dtype) + bi.astype(dtype))
+        h_BNF = nn.with_logical_constraint(h_BNF, ("act_batch", "act_seq", "act_mlp"))
+        h_BNF = nn.Dropout(cfg.dropout)(h_BNF, deterministic=deterministic)
+        return h_BNF @ wo.astype(dtype) + bo.astype(dtype)
+
+
+class XLLayer(nn.Module):
+    """Relative attention over [memory ; segment] and a ReLU FFN; post-LN or pre-LN."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, h_BND, mem_BMD, mem_valid_BM, u_HD, v_HD, deterministic: bool = True):
+        cfg = self.cfg
+        attn = RelativeAttention(cfg, name="attn")
+        ffn = FeedForward(cfg, name="ffn")
+        attn_norm = LayerNorm(cfg.layer_norm_eps, name="attn_norm")
+        ffn_norm = LayerNorm(cfg.layer_norm_eps, name="ffn_norm")
+        drop = nn.Dropout(cfg.dropout)
+        if cfg.pre_norm:
+            a = attn(attn_norm(h_BND), attn_norm(mem_BMD), mem_valid_BM, u_HD, v_HD, deterministic)
+            h_BND = h_BND + drop(a, deterministic=deterministic)
+            f = ffn(ffn_norm(h_BND), deterministic)
+            h_BND = h_BND + drop(f, deterministic=deterministic)
+        else:
+            a = attn(h_BND, mem_BMD, mem_valid_BM, u_HD, v_HD, deterministic)
+            h_BND = attn_norm(h_BND + drop(a, deterministic=deterministic))
+            f = ffn(h_BND, deterministic)
+            h_BND = ffn_norm(h_BND + drop(f, deterministic=deterministic))
+        self.sow("intermediates", "out", h_BND)
+        return nn.with_logical_constraint(h_BND, ("act_batch", "act_seq", "act_embed"))
+
+
+class TransformerLM(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, inputs_BN, memory: dict, num_valid_B, deterministic: bool = True):
+        cfg = self.cfg
+        V, Vp, D = cfg.vocab_size, cfg.padded_vocab_size, cfg.d_model
+        H, Dh = cfg.num_heads, cfg.dim_per_head
+        init = nn.initializers.normal(cfg.init_std)
+        embedding_VD = param_with_axes(self, "embedding", (Vp, D), ("vocab", "embed"), init)
+        out_bias_V = param_with_axes(self, "out_bias", (Vp,), ("vocab",), nn.initializers.zeros)
+        u_HD = param_with_axes(self, "u_bias", (H, Dh), ("heads", "kv"), init)  # shared by all layers
+        v_HD = param_with_axes(self, "v_bias", (H, Dh), ("heads", "kv"), init)
+
+        h_BND = jnp.take(embedding_VD, inputs_BN, axis=0).astype(cfg.dtype) * jnp.sqrt(jnp.float32(D)).astype(cfg.dtype)
+        h_BND = nn.with_logical_constraint(h_BND, ("act_batch", "act_seq", "act_embed"))
+        h_BND = nn.Dropout(cfg.dropout)(h_BND, deterministic=deterministic)
+        mem_valid_BM = xl.valid_mask(memory)
+        layer_inputs = []
+        for layer in range(cfg.num_layers):
+            layer_inputs.append(h_BND)
+            h_BND = XLLayer(cfg, name=f"layer_{layer}")(
+                h_BND, memory["hidden"][layer], mem_valid_BM, u_HD, v_HD, deterministic)
+        if cfg.pre_norm:
+            h_BND = LayerNorm(cfg.layer_norm_eps, name="final_norm")(h_BND)
+        h_BND = nn.Dropout(cfg.dropout)(h_BND, deterministic=deterministic)
+
+        logits_BNV = jnp.einsum("bnd,vd->bnv", h_BND, embedding_VD.astype(h_BND.dtype),
+                                preferred_element_type=jnp.float32) + out_bias_V
+        if Vp != V:  # padded rows of the embedding exist only for sharding; never predicted
+            logits_BNV = jnp.where(jnp.arange(Vp) < V, logits_BNV, -1e30)
+        logits_BNV = nn.with_logical_constraint(logits_BNV, ("act_batch", "act_seq", "act_vocab"))
+        new_memory = xl.write(memory, jnp.stack(layer_inputs), num_valid_B)
+        return logits_BNV, new_memory
+
+
+def init_memory(cfg: ModelConfig, batch_size: int) -> dict:
+    return xl.init(cfg.num_layers, batch_size, cfg.mem_len, cfg.d_model, jnp.dtype(cfg.dtype))
+
+
+def segment_nll(model: TransformerLM, params, memory: dict, batch: dict, *, deterministic=True, rngs=None):
+    """One segment: reset rows starting a document, run the model, per-token NLL.
+
+    batch: inputs/targets int [B, N], weights float [B, N] (valid prefix), reset bool [B].
+    Returns (nll_BN with padding zeroed, new_memory).
+    """
+    memory = xl.reset_rows(memory, batch["reset"])
+    num_valid_B = jnp.sum(batch["weights"] > 0, axis=-1).astype(jnp.int32)
+    logits_BNV, memory = model.apply({"params": params}, batch["inputs"], memory, num_valid_B,
+                                     deterministic=deterministic, rngs=rngs)
+    logp_BNV = jax.nn.log_softmax(logits_BNV, axis=-1)
+    nll_BN = -jnp.take_along_axis(logp_BNV, batch["targets"][..., None], axis=-1)[..., 0]
+    return nll_BN * batch["weights"], memory

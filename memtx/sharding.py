@@ -1,0 +1,63 @@
+"""The device mesh and the mapping from logical axis names to mesh axes.
+
+Layers only name logical axes (`("embed", "mlp")`, `("act_batch", "act_seq")`); the rules in
+`cfg.mesh.rules` map those names to mesh axes. Everything that needs a sharding derives it
+here from an abstract tree built with `jax.eval_shape`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+from memtx.config import Config, ConfigError, validate
+
+
+def make_mesh(cfg: Config, devices=None) -> jax.sharding.Mesh:
+    """Validates the config against the devices and builds the mesh (classic Auto axes)."""
+    devices = jax.devices() if devices is None else devices
+    shape = validate(cfg, len(devices))
+    if devices is jax.devices() or len(devices) == jax.device_count():
+        return jax.make_mesh(shape, cfg.mesh.axes, axis_types=(AxisType.Auto,) * len(shape))
+    return jax.sharding.Mesh(np.asarray(devices).reshape(shape), cfg.mesh.axes,
+                             axis_types=(AxisType.Auto,) * len(shape))
+
+
+def rules(cfg: Config) -> tuple:
+    return tuple((name, tuple(t) if isinstance(t, list) else t) for name, t in cfg.mesh.rules)
+
+
+def logical_sharding(mesh, cfg: Config, logical_axes: tuple) -> NamedSharding:
+    spec = nn.logical_to_mesh_axes(logical_axes, rules(cfg))
+    return NamedSharding(mesh, spec)
+
+
+def tree_shardings(mesh, cfg: Config, abstract_boxed):
+    """Shardings for a tree whose leaves may be `nn.LogicallyPartitioned` boxes (unboxed result)."""
+    specs = nn.get_partition_spec(abstract_boxed)
+    return nn.logical_to_mesh_sharding(specs, mesh, rules(cfg))
+
+
+def check_divisible(abstract, shardings, what: str = "state") -> None:
+    """One-line ConfigError when a sharded dimension does not split evenly over its mesh axes."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(abstract)
+    flat_sh = jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
+    for (path, leaf), sharding in zip(flat, flat_sh):
+        for dim, axes in enumerate(sharding.spec):
+            if axes is None:
+                continue
+            axes = axes if isinstance(axes, tuple) else (axes,)
+            n = math.prod(sharding.mesh.shape[a] for a in axes)
+            if leaf.shape[dim] % n:
+                name = jax.tree_util.keystr(path, simple=True, separator="/")
+                raise ConfigError(
+                    f"{what} '{name}' dimension {dim} (size {leaf.shape[dim]}) is not divisible by mesh "
+                    f"axes {axes} (size {n}); change mesh.shape, mesh.rules or the model size")
+
+
+def replicated(mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())

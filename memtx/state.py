@@ -1,0 +1,99 @@
+"""Abstract training state, its shardings, and sharded initialisation.
+
+The state is built abstractly with `jax.eval_shape`, shardings are derived from the logical
+axes the layers name, and the real state is created by a jit whose `out_shardings` place every
+array where it belongs. Checkpoints restore into the same abstract tree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from memtx import sharding
+from memtx.config import Config
+from memtx.memory import xl
+from memtx.model import TransformerLM, init_memory
+from memtx.optimizer import make_optimizer
+
+
+@dataclass
+class Setup:
+    """Everything the train loop and evaluation need that is derived from the config."""
+
+    cfg: Config
+    mesh: jax.sharding.Mesh
+    model: TransformerLM
+    tx: optax.GradientTransformation
+    abstract_state: dict  # {"step", "params", "opt_state"} of ShapeDtypeStructs with shardings
+    state_shardings: dict
+    batch_sharding: jax.sharding.NamedSharding  # [B, N] arrays
+    row_sharding: jax.sharding.NamedSharding  # [B] arrays
+    init_boxed: Callable  # rng -> state with logically-partitioned boxes (for init and shapes)
+
+
+def dummy_inputs(cfg: Config, batch_size: int):
+    m = cfg.model
+    return (jnp.zeros((batch_size, cfg.data.seq_len), jnp.int32), init_memory(m, batch_size),
+            jnp.zeros((batch_size,), jnp.int32))
+
+
+def build(cfg: Config, mesh=None) -> Setup:
+    mesh = sharding.make_mesh(cfg) if mesh is None else mesh
+    model = TransformerLM(cfg.model)
+    tx = make_optimizer(cfg.optim, cfg.train.steps)
+    # Tiny batch for shapes only: parameter shapes do not depend on it.
+    inputs = dummy_inputs(cfg, 1)
+
+    def init_boxed(rng):
+        params = model.init(rng, *inputs)["params"]
+        return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+
+    abstract_boxed = jax.eval_shape(init_boxed, jax.random.key(0))
+    shardings = sharding.tree_shardings(mesh, cfg, abstract_boxed)
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            nn.meta.unbox(abstract_boxed), shardings)
+    sharding.check_divisible(abstract, shardings, "parameter")
+    return Setup(cfg, mesh, model, tx, abstract, shardings,
+                 sharding.logical_sharding(mesh, cfg, ("act_batch", "act_seq")),
+                 sharding.logical_sharding(mesh, cfg, ("act_batch",)), init_boxed)
+
+
+def init_state(setup: Setup, seed: int) -> dict:
+    """Real, sharded parameters and optimizer state (created in place on their devices)."""
+    init = jax.jit(lambda rng: nn.meta.unbox(setup.init_boxed(rng)), out_shardings=setup.state_shardings)
+    with jax.set_mesh(setup.mesh), nn.logical_axis_rules(sharding.rules(setup.cfg)):
+        return init(jax.random.key(seed))
+
+
+def memory_shardings(setup: Setup) -> dict:
+    return {k: sharding.logical_sharding(setup.mesh, setup.cfg, axes) for k, axes in xl.LOGICAL_AXES.items()}
+
+
+def abstract_memory(setup: Setup, batch_size: int) -> dict:
+    shapes = jax.eval_shape(lambda: init_memory(setup.cfg.model, batch_size))
+    shardings = memory_shardings(setup)
+    abstract = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shardings[k]) for k, v in shapes.items()}
+    sharding.check_divisible(abstract, shardings, "memory")
+    return abstract
+
+
+def init_memory_sharded(setup: Setup, batch_size: int) -> dict:
+    abstract = abstract_memory(setup, batch_size)
+    make = jax.jit(lambda: init_memory(setup.cfg.model, batch_size),
+                   out_shardings={k: v.sharding for k, v in abstract.items()})
+    return make()
+
+
+def device_batch(setup: Setup, batch: dict) -> dict:
+    """This process's rows (numpy) -> global arrays sharded over the data axes."""
+    out = {}
+    for key, value in batch.items():
+        target = setup.row_sharding if value.ndim == 1 else setup.batch_sharding
+        out[key] = jax.make_array_from_process_local_data(target, value)
+    return out

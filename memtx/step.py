@@ -1,0 +1,74 @@
+"""The jitted train and eval steps. Both call `model.segment_nll`, the shared segment function.
+
+State and memory buffers are donated: the step updates them in place on the device.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from memtx import sharding
+from memtx.model import segment_nll
+from memtx.optimizer import learning_rate_schedule
+from memtx.state import Setup, memory_shardings
+
+
+def make_train_step(setup: Setup):
+    cfg, model, tx = setup.cfg, setup.model, setup.tx
+    schedule = learning_rate_schedule(cfg.optim, cfg.train.steps)
+    base_key = jax.random.key(cfg.train.seed + 1)
+
+    def train_step(state, memory, batch):
+        rngs = {"dropout": jax.random.fold_in(base_key, state["step"])} if cfg.model.dropout > 0 else None
+
+        def loss_fn(params):
+            nll_BN, new_memory = segment_nll(model, params, memory, batch, deterministic=rngs is None, rngs=rngs)
+            tokens = jnp.sum(batch["weights"])
+            return jnp.sum(nll_BN) / jnp.maximum(tokens, 1.0), (new_memory, tokens)
+
+        (loss, (memory, tokens)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        metrics = {"loss": loss, "tokens": tokens, "grad_norm": optax.tree.norm(grads),
+                   "lr": schedule(state["step"])}
+        return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, memory, metrics
+
+    mem_sh = memory_shardings(setup)
+    batch_sh = {"inputs": setup.batch_sharding, "targets": setup.batch_sharding,
+                "weights": setup.batch_sharding, "reset": setup.row_sharding}
+    jitted = jax.jit(train_step, in_shardings=(setup.state_shardings, mem_sh, batch_sh),
+                     out_shardings=(setup.state_shardings, mem_sh, sharding.replicated(setup.mesh)),
+                     donate_argnums=(0, 1))
+    return _under_mesh(setup, jitted)
+
+
+def make_eval_step(setup: Setup):
+    """(params, memory, batch) -> (memory, sum of NLL, number of predicted tokens)."""
+    model = setup.model
+
+    def eval_step(params, memory, batch):
+        nll_BN, memory = segment_nll(model, params, memory, batch)
+        return memory, jnp.sum(nll_BN), jnp.sum(batch["weights"])
+
+    mem_sh = memory_shardings(setup)
+    batch_sh = {"inputs": setup.batch_sharding, "targets": setup.batch_sharding,
+                "weights": setup.batch_sharding, "reset": setup.row_sharding}
+    rep = sharding.replicated(setup.mesh)
+    jitted = jax.jit(eval_step, in_shardings=(setup.state_shardings["params"], mem_sh, batch_sh),
+                     out_shardings=(mem_sh, rep, rep), donate_argnums=(1,))
+    return _under_mesh(setup, jitted)
+
+
+def _under_mesh(setup: Setup, fn):
+    """Calls `fn` with the mesh and the logical axis rules active (they are read at trace time)."""
+    rules = sharding.rules(setup.cfg)
+
+    def call(*args):
+        with jax.set_mesh(setup.mesh), nn.logical_axis_rules(rules):
+            return fn(*args)
+
+    call.jitted = fn
+    return call
