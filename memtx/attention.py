@@ -72,7 +72,7 @@ class RelativeAttention(nn.Module):
         scores = jnp.where(mask_BHNK, scores, NEG_INF)
         probs_BHNK = jax.nn.softmax(scores, axis=-1)
         self.sow("intermediates", "attn_prob", probs_BHNK)
-        probs_BHNK = nn.Dropout(cfg.dropout)(probs_BHNK, deterministic=deterministic)
+        probs_BHNK = nn.Dropout(cfg.attn_dropout)(probs_BHNK, deterministic=deterministic)
 
         out_BNHD = jnp.einsum("bhnk,bkhd->bnhd", probs_BHNK.astype(dtype), v_BKHD)
         return jnp.einsum("bnhd,hde->bne", out_BNHD, w_o)

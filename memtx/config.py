@@ -36,7 +36,8 @@ class ModelConfig:
     d_ff: int = 1024
     mem_len: int = 128  # Transformer-XL memory length M; 0 is Transformer+RPE
     pre_norm: bool = False  # False: post-LN as the reference; True: pre-LN (+ final LN)
-    dropout: float = 0.0
+    dropout: float = 0.0  # embeddings, residual branches, FFN
+    attn_dropout: float = 0.0  # attention probabilities (the papers use none)
     layer_norm_eps: float = 1e-5
     init_std: float = 0.02
     dtype: str = "float32"  # compute dtype: float32 | bfloat16 (parameters stay float32)
@@ -297,8 +298,9 @@ def validate(cfg: Config, num_devices: int) -> tuple[int, ...]:
             "change one or set model.head_dim")
     if m.mem_len < 0:
         raise ConfigError(f"config key 'model.mem_len' must be >= 0, got {m.mem_len}")
-    if not 0.0 <= m.dropout < 1.0:
-        raise ConfigError(f"config key 'model.dropout' must be in [0, 1), got {m.dropout}")
+    for key in ("dropout", "attn_dropout"):
+        if not 0.0 <= getattr(m, key) < 1.0:
+            raise ConfigError(f"config key 'model.{key}' must be in [0, 1), got {getattr(m, key)}")
     if m.dtype not in ("float32", "bfloat16"):
         raise ConfigError(f"config key 'model.dtype' must be float32 or bfloat16, got '{m.dtype}'")
     if m.d_model % 2:
@@ -319,8 +321,8 @@ def validate(cfg: Config, num_devices: int) -> tuple[int, ...]:
     positive("train.log_every", t.log_every)
     positive("train.checkpoint_every", t.checkpoint_every)
     positive("train.keep_checkpoints", t.keep_checkpoints)
-    if o.warmup_steps >= t.steps:
-        raise ConfigError(f"config key 'optim.warmup_steps' ({o.warmup_steps}) must be < train.steps ({t.steps})")
+    if o.warmup_steps > t.steps:
+        raise ConfigError(f"config key 'optim.warmup_steps' ({o.warmup_steps}) must be <= train.steps ({t.steps})")
 
     mesh = cfg.mesh
     if len(mesh.shape) != len(mesh.axes):

@@ -90,7 +90,9 @@ class TransformerLM(nn.Module):
         u_HD = param_with_axes(self, "u_bias", (H, Dh), ("heads", "kv"), init)  # shared by all layers
         v_HD = param_with_axes(self, "v_bias", (H, Dh), ("heads", "kv"), init)
 
-        h_BND = jnp.take(embedding_VD, inputs_BN, axis=0).astype(cfg.dtype) * jnp.sqrt(jnp.float32(D)).astype(cfg.dtype)
+        # One-hot matmul rather than a gather: it partitions cleanly with the vocabulary sharded.
+        one_hot_BNV = jax.nn.one_hot(inputs_BN, Vp, dtype=cfg.dtype)
+        h_BND = jnp.einsum("bnv,vd->bnd", one_hot_BNV, embedding_VD.astype(cfg.dtype)) * jnp.sqrt(D).astype(cfg.dtype)
         h_BND = nn.with_logical_constraint(h_BND, ("act_batch", "act_seq", "act_embed"))
         h_BND = nn.Dropout(cfg.dropout)(h_BND, deterministic=deterministic)
         mem_valid_BM = xl.valid_mask(memory)

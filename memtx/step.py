@@ -22,7 +22,7 @@ def make_train_step(setup: Setup):
     base_key = jax.random.key(cfg.train.seed + 1)
 
     def train_step(state, memory, batch):
-        rngs = {"dropout": jax.random.fold_in(base_key, state["step"])} if cfg.model.dropout > 0 else None
+        rngs = {"dropout": jax.random.fold_in(base_key, state["step"])} if cfg.model.dropout > 0 or cfg.model.attn_dropout > 0 else None
 
         def loss_fn(params):
             nll_BN, new_memory = segment_nll(model, params, memory, batch, deterministic=rngs is None, rngs=rngs)

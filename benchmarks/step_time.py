@@ -1,0 +1,71 @@
+"""Train-step time and tokens/s of a config with memory M = 0 and M = segment length.
+
+    python benchmarks/step_time.py [--config configs/txl.py:cpu] [--steps 20] [--config.KEY=VALUE ...]
+
+Prints compile time and the median over `--steps` steps after compilation, for both memory
+lengths, in one run. Synthetic byte tokens: this measures the model, not the data pipeline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+import jax
+import numpy as np
+
+from memtx import state as state_lib
+from memtx.cli import resolve_config, run_cli
+from memtx.step import make_train_step
+
+
+def measure(cfg, steps: int) -> dict:
+    setup = state_lib.build(cfg)
+    state = state_lib.init_state(setup, seed=0)
+    memory = state_lib.init_memory_sharded(setup, cfg.data.batch_size)
+    train_step = make_train_step(setup)
+    B, N = cfg.data.batch_size, cfg.data.seq_len
+    rng = np.random.default_rng(0)
+    batch = state_lib.device_batch(setup, {
+        "inputs": rng.integers(0, 256, (B, N), dtype=np.int32), "targets": rng.integers(0, 256, (B, N), dtype=np.int32),
+        "weights": np.ones((B, N), np.float32), "reset": np.zeros((B,), bool)})
+    t0 = time.perf_counter()
+    state, memory, metrics = train_step(state, memory, batch)  # compiles on first call
+    jax.block_until_ready(metrics)
+    compile_s = time.perf_counter() - t0
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        state, memory, metrics = train_step(state, memory, batch)
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - t)
+    median = statistics.median(times)
+    return {"compile_s": compile_s, "step_ms": median * 1e3, "tokens_per_s": B * N / median}
+
+
+def main(args, rest) -> int:
+    cfg = resolve_config(args.config, None, rest)
+    devices = jax.devices()
+    print(f"{args.config}: {cfg.model.num_layers} layers, d {cfg.model.d_model}, batch {cfg.data.batch_size} x "
+          f"segment {cfg.data.seq_len}, {cfg.model.dtype}; {len(devices)} x {devices[0].device_kind} ({jax.default_backend()})")
+    print(f"| memory M | first step incl. compile (s) | median step (ms) | tokens/s |")
+    print(f"|---------:|-----------------------------:|-----------------:|---------:|")
+    for mem_len in (0, cfg.data.seq_len):
+        c = copy.deepcopy(cfg)
+        c.model.mem_len = mem_len
+        r = measure(c, args.steps)
+        print(f"| {mem_len:8d} | {r['compile_s']:28.1f} | {r['step_ms']:16.1f} | {r['tokens_per_s']:8,.0f} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="configs/txl.py:cpu")
+    p.add_argument("--steps", type=int, default=20)
+    sys.exit(run_cli(main, p))

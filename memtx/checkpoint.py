@@ -1,0 +1,58 @@
+"""orbax checkpoints of everything a run needs to continue exactly where it stopped.
+
+Items of one checkpoint step:
+  params     model parameters (evaluation restores only this)
+  train      {"step", "opt_state"}
+  memory     the carried memory state of every row
+  data       the document streams' positions (JSON), one entry per process
+Saves are asynchronous; restore targets are abstract trees carrying shardings.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import orbax.checkpoint as ocp
+
+
+class Checkpointer:
+    def __init__(self, directory: str, keep: int = 2, async_save: bool = True):
+        self.directory = os.path.abspath(directory)
+        self.manager = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                                 enable_async_checkpointing=async_save))
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state: dict, memory: dict, data_state: dict) -> None:
+        data = {str(jax.process_index()): data_state}  # each host's stream position
+        self.manager.save(step, args=ocp.args.Composite(
+            params=ocp.args.StandardSave(state["params"]),
+            train=ocp.args.StandardSave({"step": state["step"], "opt_state": state["opt_state"]}),
+            memory=ocp.args.StandardSave(memory),
+            data=ocp.args.JsonSave(data)))
+
+    def restore(self, step: int, abstract_state: dict, abstract_memory: dict) -> tuple[dict, dict, dict]:
+        """-> (state, memory, this process's data-stream state)."""
+        train_target = {"step": abstract_state["step"], "opt_state": abstract_state["opt_state"]}
+        out = self.manager.restore(step, args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(abstract_state["params"]),
+            train=ocp.args.StandardRestore(train_target),
+            memory=ocp.args.StandardRestore(abstract_memory),
+            data=ocp.args.JsonRestore()))
+        state = {"step": out.train["step"], "params": out.params, "opt_state": out.train["opt_state"]}
+        return state, out.memory, out.data[str(jax.process_index())]
+
+    def restore_params(self, step: int, abstract_params: dict) -> dict:
+        out = self.manager.restore(step, args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(abstract_params)))
+        return out.params
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.close()

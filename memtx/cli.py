@@ -1,0 +1,44 @@
+"""Shared command-line handling: config selection, overrides, one-line errors."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Callable
+
+from memtx.config import Config, ConfigError, apply_override, load_config_file, load_json, parse_overrides
+
+
+class UsageError(ValueError):
+    """A bad command-line or input problem reported as one line."""
+
+
+def resolve_config(config_spec: str | None, workdir: str | None, overrides: list[str]) -> Config:
+    """The config file (or, when none is named, the one saved in the work directory) + overrides."""
+    saved = os.path.join(workdir, "config.json") if workdir else None
+    if config_spec:
+        cfg = load_config_file(config_spec)
+    elif saved and os.path.exists(saved):
+        cfg = load_json(saved)
+    else:
+        raise ConfigError("no config: pass --config configs/NAME.py[:preset] (or a --workdir holding config.json)")
+    for key, text in parse_overrides(overrides):
+        apply_override(cfg, key, text)
+    return cfg
+
+
+def run_cli(main: Callable[[argparse.Namespace, list[str]], int], parser: argparse.ArgumentParser,
+            argv: list[str] | None = None) -> int:
+    """Parses arguments and runs `main`, turning expected errors into one line and exit code 2."""
+    from memtx.data.corpus import CorpusError
+
+    args, rest = parser.parse_known_args(argv)
+    try:
+        return main(args, rest)
+    except (ConfigError, CorpusError, UsageError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,84 @@
+"""Run metrics: one JSON line per step, TensorBoard event files, and the progress line."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+
+
+def format_duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(round(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+class MetricsWriter:
+    """Appends to `metrics.jsonl`; on resume drops lines of steps after the restored one."""
+
+    def __init__(self, workdir: str, resume_step: int = 0, tensorboard: bool = True):
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self._truncate_after(resume_step)
+        self.file = open(self.path, "a")
+        self.tb = None
+        if tensorboard:
+            try:
+                from tensorboardX import SummaryWriter
+                self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            except ImportError:  # optional: the accelerator image may not have it
+                self.tb = None
+
+    def _truncate_after(self, step: int) -> None:
+        if not os.path.exists(self.path):
+            return
+        with open(self.path) as f:
+            kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+        with open(self.path, "w") as f:
+            f.writelines(kept)
+
+    def write(self, step: int, values: dict) -> None:
+        self.file.write(json.dumps({"step": step, **values}) + "\n")
+        if self.tb is not None:
+            for key, value in values.items():
+                if isinstance(value, (int, float)):
+                    self.tb.add_scalar(f"train/{key}", value, step)
+
+    def flush(self) -> None:
+        self.file.flush()
+        if self.tb is not None:
+            self.tb.flush()
+
+    def close(self) -> None:
+        self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def read_metrics(workdir: str) -> list[dict]:
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+class Progress:
+    """Throughput and ETA over a window since the last report (compilation excluded)."""
+
+    def __init__(self, total: int, done: int = 0, unit: str = "step"):
+        self.total, self.unit = total, unit
+        self.last_time = time.perf_counter()
+        self.last_count, self.tokens = done, 0
+
+    def report(self, done: int, tokens: int, extra: str = "", stream=sys.stdout) -> float:
+        now = time.perf_counter()
+        self.tokens += tokens
+        rate = self.tokens / max(now - self.last_time, 1e-9)
+        per_item = (now - self.last_time) / max(done - self.last_count, 1)
+        eta = per_item * (self.total - done)
+        print(f"{self.unit} {done}/{self.total} {extra} | {rate:,.0f} tok/s | ETA {format_duration(eta)}",
+              file=stream, flush=True)
+        self.last_time, self.last_count, self.tokens = now, done, 0
+        return rate

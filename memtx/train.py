@@ -1,0 +1,134 @@
+"""Train a memory-augmented LM on long documents; resumes from its work directory by itself.
+
+    python -m memtx.train --config configs/txl.py:cpu --workdir runs/txl_cpu [--config.KEY=VALUE ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import signal
+import sys
+import time
+
+import jax
+import numpy as np
+
+from memtx import state as state_lib
+from memtx.checkpoint import Checkpointer
+from memtx.cli import resolve_config, run_cli
+from memtx.config import Config, save_json
+from memtx.data import DocumentStream, list_documents, split_documents
+from memtx.metrics import MetricsWriter, Progress, format_duration
+from memtx.step import make_train_step
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def train(cfg: Config, workdir: str) -> dict:
+    """Runs (or continues) training; returns a summary. Checkpoints and metrics go to `workdir`."""
+    setup = state_lib.build(cfg)  # validates the config and the mesh before any compilation
+    docs = split_documents(list_documents(cfg.data.corpus), "train", cfg.data.split_fractions)
+    rows = cfg.data.batch_size // jax.process_count()
+    stream = DocumentStream(docs, rows, cfg.data.seq_len, shuffle=True, repeat=True, seed=cfg.data.seed,
+                            shard_index=jax.process_index(), num_shards=jax.process_count())
+    os.makedirs(workdir, exist_ok=True)
+    save_json(cfg, os.path.join(workdir, "config.json"))
+
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=cfg.train.keep_checkpoints)
+    start = ckpt.latest_step() or 0
+    if start:
+        state, memory, data_state = ckpt.restore(start, setup.abstract_state,
+                                                 state_lib.abstract_memory(setup, cfg.data.batch_size))
+        stream.restore(data_state)
+        print(f"resumed from step {start} in {ckpt.directory}", flush=True)
+    else:
+        state = state_lib.init_state(setup, cfg.train.seed)
+        memory = state_lib.init_memory_sharded(setup, cfg.data.batch_size)
+    n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(setup.abstract_state["params"]))
+    print(f"model: {n_params / 1e6:.2f}M parameters, {cfg.model.num_layers} layers, d {cfg.model.d_model}, "
+          f"memory {cfg.model.mem_len}, segment {cfg.data.seq_len}, batch {cfg.data.batch_size}; "
+          f"{len(docs)} training documents; mesh {dict(setup.mesh.shape)}", flush=True)
+
+    train_step = make_train_step(setup)
+    writer = MetricsWriter(workdir, resume_step=start)
+    stop_at = min(cfg.train.steps, start + cfg.train.stop_after) if cfg.train.stop_after else cfg.train.steps
+    tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
+    progress = None  # started after the first (compiling) step
+    preempted = []
+    previous_handler = signal.signal(signal.SIGTERM, lambda *_: preempted.append(True))  # save, then stop
+    pending: list[tuple[int, dict]] = []
+    last = {}
+
+    def flush_metrics() -> None:
+        nonlocal last
+        for s, m in jax.device_get(pending):
+            values = {k: float(v) for k, v in m.items()}
+            if not math.isfinite(values["loss"]):
+                raise NonFiniteLoss(f"non-finite loss at step {s}; kept the last good checkpoint "
+                                    f"(step {ckpt.latest_step() or 'none'}) in {ckpt.directory}")
+            writer.write(s, values)
+            last = values
+        pending.clear()
+        writer.flush()
+
+    step, t0 = start, time.perf_counter()
+    try:
+        while step < stop_at:
+            batch = state_lib.device_batch(setup, stream.next_batch())
+            state, memory, metrics = train_step(state, memory, batch)
+            step += 1
+            pending.append((step, metrics))
+            if step == start + 1:
+                jax.block_until_ready(metrics)
+                print(f"first step (compilation included) took {time.perf_counter() - t0:.1f}s", flush=True)
+                progress = Progress(cfg.train.steps, done=step)
+            save_now = step % cfg.train.checkpoint_every == 0 or step == stop_at or preempted
+            if step % cfg.train.log_every == 0 or save_now:
+                n_new = len(pending)
+                flush_metrics()
+                progress.report(step, n_new * tokens_per_step,
+                                f"loss {last['loss']:.4f} ({last['loss'] / math.log(2):.3f} bits/token) "
+                                f"lr {last['lr']:.2e} gnorm {last['grad_norm']:.2f}")
+            if save_now:
+                ckpt.save(step, state, memory, stream.state())
+            if preempted:
+                print(f"SIGTERM: saved step {step}; rerun the same command to resume", flush=True)
+                break
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
+        ckpt.wait()
+        ckpt.close()
+        writer.close()
+    elapsed = time.perf_counter() - t0
+    print(f"trained steps {start}..{step} in {format_duration(elapsed)}; checkpoints in {ckpt.directory}",
+          flush=True)
+    return {"start_step": start, "end_step": step, "seconds": elapsed, "last": last}
+
+
+def main(args: argparse.Namespace, rest: list[str]) -> int:
+    cfg = resolve_config(args.config, args.workdir, rest)
+    try:
+        train(cfg, args.workdir)
+    except NonFiniteLoss as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="configs/NAME.py[:preset]; default: WORKDIR/config.json when resuming")
+    p.add_argument("--workdir", required=True, help="checkpoints, config.json and metrics go here")
+    return p
+
+
+def cli() -> None:
+    sys.exit(run_cli(main, parser()))
+
+
+if __name__ == "__main__":
+    cli()

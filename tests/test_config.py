@@ -1,0 +1,514 @@
+"""Configs: Python config files with presets, command-line overrides, validation before any
+compilation, one-line errors naming the key, and the resolved config saved as JSON.
+
+The tests run on the 8 CPU devices that conftest.py forces; CLI tests run `python -m memtx.train`
+/ `memtx.evaluate` as subprocesses (the same XLA_FLAGS, so they also see 8 devices).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import subprocess
+import sys
+import typing
+from pathlib import Path
+
+import jax
+import pytest
+
+from memtx import config as config_lib
+from memtx import state as state_lib
+from memtx.config import (Config, ConfigError, MeshConfig, apply_override, from_dict, load_config_file, load_json,
+                          parse_overrides, save_json, to_dict, validate)
+
+ROOT = Path(__file__).resolve().parents[1]
+TXL = str(ROOT / "configs" / "txl.py")
+NUM_DEVICES = 8  # conftest.py
+
+
+def txl(preset: str | None = None) -> Config:
+    return load_config_file(f"{TXL}:{preset}" if preset else TXL)
+
+
+def config_error(fn, *args) -> str:
+    """Runs fn(*args), expects a ConfigError; returns its (one-line) message."""
+    with pytest.raises(ConfigError) as info:
+        fn(*args)
+    message = str(info.value)
+    assert message and "\n" not in message, f"not one line: {message!r}"
+    return message
+
+
+def override(cfg: Config, **items: str) -> Config:
+    for key, text in items.items():
+        apply_override(cfg, key.replace("__", "."), text)
+    return cfg
+
+
+def leaf_fields(cfg: Config):
+    """(dotted key, type, value) for every settable field of the config."""
+    for section in dataclasses.fields(cfg):
+        node = getattr(cfg, section.name)
+        if not dataclasses.is_dataclass(node):
+            yield section.name, typing.get_type_hints(Config)[section.name], node
+            continue
+        hints = typing.get_type_hints(type(node))
+        for f in dataclasses.fields(node):
+            yield f"{section.name}.{f.name}", hints[f.name], getattr(node, f.name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Overrides
+
+
+@pytest.mark.parametrize("key, text, expected", [
+    ("model.num_layers", "7", 7),
+    ("model.num_layers", " 12 ", 12),
+    ("model.mem_len", "0", 0),
+    ("optim.learning_rate", "3e-4", 3e-4),
+    ("optim.learning_rate", "1", 1.0),
+    ("model.dropout", "0.25", 0.25),
+    ("model.pre_norm", "true", True),
+    ("model.pre_norm", "True", True),
+    ("model.pre_norm", "yes", True),
+    ("model.pre_norm", "1", True),
+    ("model.pre_norm", "false", False),
+    ("model.pre_norm", "no", False),
+    ("model.pre_norm", "0", False),
+    ("model.dtype", "bfloat16", "bfloat16"),
+    ("data.corpus", "/data/a=b/*.txt", "/data/a=b/*.txt"),
+    ("name", "my_run", "my_run"),
+    ("mesh.shape", "2,2,2", (2, 2, 2)),
+    ("mesh.shape", "(2,2,2)", (2, 2, 2)),
+    ("mesh.shape", "(2, 2, 2)", (2, 2, 2)),
+    ("mesh.shape", "-1,2,1", (-1, 2, 1)),
+    ("mesh.shape", "8", (8,)),
+    ("mesh.shape", "(8,)", (8,)),
+    ("data.split_fractions", "90,5,5", (90, 5, 5)),
+    ("mesh.axes", "('a', 'b', 'c')", ("a", "b", "c")),
+])
+def test_override_parses_to_field_type(key, text, expected):
+    cfg = txl("cpu")
+    apply_override(cfg, key, text)
+    section, _, name = key.rpartition(".")
+    value = getattr(getattr(cfg, section) if section else cfg, name)
+    assert value == expected
+    assert type(value) is type(expected), (key, text, value)
+
+
+def test_override_changes_only_its_key():
+    cfg, reference = txl("cpu"), txl("cpu")
+    apply_override(cfg, "model.num_layers", str(reference.model.num_layers + 3))
+    assert cfg.model.num_layers == reference.model.num_layers + 3
+    cfg.model.num_layers = reference.model.num_layers
+    assert cfg == reference
+
+
+def test_every_field_can_be_set_from_its_repr():
+    """Every leaf field (tuples of str and the mesh rules included) round-trips through the CLI."""
+    source, target = txl("wt103"), txl("cpu")
+    source.mesh.axes, source.mesh.rules = ("d", "f", "m"), (("act_batch", ("d", "f")), ("heads", "m"), ("kv", None))
+    source.model.pre_norm = not target.model.pre_norm
+    for key, typ, value in leaf_fields(source):
+        text = ("true" if value else "false") if typ is bool else str(value) if typ in (int, float, str) else repr(value)
+        apply_override(target, key, text)
+    assert target == source
+
+
+def test_parse_overrides_forms():
+    assert parse_overrides(["--config.model.num_layers=4", "--config.mesh.shape", "2,2,2",
+                            "--config.data.corpus=/x=y", "--config.model.mem_len", "-1"]) == [
+        ("model.num_layers", "4"), ("mesh.shape", "2,2,2"), ("data.corpus", "/x=y"), ("model.mem_len", "-1")]
+    assert parse_overrides([]) == []
+
+
+def test_cli_parser_passes_two_token_overrides_through():
+    """argparse (parse_known_args) must leave both overrides forms, negative values included, in order."""
+    from memtx import train
+    from memtx.cli import resolve_config
+
+    args, rest = train.parser().parse_known_args(
+        ["--config", f"{TXL}:wt103", "--workdir", "/tmp/unused", "--config.model.mem_len", "0",
+         "--config.mesh.shape", "(-1,2,1)", "--config.model.pre_norm=true", "--config.optim.warmup_steps", "-1"])
+    cfg = resolve_config(args.config, args.workdir, rest)
+    assert cfg.name == txl("wt103").name
+    assert (cfg.model.mem_len, cfg.mesh.shape, cfg.model.pre_norm, cfg.optim.warmup_steps) == (0, (-1, 2, 1), True, -1)
+
+
+@pytest.mark.parametrize("args, names", [
+    (["--config.model.num_layers"], "model.num_layers"),
+    (["--model.num_layers=4"], "--model.num_layers=4"),
+    (["4"], "'4'"),
+    (["--config.model.num_layers=4", "--workdir2", "x"], "--workdir2"),
+])
+def test_parse_overrides_errors(args, names):
+    assert names in config_error(parse_overrides, args)
+
+
+def test_unknown_key_suggests_the_close_one():
+    message = config_error(apply_override, txl(), "model.num_layrs", "2")
+    assert "model.num_layrs" in message
+    assert "did you mean 'model.num_layers'" in message
+
+
+def test_unknown_key_without_close_match_lists_known_keys():
+    message = config_error(apply_override, txl(), "model.zzzzzz", "2")
+    assert "model.zzzzzz" in message and "num_layers" in message and "mem_len" in message
+
+
+def test_unknown_section():
+    message = config_error(apply_override, txl(), "modle.num_layers", "2")
+    assert "modle.num_layers" in message and "did you mean 'model'" in message
+    message = config_error(apply_override, txl(), "zzzz.num_layers", "2")
+    assert "zzzz.num_layers" in message
+
+
+def test_setting_a_section_or_indexing_a_field_is_an_error():
+    cfg = txl()
+    before = to_dict(cfg)
+    message = config_error(apply_override, cfg, "model", "3")
+    assert "'model'" in message and "section" in message
+    message = config_error(apply_override, cfg, "model.num_layers.x", "3")
+    assert "model.num_layers.x" in message
+    assert to_dict(cfg) == before
+
+
+@pytest.mark.parametrize("key, text", [
+    ("model.num_layers", "abc"),
+    ("model.num_layers", "4.5"),
+    ("model.num_layers", ""),
+    ("model.num_layers", "true"),
+    ("optim.learning_rate", "fast"),
+    ("model.pre_norm", "maybe"),
+    ("model.pre_norm", "2"),
+    ("mesh.shape", "2,x,2"),
+    ("mesh.shape", "2.0,2,2"),
+    ("mesh.shape", "(2,True,2)"),
+    ("mesh.shape", "'a','b'"),
+    ("mesh.axes", "1,2,3"),
+    ("data.split_fractions", "98,1,"),
+])
+def test_wrong_type_names_the_key(key, text):
+    cfg = txl()
+    before = to_dict(cfg)
+    message = config_error(apply_override, cfg, key, text)
+    assert f"'{key}'" in message
+    assert to_dict(cfg) == before  # a rejected override leaves the config untouched
+
+
+# ---------------------------------------------------------------------------------------------
+# Config files and presets
+
+
+def test_default_preset_is_cpu():
+    assert txl() == txl("cpu")
+    assert txl("cpu") is not txl("cpu")  # fresh objects: overriding one never leaks into another
+
+
+def test_text8_uses_the_enwik8_model():
+    assert txl("text8").model == txl("enwik8").model
+
+
+def test_config_file_errors(tmp_path):
+    assert "nope.py" in config_error(load_config_file, str(tmp_path / "nope.py"))
+    message = config_error(load_config_file, f"{TXL}:nope")
+    assert "nope" in message and "preset" in message
+    no_fn = tmp_path / "no_fn.py"
+    no_fn.write_text("X = 1\n")
+    assert "get_config" in config_error(load_config_file, str(no_fn))
+    wrong = tmp_path / "wrong.py"
+    wrong.write_text("def get_config(preset=None):\n    return {'model': {}}\n")
+    assert "wrong.py" in config_error(load_config_file, str(wrong))
+
+
+@pytest.mark.parametrize("preset, layers, d_model, heads, head_dim, d_ff, length", [
+    ("wt103", 16, 410, 10, 41, 2100, 150),
+    ("enwik8", 12, 512, 8, 64, 2048, 512),
+    ("text8", 12, 512, 8, 64, 2048, 512),
+])
+def test_paper_presets(preset, layers, d_model, heads, head_dim, d_ff, length):
+    cfg = txl(preset)
+    m = cfg.model
+    assert (m.num_layers, m.d_model, m.num_heads, m.dim_per_head, m.d_ff) == (layers, d_model, heads, head_dim, d_ff)
+    assert cfg.data.seq_len == m.mem_len == length
+    assert validate(cfg, NUM_DEVICES) == (NUM_DEVICES, 1, 1)
+
+
+@pytest.mark.parametrize("preset", ["cpu", "wt103", "enwik8", "text8"])
+def test_presets_validate(preset):
+    cfg = txl(preset)
+    shape = validate(cfg, NUM_DEVICES)
+    assert math.prod(shape) == NUM_DEVICES and len(shape) == len(cfg.mesh.axes)
+    # A single device always works too (every batch divides 1).
+    assert validate(cfg, 1) == (1, 1, 1)
+
+
+def n_params(setup) -> int:
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(setup.abstract_state["params"]))
+
+
+def test_enwik8_preset_has_the_papers_41m_parameters():
+    setup = state_lib.build(txl("enwik8"))
+    assert 40e6 < n_params(setup) < 42e6  # Transformer-XL, 12L enwik8: 41M
+    assert dict(setup.mesh.shape) == {"data": NUM_DEVICES, "fsdp": 1, "model": 1}
+
+
+def test_parameter_count_follows_the_config():
+    """Two more layers add exactly two layers' parameters (the count is not a constant)."""
+    small = state_lib.build(override(txl("cpu"), model__num_layers="2"))
+    large = state_lib.build(override(txl("cpu"), model__num_layers="4"))
+    m = txl("cpu").model
+    per_layer = (n_params(large) - n_params(small)) // 2
+    # Transformer-XL layer: q, k, v, output and relative-position projections (5 d^2, no biases),
+    # the FFN with biases, and two layer norms (scale and bias).
+    expected = 5 * m.d_model * m.d_model + 2 * m.d_model * m.d_ff + m.d_ff + m.d_model + 4 * m.d_model
+    assert per_layer == expected
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation
+
+
+@pytest.mark.parametrize("items, key", [
+    ({"model__num_heads": "3"}, "model.num_heads"),  # 128 % 3, head_dim 0
+    ({"model__mem_len": "-1"}, "model.mem_len"),
+    ({"model__num_layers": "0"}, "model.num_layers"),
+    ({"model__d_model": "-4"}, "model.d_model"),
+    ({"model__head_dim": "-1"}, "model.head_dim"),
+    ({"model__dropout": "1.0"}, "model.dropout"),
+    ({"model__dtype": "float16"}, "model.dtype"),
+    ({"data__seq_len": "0"}, "data.seq_len"),
+    ({"data__split_fractions": "98,1"}, "data.split_fractions"),
+    ({"data__eval_split": "valid"}, "data.eval_split"),
+    ({"optim__learning_rate": "0"}, "optim.learning_rate"),
+    ({"train__steps": "0"}, "train.steps"),
+    ({"optim__warmup_steps": "5000"}, "optim.warmup_steps"),  # > train.steps
+    ({"mesh__shape": "2,2,2", "data__batch_size": "6"}, "data.batch_size"),  # dp = data x fsdp = 4
+    ({"mesh__shape": "2,2,2", "data__eval_batch_size": "2"}, "data.eval_batch_size"),
+    ({"mesh__shape": "2,2"}, "mesh.shape"),  # 2 sizes for 3 axes
+    ({"mesh__shape": "2,2,1"}, "mesh.shape"),  # 4 devices, 8 available
+    ({"mesh__shape": "3,-1,1"}, "mesh.shape"),
+    ({"mesh__shape": "-1,-1,1"}, "mesh.shape"),
+    ({"mesh__shape": "-1,0,1"}, "mesh.shape"),
+    ({"mesh__rules": "(('act_batch', ('data', 'pipeline')),)"}, "mesh.rules"),
+])
+def test_validate_names_the_key(items, key):
+    cfg = override(txl("cpu"), **items)
+    assert key in config_error(validate, cfg, NUM_DEVICES)
+
+
+def test_heads_not_dividing_width_is_fine_with_explicit_head_dim():
+    cfg = override(txl("cpu"), model__num_heads="3")
+    assert "model.num_heads" in config_error(validate, cfg, NUM_DEVICES)
+    apply_override(cfg, "model.head_dim", "40")
+    validate(cfg, NUM_DEVICES)
+
+
+def test_mesh_for_other_device_count():
+    cfg = override(txl("cpu"), mesh__shape="2,2,2")
+    assert validate(cfg, 8) == (2, 2, 2)
+    message = config_error(validate, cfg, 4)
+    assert "mesh.shape" in message and "4" in message
+
+
+@pytest.mark.parametrize("shape, devices, resolved", [
+    ((-1, 2, 1), 8, (4, 2, 1)),
+    ((2, -1, 2), 8, (2, 2, 2)),
+    ((-1, 1, 1), 8, (8, 1, 1)),
+    ((1, 1, -1), 4, (1, 1, 4)),
+])
+def test_mesh_minus_one_fills_remaining_devices(shape, devices, resolved):
+    cfg = txl("cpu")
+    cfg.mesh = MeshConfig(shape=shape)
+    cfg.data.batch_size = cfg.data.eval_batch_size = 16
+    assert validate(cfg, devices) == resolved
+
+
+def test_batch_divisibility_uses_data_and_fsdp_axes():
+    cfg = override(txl("cpu"), mesh__shape="2,2,2", data__batch_size="4", data__eval_batch_size="4")
+    validate(cfg, NUM_DEVICES)  # dp = 4
+    apply_override(cfg, "mesh.shape", "1,1,8")
+    validate(cfg, NUM_DEVICES)  # dp = 1: the model axis does not split the batch
+    apply_override(cfg, "mesh.shape", "8,1,1")
+    message = config_error(validate, cfg, NUM_DEVICES)
+    assert "data.batch_size" in message and "8" in message
+
+
+def test_wt103_with_a_model_axis_not_dividing_the_heads():
+    ok = override(txl("wt103"), mesh__shape="4,1,2")  # 10 heads / 2
+    setup = state_lib.build(ok)
+    assert dict(setup.mesh.shape) == {"data": 4, "fsdp": 1, "model": 2}
+    bad = override(txl("wt103"), mesh__shape="2,1,4")  # 10 heads / 4
+    validate(bad, NUM_DEVICES)  # the config alone is consistent; the parameter shapes are not
+    message = config_error(state_lib.build, bad)
+    assert "parameter '" in message and "attn" in message and "10" in message and "mesh" in message
+
+
+# ---------------------------------------------------------------------------------------------
+# Nothing is compiled before a bad config is rejected
+
+
+class JitCalled(AssertionError):
+    pass
+
+
+@pytest.fixture
+def no_compilation(monkeypatch):
+    """jax.jit raises; every XLA backend compilation (eager primitives included) is recorded."""
+    compiled = []
+
+    def listener(event, seconds, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiled.append(kwargs.get("fun_name", "?"))
+
+    def forbidden_jit(*args, **kwargs):
+        raise JitCalled("jax.jit called")
+
+    monkeypatch.setattr(jax, "jit", forbidden_jit)
+    jax.clear_caches()  # so that work done by earlier tests cannot hide a compilation
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield compiled
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+
+
+@pytest.mark.parametrize("items, key", [
+    ({"data__batch_size": "6"}, "data.batch_size"),
+    ({"model__mem_len": "-1"}, "model.mem_len"),
+    ({"model__num_heads": "3"}, "model.num_heads"),
+    ({"mesh__shape": "2,2,1"}, "mesh.shape"),
+])
+def test_bad_config_fails_in_build_before_any_compilation(no_compilation, items, key):
+    cfg = override(txl("cpu"), **items)
+    assert key in config_error(state_lib.build, cfg)
+    assert no_compilation == []
+
+
+def test_build_never_jits(no_compilation):
+    """Positive control for the fixture: a good config builds abstractly without jax.jit."""
+    setup = state_lib.build(txl("enwik8"))
+    assert n_params(setup) > 0
+    with pytest.raises(JitCalled):
+        state_lib.init_state(setup, 0)  # the real initialisation does go through jax.jit
+
+
+def test_sharding_error_in_build_comes_before_any_compilation(no_compilation):
+    cfg = override(txl("wt103"), mesh__shape="2,1,4")
+    assert "parameter '" in config_error(state_lib.build, cfg)
+    assert no_compilation == [], f"compiled before rejecting the config: {no_compilation}"
+
+
+# ---------------------------------------------------------------------------------------------
+# JSON round trip and the resolved config in the work directory
+
+
+@pytest.mark.parametrize("preset", ["cpu", "wt103", "enwik8"])
+def test_dict_round_trip(preset):
+    cfg = override(txl(preset), model__num_layers="3", mesh__shape="(2,-1,1)", model__pre_norm="true")
+    assert from_dict(to_dict(cfg)) == cfg
+
+
+@pytest.mark.parametrize("preset", ["cpu", "wt103", "enwik8"])
+def test_json_round_trip(tmp_path, preset):
+    cfg = override(txl(preset), model__num_layers="3", mesh__shape="(2,-1,1)", model__pre_norm="true",
+                   optim__learning_rate="1e-4", data__corpus="/data/x")
+    path = str(tmp_path / "config.json")
+    save_json(cfg, path)
+    with open(path) as f:
+        data = json.load(f)
+    assert data["model"]["num_layers"] == 3 and data["mesh"]["shape"] == [2, -1, 1]
+    loaded = load_json(path)
+    assert loaded == cfg
+    assert isinstance(loaded.mesh.shape, tuple) and isinstance(loaded.model, config_lib.ModelConfig)
+    assert validate(loaded, NUM_DEVICES) == validate(cfg, NUM_DEVICES)
+
+
+def test_json_round_trip_of_every_rule(tmp_path):
+    """The mesh rules (nested tuples and None) survive JSON exactly, not as lists."""
+    cfg = txl("cpu")
+    path = str(tmp_path / "config.json")
+    save_json(cfg, path)
+    loaded = load_json(path)
+    for (name, target), (loaded_name, loaded_target) in zip(cfg.mesh.rules, loaded.mesh.rules, strict=True):
+        assert (loaded_name, loaded_target) == (name, target), name
+        assert type(loaded_target) is type(target), name
+
+
+def test_train_writes_the_resolved_config_before_compiling(tmp_path, monkeypatch):
+    from memtx import train as train_lib
+    from memtx.cli import resolve_config
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(4):
+        (corpus / f"doc{i}.txt").write_text(f"document {i} " * 50)
+    workdir = tmp_path / "work"
+    cfg = resolve_config(f"{TXL}:cpu", None, [f"--config.data.corpus={corpus}", "--config.model.num_layers", "2",
+                                               "--config.data.split_fractions=1,0,0", "--config.mesh.shape=(-1,2,1)"])
+
+    class Stop(Exception):
+        pass
+
+    def stop(*args, **kwargs):
+        raise Stop  # the checkpointer is made right after the config is saved, before initialisation
+
+    monkeypatch.setattr(train_lib, "Checkpointer", stop)
+    monkeypatch.setattr(jax, "jit", lambda *a, **k: pytest.fail("jax.jit called before config.json was written"))
+    with pytest.raises(Stop):
+        train_lib.train(cfg, str(workdir))
+    with open(workdir / "config.json") as f:
+        written = json.load(f)
+    assert written == json.loads(json.dumps(to_dict(cfg)))
+    assert written["model"]["num_layers"] == 2 and written["data"]["corpus"] == str(corpus)
+    assert written["mesh"]["shape"] == [-1, 2, 1]  # as given; resolved against the devices at run time
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line: one line on stderr, exit code 2, no traceback
+
+
+def run_module(module: str, *args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=120)
+
+
+CLI_CASES = [
+    # (extra arguments for memtx.train, what the message must name)
+    (["--config", "configs/txl.py:cpu", "--config.model.mem_len=-1"], "model.mem_len"),
+    (["--config", "configs/txl.py:cpu", "--config.model.num_layrs=2"], "model.num_layers"),
+    (["--config", "configs/txl.py:cpu", "--config.model.num_layers", "abc"], "model.num_layers"),
+    (["--config", "configs/txl.py:cpu", "--config.data.batch_size=6"], "data.batch_size"),
+    (["--config", "configs/txl.py:cpu", "--bogus"], "--bogus"),
+    (["--config", "configs/nope.py"], "configs/nope.py"),
+    (["--config", "configs/txl.py:nope"], "nope"),
+    (["--config", "configs/txl.py:cpu", "--config.data.corpus=/nonexistent/path"], "/nonexistent/path"),
+]
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, names: str) -> str:
+    assert "Traceback" not in proc.stderr + proc.stdout, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: "), lines[0]
+    assert names in lines[0], lines[0]
+    assert proc.returncode == 2, (proc.returncode, proc.stderr)
+    return lines[0]
+
+
+@pytest.mark.parametrize("args, names", CLI_CASES, ids=[" ".join(a[1:]) for a, _ in CLI_CASES])
+def test_train_cli_bad_config_is_one_line(tmp_path, args, names):
+    workdir = tmp_path / "work"
+    proc = run_module("memtx.train", "--workdir", str(workdir), *args)
+    assert_one_line_error(proc, names)
+    assert not workdir.exists()  # rejected before anything was written
+
+
+def test_evaluate_cli_missing_workdir_is_one_line():
+    proc = run_module("memtx.evaluate", "--workdir", "/nonexistent/workdir")
+    assert_one_line_error(proc, "/nonexistent/workdir")
