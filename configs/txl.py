@@ -17,7 +17,7 @@ def cpu() -> Config:
         model=ModelConfig(num_layers=4, d_model=128, num_heads=4, d_ff=512, mem_len=64, dropout=0.0),
         data=DataConfig(corpus="stdlib", seq_len=64, batch_size=8, eval_batch_size=8),
         optim=OptimConfig(learning_rate=2e-3, warmup_steps=200, clip_norm=0.25),
-        train=TrainConfig(steps=4000, log_every=100, checkpoint_every=500))
+        train=TrainConfig(steps=5000, log_every=100, checkpoint_every=500))
 
 
 def wt103() -> Config:

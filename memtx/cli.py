@@ -28,6 +28,17 @@ def resolve_config(config_spec: str | None, workdir: str | None, overrides: list
     return cfg
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage dump) and no abbreviated options."""
+
+    def __init__(self, **kwargs):
+        super().__init__(allow_abbrev=False, **kwargs)
+
+    def error(self, message: str):
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
 def run_cli(main: Callable[[argparse.Namespace, list[str]], int], parser: argparse.ArgumentParser,
             argv: list[str] | None = None) -> int:
     """Parses arguments and runs `main`, turning expected errors into one line and exit code 2."""

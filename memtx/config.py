@@ -157,29 +157,32 @@ def _parse_value(key: str, text: str, typ: Any) -> Any:
             return True
         if low in ("false", "0", "no"):
             return False
-        raise ConfigError(f"config key '{key}' expects true/false, got '{text}'")
+        raise ConfigError(f"config key '{key}' expects true/false, got {text!r}")
     if typ is int:
         try:
             return int(text)
         except ValueError:
-            raise ConfigError(f"config key '{key}' expects an integer, got '{text}'") from None
+            raise ConfigError(f"config key '{key}' expects an integer, got {text!r}") from None
     if typ is float:
         try:
             return float(text)
         except ValueError:
-            raise ConfigError(f"config key '{key}' expects a number, got '{text}'") from None
+            raise ConfigError(f"config key '{key}' expects a number, got {text!r}") from None
     if typ is str:
         return text
     if origin is tuple:
+        args = typing.get_args(typ)
         try:
             value = ast.literal_eval(text if text.strip().startswith("(") else f"({text},)")
         except (ValueError, SyntaxError):
-            raise ConfigError(f"config key '{key}' expects a tuple like 2,2,2; got '{text}'") from None
+            if args and args[0] is str:  # unquoted names: data,fsdp,model
+                value = tuple(part.strip() for part in text.strip().strip("()").split(",") if part.strip())
+            else:
+                raise ConfigError(f"config key '{key}' expects a tuple like 2,2,2; got {text!r}") from None
         value = tuple(value) if isinstance(value, (tuple, list)) else (value,)
-        args = typing.get_args(typ)
         if len(args) == 2 and args[1] is Ellipsis and args[0] in (int, str):
             if not all(isinstance(v, args[0]) and not isinstance(v, bool) for v in value):
-                raise ConfigError(f"config key '{key}' expects a tuple of {args[0].__name__}, got '{text}'")
+                raise ConfigError(f"config key '{key}' expects a tuple of {args[0].__name__}, got {text!r}")
         return value
     raise ConfigError(f"config key '{key}' cannot be set from the command line")
 
@@ -231,6 +234,11 @@ def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
 
 
+def _as_tuple(value):
+    """JSON lists (at any depth) back to the tuples they were saved from."""
+    return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
 def from_dict(data: dict) -> Config:
     """Inverse of `to_dict` (for the resolved config saved in a work directory)."""
 
@@ -244,7 +252,7 @@ def from_dict(data: dict) -> Config:
             if dataclasses.is_dataclass(typ):
                 value = build(typ, value)
             elif typing.get_origin(typ) is tuple:
-                value = tuple(tuple(v) if isinstance(v, list) else v for v in value)
+                value = _as_tuple(value)
             kwargs[f.name] = value
         return cls(**kwargs)
 

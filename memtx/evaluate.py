@@ -20,7 +20,7 @@ import numpy as np
 
 from memtx import state as state_lib
 from memtx.checkpoint import Checkpointer
-from memtx.cli import UsageError, resolve_config, run_cli
+from memtx.cli import ArgumentParser, UsageError, resolve_config, run_cli
 from memtx.config import Config
 from memtx.data import DocumentStream, count_tokens, list_documents, split_documents
 from memtx.metrics import Progress, format_duration
@@ -112,7 +112,7 @@ def main(args: argparse.Namespace, rest: list[str]) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", required=True, help="a training work directory (config.json, checkpoints/)")
     p.add_argument("--config", help="a config file instead of WORKDIR/config.json")
     p.add_argument("--split", choices=["validation", "test", "train"], help="default: data.eval_split")

@@ -47,18 +47,16 @@ def build(cfg: Config, mesh=None) -> Setup:
     mesh = sharding.make_mesh(cfg) if mesh is None else mesh
     model = TransformerLM(cfg.model)
     tx = make_optimizer(cfg.optim, cfg.train.steps)
-    # Tiny batch for shapes only: parameter shapes do not depend on it.
-    inputs = dummy_inputs(cfg, 1)
-
-    def init_boxed(rng):
-        params = model.init(rng, *inputs)["params"]
+    def init_boxed(rng):  # a batch of 1 row: parameter shapes do not depend on it
+        params = model.init(rng, *dummy_inputs(cfg, 1))["params"]
         return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
 
-    abstract_boxed = jax.eval_shape(init_boxed, jax.random.key(0))
+    abstract_boxed = jax.eval_shape(lambda: init_boxed(jax.random.key(0)))  # nothing runs eagerly
     shardings = sharding.tree_shardings(mesh, cfg, abstract_boxed)
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                             nn.meta.unbox(abstract_boxed), shardings)
-    sharding.check_divisible(abstract, shardings, "parameter")
+    sharding.check_divisible(abstract["params"], shardings["params"], "parameter")
+    sharding.check_divisible(abstract, shardings, "optimizer state")
     return Setup(cfg, mesh, model, tx, abstract, shardings,
                  sharding.logical_sharding(mesh, cfg, ("act_batch", "act_seq")),
                  sharding.logical_sharding(mesh, cfg, ("act_batch",)), init_boxed)

@@ -17,7 +17,7 @@ import numpy as np
 
 from memtx import state as state_lib
 from memtx.checkpoint import Checkpointer
-from memtx.cli import resolve_config, run_cli
+from memtx.cli import ArgumentParser, resolve_config, run_cli
 from memtx.config import Config, save_json
 from memtx.data import DocumentStream, list_documents, split_documents
 from memtx.metrics import MetricsWriter, Progress, format_duration
@@ -63,17 +63,21 @@ def train(cfg: Config, workdir: str) -> dict:
     pending: list[tuple[int, dict]] = []
     last = {}
 
-    def flush_metrics() -> None:
+    def flush_metrics() -> float:
+        """Writes the pending steps' metrics; returns their mean loss (the progress line's)."""
         nonlocal last
+        total = 0.0
         for s, m in jax.device_get(pending):
             values = {k: float(v) for k, v in m.items()}
             if not math.isfinite(values["loss"]):
                 raise NonFiniteLoss(f"non-finite loss at step {s}; kept the last good checkpoint "
                                     f"(step {ckpt.latest_step() or 'none'}) in {ckpt.directory}")
             writer.write(s, values)
-            last = values
+            last, total = values, total + values["loss"]
+        mean_loss = total / max(len(pending), 1)
         pending.clear()
         writer.flush()
+        return mean_loss
 
     step, t0 = start, time.perf_counter()
     try:
@@ -89,9 +93,9 @@ def train(cfg: Config, workdir: str) -> dict:
             save_now = step % cfg.train.checkpoint_every == 0 or step == stop_at or preempted
             if step % cfg.train.log_every == 0 or save_now:
                 n_new = len(pending)
-                flush_metrics()
+                loss = flush_metrics()
                 progress.report(step, n_new * tokens_per_step,
-                                f"loss {last['loss']:.4f} ({last['loss'] / math.log(2):.3f} bits/token) "
+                                f"loss {loss:.4f} ({loss / math.log(2):.3f} bits/token) "
                                 f"lr {last['lr']:.2e} gnorm {last['grad_norm']:.2f}")
             if save_now:
                 ckpt.save(step, state, memory, stream.state())
@@ -120,7 +124,7 @@ def main(args: argparse.Namespace, rest: list[str]) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="configs/NAME.py[:preset]; default: WORKDIR/config.json when resuming")
     p.add_argument("--workdir", required=True, help="checkpoints, config.json and metrics go here")
     return p

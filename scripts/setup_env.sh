@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Creates ./.venv with the pinned requirements and memtx installed in editable mode, if it is
 # missing or requirements.txt / pyproject.toml changed since it was made. PYTHON picks the
-# interpreter (default: python3).
+# interpreter (default: python3). pip's output goes to .venv-setup.log (shown on failure).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -9,10 +9,14 @@ want=$(cat requirements.txt pyproject.toml | sha256sum | cut -d' ' -f1)
 if [ -x .venv/bin/python ] && [ "$(cat .venv/.memtx-requirements 2>/dev/null)" = "$want" ]; then
   exit 0
 fi
-echo "setting up .venv with $($PYTHON --version 2>&1) (one-time, about a minute)"
+echo "setting up .venv with $($PYTHON --version 2>&1) (one-time, about a minute; log: .venv-setup.log)"
 rm -rf .venv
-"$PYTHON" -m venv .venv
-.venv/bin/python -m pip install -q --disable-pip-version-check -r requirements.txt
-.venv/bin/python -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e . \
-  || .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps -e .
+log=.venv-setup.log
+if ! { "$PYTHON" -m venv .venv &&
+       .venv/bin/python -m pip install --disable-pip-version-check -r requirements.txt &&
+       .venv/bin/python -m pip install --disable-pip-version-check --no-deps -e . ; } >"$log" 2>&1; then
+  tail -20 "$log" >&2
+  echo "error: setting up .venv failed; full log in $log" >&2
+  exit 1
+fi
 echo "$want" > .venv/.memtx-requirements
