@@ -285,7 +285,7 @@ def test_parameter_count_follows_the_config():
     ({"data__eval_split": "valid"}, "data.eval_split"),
     ({"optim__learning_rate": "0"}, "optim.learning_rate"),
     ({"train__steps": "0"}, "train.steps"),
-    ({"optim__warmup_steps": "5000"}, "optim.warmup_steps"),  # > train.steps
+    ({"optim__warmup_steps": "999999"}, "optim.warmup_steps"),  # > train.steps
     ({"mesh__shape": "2,2,2", "data__batch_size": "6"}, "data.batch_size"),  # dp = data x fsdp = 4
     ({"mesh__shape": "2,2,2", "data__eval_batch_size": "2"}, "data.eval_batch_size"),
     ({"mesh__shape": "2,2"}, "mesh.shape"),  # 2 sizes for 3 axes
