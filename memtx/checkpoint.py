@@ -27,6 +27,9 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
+    def all_steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
     def save(self, step: int, state: dict, memory: dict, data_state: dict) -> None:
         data = {str(jax.process_index()): data_state}  # each host's stream position
         self.manager.save(step, args=ocp.args.Composite(

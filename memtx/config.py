@@ -244,6 +244,9 @@ def from_dict(data: dict) -> Config:
 
     def build(cls, values):
         hints = typing.get_type_hints(cls)
+        unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ConfigError(f"saved config has unknown key(s) {sorted(unknown)} for {cls.__name__}")
         kwargs = {}
         for f in dataclasses.fields(cls):
             if f.name not in values:
@@ -329,8 +332,8 @@ def validate(cfg: Config, num_devices: int) -> tuple[int, ...]:
     positive("train.log_every", t.log_every)
     positive("train.checkpoint_every", t.checkpoint_every)
     positive("train.keep_checkpoints", t.keep_checkpoints)
-    if o.warmup_steps > t.steps:
-        raise ConfigError(f"config key 'optim.warmup_steps' ({o.warmup_steps}) must be <= train.steps ({t.steps})")
+    if o.warmup_steps >= t.steps:
+        raise ConfigError(f"config key 'optim.warmup_steps' ({o.warmup_steps}) must be < train.steps ({t.steps})")
 
     mesh = cfg.mesh
     if len(mesh.shape) != len(mesh.axes):

@@ -93,7 +93,7 @@ def main(args: argparse.Namespace, rest: list[str]) -> int:
     setup = state_lib.build(cfg)
     ckpt = Checkpointer(os.path.join(args.workdir, "checkpoints"), async_save=False)
     step = args.step if args.step is not None else ckpt.latest_step()
-    if step is None or step not in ckpt.manager.all_steps():
+    if step is None or step not in ckpt.all_steps():
         raise UsageError(f"no checkpoint{'' if step is None else f' at step {step}'} in {ckpt.directory}")
     params = ckpt.restore_params(step, setup.abstract_state["params"])
     docs = split_documents(list_documents(cfg.data.corpus), cfg.data.eval_split, cfg.data.split_fractions)

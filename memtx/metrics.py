@@ -75,9 +75,11 @@ class Progress:
     def report(self, done: int, tokens: int, extra: str = "", stream=sys.stdout) -> float:
         now = time.perf_counter()
         self.tokens += tokens
+        if done <= self.last_count:  # nothing timed yet (e.g. the compiling first step)
+            print(f"{self.unit} {done}/{self.total} {extra}", file=stream, flush=True)
+            return 0.0
         rate = self.tokens / max(now - self.last_time, 1e-9)
-        per_item = (now - self.last_time) / max(done - self.last_count, 1)
-        eta = per_item * (self.total - done)
+        eta = (now - self.last_time) / (done - self.last_count) * (self.total - done)
         print(f"{self.unit} {done}/{self.total} {extra} | {rate:,.0f} tok/s | ETA {format_duration(eta)}",
               file=stream, flush=True)
         self.last_time, self.last_count, self.tokens = now, done, 0

@@ -33,7 +33,7 @@ def make_train_step(setup: Setup):
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         metrics = {"loss": loss, "tokens": tokens, "grad_norm": optax.tree.norm(grads),
-                   "lr": schedule(state["step"])}
+                   "param_norm": optax.tree.norm(params), "lr": schedule(state["step"])}
         return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, memory, metrics
 
     mem_sh = memory_shardings(setup)

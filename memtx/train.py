@@ -18,7 +18,7 @@ import numpy as np
 from memtx import state as state_lib
 from memtx.checkpoint import Checkpointer
 from memtx.cli import ArgumentParser, resolve_config, run_cli
-from memtx.config import Config, save_json
+from memtx.config import Config, ConfigError, load_json, save_json, to_dict
 from memtx.data import DocumentStream, list_documents, split_documents
 from memtx.metrics import MetricsWriter, Progress, format_duration
 from memtx.step import make_train_step
@@ -26,6 +26,24 @@ from memtx.step import make_train_step
 
 class NonFiniteLoss(RuntimeError):
     pass
+
+
+# What a checkpoint's continuation depends on; other fields (steps, logging, mesh) may change.
+RESUME_KEYS = ("model", "data.corpus", "data.split_fractions", "data.seq_len", "data.batch_size", "data.seed")
+
+
+def check_resumable(saved: Config, cfg: Config, workdir: str) -> None:
+    """One-line error when a work directory's checkpoints cannot continue under `cfg`."""
+    old, new = to_dict(saved), to_dict(cfg)
+    for key in RESUME_KEYS:
+        a, b = old, new
+        for part in key.split("."):
+            a, b = a[part], b[part]
+        if a != b:
+            diff = next((f"{key}.{k}: {a[k]} -> {b[k]}" for k in a if a[k] != b[k]), f"{key}: {a} -> {b}") \
+                if isinstance(a, dict) else f"{key}: {a} -> {b}"
+            raise ConfigError(f"work directory '{workdir}' holds a run with a different config ({diff}); "
+                              "use a new --workdir or the same config")
 
 
 def train(cfg: Config, workdir: str) -> dict:
@@ -36,7 +54,10 @@ def train(cfg: Config, workdir: str) -> dict:
     stream = DocumentStream(docs, rows, cfg.data.seq_len, shuffle=True, repeat=True, seed=cfg.data.seed,
                             shard_index=jax.process_index(), num_shards=jax.process_count())
     os.makedirs(workdir, exist_ok=True)
-    save_json(cfg, os.path.join(workdir, "config.json"))
+    config_path = os.path.join(workdir, "config.json")
+    if os.path.exists(config_path):
+        check_resumable(load_json(config_path), cfg, workdir)
+    save_json(cfg, config_path)
 
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=cfg.train.keep_checkpoints)
     start = ckpt.latest_step() or 0
@@ -69,8 +90,10 @@ def train(cfg: Config, workdir: str) -> dict:
         total = 0.0
         for s, m in jax.device_get(pending):
             values = {k: float(v) for k, v in m.items()}
-            if not math.isfinite(values["loss"]):
-                raise NonFiniteLoss(f"non-finite loss at step {s}; kept the last good checkpoint "
+            bad = [k for k in ("loss", "grad_norm", "param_norm") if not math.isfinite(values[k])]
+            if bad:  # nothing after the last good step is saved
+                ckpt.wait()
+                raise NonFiniteLoss(f"non-finite {' and '.join(bad)} at step {s}; kept the last good checkpoint "
                                     f"(step {ckpt.latest_step() or 'none'}) in {ckpt.directory}")
             writer.write(s, values)
             last, total = values, total + values["loss"]
