@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from memtx.config import ModelConfig
 from memtx.memory import xl
@@ -33,9 +34,9 @@ def test_reset_only_touches_flagged_rows():
     np.testing.assert_array_equal(np.asarray(xl.valid_mask(reset)).sum(-1), [0, 3])
 
 
-def _model_and_params(mem_len=8):
+def _model_and_params(mem_len=8, pre_norm=False):
     cfg = ModelConfig(vocab_size=40, vocab_pad_multiple=8, num_layers=2, d_model=16, num_heads=2, d_ff=32,
-                      mem_len=mem_len)
+                      mem_len=mem_len, pre_norm=pre_norm)
     model = TransformerLM(cfg)
     params = model.init(jax.random.key(0), jnp.zeros((2, 6), jnp.int32), init_memory(cfg, 2),
                         jnp.zeros((2,), jnp.int32))["params"]
@@ -50,8 +51,9 @@ def _batch(tokens, reset, weights=None):
             "reset": jnp.asarray(reset)}
 
 
-def test_no_information_from_the_future_or_other_rows():
-    cfg, model, params = _model_and_params()
+@pytest.mark.parametrize("pre_norm", [False, True])
+def test_no_information_from_the_future_or_other_rows(pre_norm):
+    cfg, model, params = _model_and_params(pre_norm=pre_norm)
     rng = np.random.default_rng(0)
     seg_a = rng.integers(0, 40, (2, 6))
     seg_b = seg_a.copy()

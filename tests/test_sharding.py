@@ -63,3 +63,15 @@ def test_indivisible_sharding_is_a_config_error():
         assert "not divisible" in str(e) and "\n" not in str(e)
     else:
         raise AssertionError("heads=1 cannot be split over model=2")
+
+
+def test_bfloat16_compute_tracks_float32():
+    cfg32 = tiny_config((1, 1, 1))
+    cfg16 = tiny_config((1, 1, 1))
+    cfg16.model.dtype = "bfloat16"
+    losses_32, params_32, _, _ = run_steps(cfg32, jax.devices()[:1])
+    losses_16, params_16, memory_16, _ = run_steps(cfg16, jax.devices()[:1])
+    assert memory_16["hidden"].dtype == jax.numpy.bfloat16  # memory stored in the compute dtype
+    assert jax.tree.leaves(params_16)[0].dtype == np.float32  # parameters stay float32
+    np.testing.assert_allclose(losses_16, losses_32, rtol=2e-2)
+    assert losses_16 != losses_32  # it really computed in bfloat16
