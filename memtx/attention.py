@@ -10,11 +10,14 @@ distance, instead of the pad-and-reshape "relative shift" of the reference code.
 
 from __future__ import annotations
 
+import math
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from memtx.config import ModelConfig
+from memtx.memory import knn
 
 NEG_INF = -1e30
 
@@ -30,13 +33,25 @@ def param_with_axes(module: nn.Module, name: str, shape, axes, init):
     return module.param(name, nn.with_logical_partitioning(init, axes), shape)
 
 
+def l2_normalize(x, eps: float = 1e-6):
+    x32 = x.astype(jnp.float32)
+    return (x32 * jax.lax.rsqrt(jnp.sum(x32 * x32, axis=-1, keepdims=True) + eps)).astype(x.dtype)
+
+
 class RelativeAttention(nn.Module):
-    """Multi-head attention of the current segment over [memory ; segment], XL positions."""
+    """Multi-head attention of the current segment over [memory ; segment], XL positions.
+
+    With `knn_memory` (a Memorizing Transformer layer, spec §3) queries and keys are
+    L2-normalised and a learned per-head scale replaces 1/sqrt(Dh); each query also retrieves its
+    top-k entries from the kNN store, attends over them with its own softmax, and a learned
+    per-head gate mixes the two results. Returns (output, new kNN memory or None).
+    """
 
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BND, mem_BMD, mem_valid_BM, u_HD, v_HD, deterministic: bool = True):
+    def __call__(self, x_BND, mem_BMD, mem_valid_BM, u_HD, v_HD, deterministic: bool = True,
+                 knn_memory: dict | None = None, num_valid_B=None):
         cfg = self.cfg
         H, Dh, D = cfg.num_heads, cfg.dim_per_head, cfg.d_model
         dtype = jnp.dtype(cfg.dtype)
@@ -56,6 +71,14 @@ class RelativeAttention(nn.Module):
         q_BNHD = nn.with_logical_constraint(q_BNHD, ("act_batch", "act_seq", "act_heads", "act_kv"))
         k_BKHD = nn.with_logical_constraint(k_BKHD, ("act_batch", "act_seq", "act_heads", "act_kv"))
         v_BKHD = nn.with_logical_constraint(v_BKHD, ("act_batch", "act_seq", "act_heads", "act_kv"))
+        if knn_memory is not None:
+            q_BNHD, k_BKHD = l2_normalize(q_BNHD), l2_normalize(k_BKHD)
+            log_scale_H = param_with_axes(self, "log_scale", (H,), ("heads",),
+                                          nn.initializers.constant(0.5 * math.log(Dh)))
+            gate_bias_H = param_with_axes(self, "gate_bias", (H,), ("heads",), nn.initializers.zeros)
+            scale_H11 = jnp.exp(log_scale_H)[:, None, None]
+        else:
+            scale_H11 = 1.0 / jnp.sqrt(jnp.float32(Dh))
 
         # Position term, once per distance d = 0..K-1, then gathered to [N, K] by d = M+i-j.
         r_KHD = jnp.einsum("kd,dhe->khe", sinusoid(jnp.arange(K), D).astype(dtype), w_r)
@@ -66,7 +89,7 @@ class RelativeAttention(nn.Module):
         distance_NK = M + jnp.arange(N)[:, None] - jnp.arange(K)[None, :]
         bd_BHNK = bd_BHNK_by_distance[:, :, jnp.arange(N)[:, None], jnp.clip(distance_NK, 0, K - 1)]
 
-        scores = (ac_BHNK + bd_BHNK) / jnp.sqrt(jnp.float32(Dh))
+        scores = (ac_BHNK + bd_BHNK) * scale_H11
         key_valid_BK = jnp.concatenate([mem_valid_BM, jnp.ones((B, N), bool)], axis=1)
         mask_BHNK = (distance_NK >= 0)[None, None] & key_valid_BK[:, None, None, :]
         scores = jnp.where(mask_BHNK, scores, NEG_INF)
@@ -75,4 +98,24 @@ class RelativeAttention(nn.Module):
         probs_BHNK = nn.Dropout(cfg.attn_dropout)(probs_BHNK, deterministic=deterministic)
 
         out_BNHD = jnp.einsum("bhnk,bkhd->bnhd", probs_BHNK.astype(dtype), v_BKHD)
-        return jnp.einsum("bnhd,hde->bne", out_BNHD, w_o)
+        if knn_memory is not None:
+            query_BHND = jnp.swapaxes(q_BNHD + u_HD.astype(dtype), 1, 2)
+            out_BNHD = self.mix_in_memory(out_BNHD, query_BHND, jnp.exp(log_scale_H), gate_bias_H, knn_memory)
+            knn_memory = knn.write(knn_memory, k_BKHD[:, M:], v_BKHD[:, M:], num_valid_B)
+        return jnp.einsum("bnhd,hde->bne", out_BNHD, w_o), knn_memory
+
+    def mix_in_memory(self, local_BNHD, query_BHND, scale_H, gate_bias_H, knn_memory):
+        """out = g * a_mem + (1 - g) * a_local per head; a_local alone where nothing is retrieved."""
+        c = self.cfg.knn
+        memory = jax.tree.map(jax.lax.stop_gradient, knn_memory)  # stored entries are constants
+        scores_BHNK, slots_BHNK, valid_BHNK = knn.search(memory, query_BHND, c.k, c.backend,
+                                                         c.recall_target, c.chunk_size)
+        logits = jnp.where(valid_BHNK, scores_BHNK * scale_H[None, :, None, None], NEG_INF)
+        probs_BHNK = jax.nn.softmax(logits, axis=-1)
+        values_BHNKD = knn.gather(memory["values"], slots_BHNK).astype(local_BNHD.dtype)
+        a_mem_BNHD = jnp.einsum("bhnk,bhnkd->bnhd", probs_BHNK.astype(local_BNHD.dtype), values_BHNKD)
+        any_valid_BNH = jnp.swapaxes(valid_BHNK.any(-1), 1, 2)
+        g_BNH = jnp.where(any_valid_BNH, jax.nn.sigmoid(gate_bias_H), 0.0).astype(local_BNHD.dtype)
+        self.sow("intermediates", "knn_top1_score", jnp.where(valid_BHNK[..., 0], scores_BHNK[..., 0], jnp.nan))
+        self.sow("intermediates", "knn_gate", jax.nn.sigmoid(gate_bias_H))
+        return g_BNH[..., None] * a_mem_BNHD + (1 - g_BNH[..., None]) * local_BNHD

@@ -26,6 +26,25 @@ class ConfigError(ValueError):
 
 
 @dataclass
+class KNNConfig:
+    """The Memorizing Transformer's kNN memory (spec §3); off unless `enabled`."""
+
+    enabled: bool = False
+    layers: tuple[int, ...] = ()  # memory layer indices; empty: one layer at 3/4 depth
+    size: int = 8192  # slots per row and head (not a parameter: any size at evaluation)
+    k: int = 32  # retrieved entries per query
+    backend: str = "exact"  # exact (lax.top_k) | approx (lax.approx_max_k; TPU) | chunked
+    recall_target: float = 0.95  # approx backend
+    chunk_size: int = 4096  # chunked backend
+    dtype: str = "float32"  # storage: float32 | bfloat16 (half the bytes)
+
+    def layer_indices(self, num_layers: int) -> tuple[int, ...]:
+        if not self.enabled:
+            return ()
+        return self.layers or (3 * num_layers // 4,)
+
+
+@dataclass
 class ModelConfig:
     vocab_size: int = 259  # byte vocabulary: 256 bytes + PAD, BOS, EOS
     vocab_pad_multiple: int = 128  # embedding rows padded to this multiple (shardable); pad ids masked
@@ -41,6 +60,7 @@ class ModelConfig:
     layer_norm_eps: float = 1e-5
     init_std: float = 0.02
     dtype: str = "float32"  # compute dtype: float32 | bfloat16 (parameters stay float32)
+    knn: KNNConfig = field(default_factory=KNNConfig)
 
     @property
     def dim_per_head(self) -> int:
@@ -316,6 +336,22 @@ def validate(cfg: Config, num_devices: int) -> tuple[int, ...]:
         raise ConfigError(f"config key 'model.dtype' must be float32 or bfloat16, got '{m.dtype}'")
     if m.d_model % 2:
         raise ConfigError(f"config key 'model.d_model' must be even (sinusoid positions), got {m.d_model}")
+    knn = m.knn
+    if knn.enabled:
+        for layer in knn.layers:
+            if not 0 <= layer < m.num_layers:
+                raise ConfigError(f"config key 'model.knn.layers' has layer {layer}, outside 0..{m.num_layers - 1}")
+        positive("model.knn.size", knn.size)
+        positive("model.knn.k", knn.k)
+        if knn.k > knn.size:
+            raise ConfigError(f"config key 'model.knn.k' ({knn.k}) is larger than model.knn.size ({knn.size})")
+        if knn.backend not in ("exact", "approx", "chunked"):
+            raise ConfigError(f"config key 'model.knn.backend' must be exact, approx or chunked, got '{knn.backend}'")
+        if not 0 < knn.recall_target <= 1:
+            raise ConfigError(f"config key 'model.knn.recall_target' must be in (0, 1], got {knn.recall_target}")
+        positive("model.knn.chunk_size", knn.chunk_size)
+        if knn.dtype not in ("float32", "bfloat16"):
+            raise ConfigError(f"config key 'model.knn.dtype' must be float32 or bfloat16, got '{knn.dtype}'")
     positive("data.seq_len", d.seq_len)
     positive("data.batch_size", d.batch_size)
     positive("data.eval_batch_size", d.eval_batch_size)

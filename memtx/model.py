@@ -1,4 +1,5 @@
-"""Decoder-only Transformer LM with Transformer-XL recurrence memory (M = 0: Transformer+RPE).
+"""Decoder-only Transformer LM with Transformer-XL recurrence memory (M = 0: Transformer+RPE)
+and, in the layers `cfg.knn` names, the Memorizing Transformer's kNN memory.
 
 `TransformerLM.__call__(inputs_BN, memory, num_valid_B)` returns the logits and the new memory;
 `segment_nll` is the one function the train step, evaluation and generation all call for a
@@ -13,7 +14,7 @@ import jax.numpy as jnp
 
 from memtx.attention import RelativeAttention, param_with_axes
 from memtx.config import ModelConfig
-from memtx.memory import xl
+from memtx.memory import model_memory, xl
 
 
 class LayerNorm(nn.Module):
@@ -55,7 +56,8 @@ class XLLayer(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, h_BND, mem_BMD, mem_valid_BM, u_HD, v_HD, deterministic: bool = True):
+    def __call__(self, h_BND, mem_BMD, mem_valid_BM, u_HD, v_HD, deterministic: bool = True,
+                 knn_memory=None, num_valid_B=None):
         cfg = self.cfg
         attn = RelativeAttention(cfg, name="attn")
         ffn = FeedForward(cfg, name="ffn")
@@ -63,17 +65,18 @@ class XLLayer(nn.Module):
         ffn_norm = LayerNorm(cfg.layer_norm_eps, name="ffn_norm")
         drop = nn.Dropout(cfg.dropout)
         if cfg.pre_norm:
-            a = attn(attn_norm(h_BND), attn_norm(mem_BMD), mem_valid_BM, u_HD, v_HD, deterministic)
+            a, knn_memory = attn(attn_norm(h_BND), attn_norm(mem_BMD), mem_valid_BM, u_HD, v_HD, deterministic,
+                                 knn_memory, num_valid_B)
             h_BND = h_BND + drop(a, deterministic=deterministic)
             f = ffn(ffn_norm(h_BND), deterministic)
             h_BND = h_BND + drop(f, deterministic=deterministic)
         else:
-            a = attn(h_BND, mem_BMD, mem_valid_BM, u_HD, v_HD, deterministic)
+            a, knn_memory = attn(h_BND, mem_BMD, mem_valid_BM, u_HD, v_HD, deterministic, knn_memory, num_valid_B)
             h_BND = attn_norm(h_BND + drop(a, deterministic=deterministic))
             f = ffn(h_BND, deterministic)
             h_BND = ffn_norm(h_BND + drop(f, deterministic=deterministic))
         self.sow("intermediates", "out", h_BND)
-        return nn.with_logical_constraint(h_BND, ("act_batch", "act_seq", "act_embed"))
+        return nn.with_logical_constraint(h_BND, ("act_batch", "act_seq", "act_embed")), knn_memory
 
 
 class TransformerLM(nn.Module):
@@ -95,12 +98,16 @@ class TransformerLM(nn.Module):
         h_BND = jnp.einsum("bnv,vd->bnd", one_hot_BNV, embedding_VD.astype(cfg.dtype)) * jnp.sqrt(D).astype(cfg.dtype)
         h_BND = nn.with_logical_constraint(h_BND, ("act_batch", "act_seq", "act_embed"))
         h_BND = nn.Dropout(cfg.dropout)(h_BND, deterministic=deterministic)
-        mem_valid_BM = xl.valid_mask(memory)
+        xl_memory, knn_memory = memory["xl"], dict(memory["knn"])
+        mem_valid_BM = xl.valid_mask(xl_memory)
         layer_inputs = []
         for layer in range(cfg.num_layers):
             layer_inputs.append(h_BND)
-            h_BND = XLLayer(cfg, name=f"layer_{layer}")(
-                h_BND, memory["hidden"][layer], mem_valid_BM, u_HD, v_HD, deterministic)
+            h_BND, new_knn = XLLayer(cfg, name=f"layer_{layer}")(
+                h_BND, xl_memory["hidden"][layer], mem_valid_BM, u_HD, v_HD, deterministic,
+                knn_memory.get(str(layer)), num_valid_B)
+            if new_knn is not None:
+                knn_memory[str(layer)] = new_knn
         if cfg.pre_norm:
             h_BND = LayerNorm(cfg.layer_norm_eps, name="final_norm")(h_BND)
         h_BND = nn.Dropout(cfg.dropout)(h_BND, deterministic=deterministic)
@@ -110,12 +117,12 @@ class TransformerLM(nn.Module):
         if Vp != V:  # padded rows of the embedding exist only for sharding; never predicted
             logits_BNV = jnp.where(jnp.arange(Vp) < V, logits_BNV, -1e30)
         logits_BNV = nn.with_logical_constraint(logits_BNV, ("act_batch", "act_seq", "act_vocab"))
-        new_memory = xl.write(memory, jnp.stack(layer_inputs), num_valid_B)
+        new_memory = {"xl": xl.write(xl_memory, jnp.stack(layer_inputs), num_valid_B), "knn": knn_memory}
         return logits_BNV, new_memory
 
 
 def init_memory(cfg: ModelConfig, batch_size: int) -> dict:
-    return xl.init(cfg.num_layers, batch_size, cfg.mem_len, cfg.d_model, jnp.dtype(cfg.dtype))
+    return model_memory.init(cfg, batch_size)
 
 
 def segment_nll(model: TransformerLM, params, memory: dict, batch: dict, *, deterministic=True, rngs=None):
@@ -124,7 +131,7 @@ def segment_nll(model: TransformerLM, params, memory: dict, batch: dict, *, dete
     batch: inputs/targets int [B, N], weights float [B, N] (valid prefix), reset bool [B].
     Returns (nll_BN with padding zeroed, new_memory).
     """
-    memory = xl.reset_rows(memory, batch["reset"])
+    memory = model_memory.reset_rows(memory, batch["reset"])
     num_valid_B = jnp.sum(batch["weights"] > 0, axis=-1).astype(jnp.int32)
     logits_BNV, memory = model.apply({"params": params}, batch["inputs"], memory, num_valid_B,
                                      deterministic=deterministic, rngs=rngs)

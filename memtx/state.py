@@ -7,6 +7,8 @@ array where it belongs. Checkpoints restore into the same abstract tree.
 
 from __future__ import annotations
 
+import dataclasses
+import os
 from dataclasses import dataclass
 from typing import Callable
 
@@ -16,8 +18,8 @@ import jax.numpy as jnp
 import optax
 
 from memtx import sharding
-from memtx.config import Config
-from memtx.memory import xl
+from memtx.config import Config, ConfigError
+from memtx.memory import model_memory
 from memtx.model import TransformerLM, init_memory
 from memtx.optimizer import make_optimizer
 
@@ -38,13 +40,16 @@ class Setup:
 
 
 def dummy_inputs(cfg: Config, batch_size: int):
-    m = cfg.model
+    """Inputs for `model.init`. Parameters do not depend on memory sizes, so tiny memories do."""
+    m = dataclasses.replace(cfg.model, mem_len=min(cfg.model.mem_len, 1),
+                            knn=dataclasses.replace(cfg.model.knn, size=cfg.model.knn.k))
     return (jnp.zeros((batch_size, cfg.data.seq_len), jnp.int32), init_memory(m, batch_size),
             jnp.zeros((batch_size,), jnp.int32))
 
 
 def build(cfg: Config, mesh=None) -> Setup:
     mesh = sharding.make_mesh(cfg) if mesh is None else mesh
+    check_memory_fits(cfg, mesh, max(cfg.data.batch_size, cfg.data.eval_batch_size))
     model = TransformerLM(cfg.model)
     tx = make_optimizer(cfg.optim, cfg.train.steps)
     def init_boxed(rng):  # a batch of 1 row: parameter shapes do not depend on it
@@ -70,21 +75,37 @@ def init_state(setup: Setup, seed: int) -> dict:
 
 
 def memory_shardings(setup: Setup) -> dict:
-    return {k: sharding.logical_sharding(setup.mesh, setup.cfg, axes) for k, axes in xl.LOGICAL_AXES.items()}
+    axes = model_memory.logical_axes(setup.cfg.model)
+    return jax.tree.map(lambda a: sharding.logical_sharding(setup.mesh, setup.cfg, a), axes,
+                        is_leaf=lambda x: isinstance(x, tuple))
 
 
 def abstract_memory(setup: Setup, batch_size: int) -> dict:
     shapes = jax.eval_shape(lambda: init_memory(setup.cfg.model, batch_size))
     shardings = memory_shardings(setup)
-    abstract = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shardings[k]) for k, v in shapes.items()}
+    abstract = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s), shapes, shardings)
     sharding.check_divisible(abstract, shardings, "memory")
+    check_memory_fits(setup.cfg, setup.mesh, batch_size)
     return abstract
+
+
+def check_memory_fits(cfg: Config, mesh, batch_size: int) -> None:
+    """One-line error when the memory state alone would not fit on the devices."""
+    total = model_memory.state_bytes(cfg.model, batch_size)
+    per_device = total / mesh.size  # best case: spread over every device
+    device = mesh.devices.flat[0]
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    limit = (stats or {}).get("bytes_limit") or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if per_device > 0.9 * limit:
+        raise ConfigError(
+            f"the memory state needs {total / 2**30:.1f} GiB ({per_device / 2**30:.1f} GiB per device) but a "
+            f"device has {limit / 2**30:.1f} GiB; lower model.knn.size, data.batch_size or use model.knn.dtype=bfloat16")
 
 
 def init_memory_sharded(setup: Setup, batch_size: int) -> dict:
     abstract = abstract_memory(setup, batch_size)
     make = jax.jit(lambda: init_memory(setup.cfg.model, batch_size),
-                   out_shardings={k: v.sharding for k, v in abstract.items()})
+                   out_shardings=jax.tree.map(lambda v: v.sharding, abstract))
     return make()
 
 

@@ -48,16 +48,15 @@ def override(cfg: Config, **items: str) -> Config:
     return cfg
 
 
-def leaf_fields(cfg: Config):
-    """(dotted key, type, value) for every settable field of the config."""
-    for section in dataclasses.fields(cfg):
-        node = getattr(cfg, section.name)
-        if not dataclasses.is_dataclass(node):
-            yield section.name, typing.get_type_hints(Config)[section.name], node
-            continue
-        hints = typing.get_type_hints(type(node))
-        for f in dataclasses.fields(node):
-            yield f"{section.name}.{f.name}", hints[f.name], getattr(node, f.name)
+def leaf_fields(node, prefix: str = ""):
+    """(dotted key, type, value) for every settable field of the config, nested sections included."""
+    hints = typing.get_type_hints(type(node))
+    for f in dataclasses.fields(node):
+        value = getattr(node, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from leaf_fields(value, f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", hints[f.name], value
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from memtx.config import ModelConfig
-from memtx.memory import xl
+from memtx.memory import model_memory
 from memtx.model import TransformerLM, init_memory, segment_nll
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "golden", "golden_txl.npz")
@@ -81,7 +81,7 @@ def test_forward_matches_reference(golden, scen):
         batch = segment_batch(golden, scen, s)
         assert batch["inputs"].shape[1] == seg_len
         (logits, memory), state = model.apply(
-            {"params": params}, batch["inputs"], xl.reset_rows(memory, batch["reset"]),
+            {"params": params}, batch["inputs"], model_memory.reset_rows(memory, batch["reset"]),
             jnp.full((B,), seg_len, jnp.int32), mutable=["intermediates"])
         nll = -jax.nn.log_softmax(logits)[np.arange(B)[:, None], np.arange(seg_len)[None], batch["targets"]]
         where = f"{scen} segment {s}"
@@ -101,8 +101,8 @@ def test_forward_matches_reference(golden, scen):
                                        golden[f"{scen}/seg{s}/layer{layer}/out"].transpose(1, 0, 2), atol=1e-5, rtol=0)
             mem_ref = golden[f"{scen}/seg{s}/mem_out/{layer}"].transpose(1, 0, 2)  # [B, Mref, D]
             m_ref = mem_ref.shape[1]
-            np.testing.assert_array_equal(np.asarray(memory["length"]), np.full(B, m_ref))
-            np.testing.assert_allclose(np.asarray(memory["hidden"][layer][:, mem_len - m_ref:]), mem_ref,
+            np.testing.assert_array_equal(np.asarray(memory["xl"]["length"]), np.full(B, m_ref))
+            np.testing.assert_allclose(np.asarray(memory["xl"]["hidden"][layer][:, mem_len - m_ref:]), mem_ref,
                                        atol=1e-5, rtol=0, err_msg=f"carried memory, layer {layer}, {where}")
 
 

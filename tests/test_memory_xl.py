@@ -1,5 +1,6 @@
 """The XL memory state: FIFO writes skip padding, resets are per row, nothing leaks in time."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -40,7 +41,7 @@ def _model_and_params(mem_len=8, pre_norm=False):
     model = TransformerLM(cfg)
     params = model.init(jax.random.key(0), jnp.zeros((2, 6), jnp.int32), init_memory(cfg, 2),
                         jnp.zeros((2,), jnp.int32))["params"]
-    params = jax.tree.map(lambda p: p + 0.3 * jax.random.normal(jax.random.key(1), p.shape), params)
+    params = jax.tree.map(lambda p: p + 0.3 * jax.random.normal(jax.random.key(1), p.shape), nn.meta.unbox(params))
     return cfg, model, params
 
 
@@ -89,8 +90,8 @@ def test_padded_segment_writes_the_same_memory_as_a_short_segment():
     weights[:, 4:] = 0
     _, mem_padded = segment_nll(model, params, init_memory(cfg, 2), _batch(padded, [True, True], weights))
     _, mem_short = segment_nll(model, params, init_memory(cfg, 2), _batch(tokens[:, :4], [True, True]))
-    np.testing.assert_array_equal(mem_padded["length"], [4, 4])
-    np.testing.assert_allclose(mem_padded["hidden"][:, :, -4:], mem_short["hidden"][:, :, -4:], atol=1e-6)
+    np.testing.assert_array_equal(mem_padded["xl"]["length"], [4, 4])
+    np.testing.assert_allclose(mem_padded["xl"]["hidden"][:, :, -4:], mem_short["xl"]["hidden"][:, :, -4:], atol=1e-6)
 
 
 def test_memory_zero_is_transformer_rpe():
@@ -100,4 +101,4 @@ def test_memory_zero_is_transformer_rpe():
     nll1, memory = segment_nll(model, params, memory, _batch(tokens, [True, True]))
     nll2, _ = segment_nll(model, params, memory, _batch(tokens, [False, False]))
     np.testing.assert_allclose(nll1, nll2, atol=1e-6)  # nothing carried between segments
-    assert memory["hidden"].shape[2] == 0
+    assert memory["xl"]["hidden"].shape[2] == 0
