@@ -98,7 +98,7 @@ class RelativeAttention(nn.Module):
         probs_BHNK = nn.Dropout(cfg.attn_dropout)(probs_BHNK, deterministic=deterministic)
 
         out_BNHD = jnp.einsum("bhnk,bkhd->bnhd", probs_BHNK.astype(dtype), v_BKHD)
-        if knn_memory is not None:
+        if knn_memory is not None and knn_memory["keys"].shape[2] > 0:  # size 0: local attention only
             query_BHND = jnp.swapaxes(q_BNHD + u_HD.astype(dtype), 1, 2)
             out_BNHD = self.mix_in_memory(out_BNHD, query_BHND, jnp.exp(log_scale_H), gate_bias_H, knn_memory)
             knn_memory = knn.write(knn_memory, k_BKHD[:, M:], v_BKHD[:, M:], num_valid_B)
@@ -116,6 +116,5 @@ class RelativeAttention(nn.Module):
         a_mem_BNHD = jnp.einsum("bhnk,bhnkd->bnhd", probs_BHNK.astype(local_BNHD.dtype), values_BHNKD)
         any_valid_BNH = jnp.swapaxes(valid_BHNK.any(-1), 1, 2)
         g_BNH = jnp.where(any_valid_BNH, jax.nn.sigmoid(gate_bias_H), 0.0).astype(local_BNHD.dtype)
-        self.sow("intermediates", "knn_top1_score", jnp.where(valid_BHNK[..., 0], scores_BHNK[..., 0], jnp.nan))
-        self.sow("intermediates", "knn_gate", jax.nn.sigmoid(gate_bias_H))
+        self.sow("intermediates", "knn_top1", (scores_BHNK[..., 0], valid_BHNK[..., 0]))
         return g_BNH[..., None] * a_mem_BNHD + (1 - g_BNH[..., None]) * local_BNHD

@@ -31,7 +31,7 @@ class KNNConfig:
 
     enabled: bool = False
     layers: tuple[int, ...] = ()  # memory layer indices; empty: one layer at 3/4 depth
-    size: int = 8192  # slots per row and head (not a parameter: any size at evaluation)
+    size: int = 8192  # slots per row and head (not a parameter: any size at evaluation; 0: none)
     k: int = 32  # retrieved entries per query
     backend: str = "exact"  # exact (lax.top_k) | approx (lax.approx_max_k; TPU) | chunked
     recall_target: float = 0.95  # approx backend
@@ -341,9 +341,10 @@ def validate(cfg: Config, num_devices: int) -> tuple[int, ...]:
         for layer in knn.layers:
             if not 0 <= layer < m.num_layers:
                 raise ConfigError(f"config key 'model.knn.layers' has layer {layer}, outside 0..{m.num_layers - 1}")
-        positive("model.knn.size", knn.size)
+        if knn.size < 0:
+            raise ConfigError(f"config key 'model.knn.size' must be >= 0 (0: no entries), got {knn.size}")
         positive("model.knn.k", knn.k)
-        if knn.k > knn.size:
+        if 0 < knn.size < knn.k:
             raise ConfigError(f"config key 'model.knn.k' ({knn.k}) is larger than model.knn.size ({knn.size})")
         if knn.backend not in ("exact", "approx", "chunked"):
             raise ConfigError(f"config key 'model.knn.backend' must be exact, approx or chunked, got '{knn.backend}'")

@@ -9,6 +9,7 @@ document and reset between documents. The memory length may differ from training
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -37,9 +38,16 @@ def evaluate(setup: state_lib.Setup, params, docs, *, log_every: int = 50, verbo
     eval_step = make_eval_step(setup)
     memory = state_lib.init_memory_sharded(setup, B)
     total_tokens = count_tokens(docs)
-    nll_sum, tokens, segments, t0 = 0.0, 0.0, 0, time.perf_counter()
+    sums, segments, t0 = {}, 0, time.perf_counter()
     progress = Progress(total_tokens, unit="tokens")
     pending = []
+
+    def accumulate():
+        for step_sums in jax.device_get(pending):
+            for key, value in step_sums.items():
+                sums[key] = sums.get(key, 0.0) + float(value)
+        pending.clear()
+
     while True:
         # Multi-host: every process steps until all are done (their shards may differ in length).
         batch = stream.next_batch()
@@ -51,22 +59,27 @@ def evaluate(setup: state_lib.Setup, params, docs, *, log_every: int = 50, verbo
             break
         if batch is None:
             batch = idle_batch(rows, N)
-        memory, nll, count = eval_step(params, memory, state_lib.device_batch(setup, batch))
-        pending.append((nll, count))
+        memory, step_sums = eval_step(params, memory, state_lib.device_batch(setup, batch))
+        pending.append(step_sums)
         segments += 1
         if segments % log_every == 0:
-            for n, c in jax.device_get(pending):
-                nll_sum, tokens = nll_sum + float(n), tokens + float(c)
+            n_new = len(pending)
+            accumulate()
             if verbose:
-                progress.report(int(tokens), (len(pending)) * B * N, f"({tokens / max(total_tokens, 1):.0%})")
-            pending.clear()
-    for n, c in jax.device_get(pending):
-        nll_sum, tokens = nll_sum + float(n), tokens + float(c)
+                progress.report(int(sums["tokens"]), n_new * B * N, f"({sums['tokens'] / max(total_tokens, 1):.0%})")
+    accumulate()
     seconds = time.perf_counter() - t0
-    return {"nll_sum": nll_sum, "tokens": int(tokens), "documents": len(docs),
-            "perplexity": math.exp(nll_sum / max(tokens, 1)),
-            "bits_per_byte": nll_sum / (math.log(2) * max(tokens, 1)),  # byte vocabulary: token = byte
-            "seconds": seconds}
+    nll_sum, tokens = sums.get("nll", 0.0), sums.get("tokens", 0.0)
+    result = {"nll_sum": nll_sum, "tokens": int(tokens), "documents": len(docs),
+              "perplexity": math.exp(nll_sum / max(tokens, 1)),
+              "bits_per_byte": nll_sum / (math.log(2) * max(tokens, 1)),  # byte vocabulary: token = byte
+              "seconds": seconds}
+    if memory["knn"] and cfg.model.knn.size:
+        result["knn_fill"] = sums["fill_sum"] / max(tokens, 1)
+        result["knn_top1_score"] = sums["top1_sum"] / max(sums["top1_count"], 1)
+        result["knn_gate"] = {layer: jax.nn.sigmoid(params[f"layer_{layer}"]["attn"]["gate_bias"]).tolist()
+                              for layer in memory["knn"]}
+    return result
 
 
 def idle_batch(rows: int, seq_len: int) -> dict:
@@ -76,12 +89,47 @@ def idle_batch(rows: int, seq_len: int) -> dict:
 
 
 def format_table(rows: list[dict]) -> str:
-    header = ["split", "memory", "segment", "documents", "tokens", "perplexity", "bits/byte", "wall time"]
-    lines = [[r["split"], str(r["mem_len"]), str(r["seq_len"]), str(r["documents"]), f"{r['tokens']:,}",
-              f"{r['perplexity']:.3f}", f"{r['bits_per_byte']:.4f}", format_duration(r["seconds"])] for r in rows]
+    header = ["split", "XL memory", "kNN memory", "segment", "documents", "tokens", "perplexity", "bits/byte",
+              "kNN fill", "top-1 score", "wall time"]
+    lines = [[r["split"], str(r["mem_len"]), str(r["knn_size"]) if r["knn_size"] is not None else "-",
+              str(r["seq_len"]), str(r["documents"]), f"{r['tokens']:,}", f"{r['perplexity']:.3f}",
+              f"{r['bits_per_byte']:.4f}", f"{r['knn_fill']:.1%}" if "knn_fill" in r else "-",
+              f"{r['knn_top1_score']:.3f}" if "knn_top1_score" in r else "-", format_duration(r["seconds"])]
+             for r in rows]
     widths = [max(len(h), *(len(l[i]) for l in lines)) for i, h in enumerate(header)]
     fmt = lambda cells: "| " + " | ".join(c.rjust(w) for c, w in zip(cells, widths)) + " |"
     return "\n".join([fmt(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(fmt, lines)])
+
+
+def plot_memory_scaling(rows: list[dict], path: str, title: str) -> bool:
+    """Perplexity against kNN memory size (log axis; size 0 drawn as a dashed line)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot written", file=sys.stderr)
+        return False
+    sized = sorted((r["knn_size"], r["perplexity"]) for r in rows if r["knn_size"])
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if sized:
+        ax.plot([s for s, _ in sized], [p for _, p in sized], "o-", label="kNN memory")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks([s for s, _ in sized], [f"{s / 1024:g}K" if s >= 1024 else str(s) for s, _ in sized])
+        ax.minorticks_off()
+    ax.ticklabel_format(axis="y", useOffset=False, style="plain")
+    for r in rows:
+        if r["knn_size"] == 0:
+            ax.axhline(r["perplexity"], ls="--", color="gray", label="no kNN memory (size 0)")
+    ax.set_xlabel("kNN memory size (entries per row and head)")
+    ax.set_ylabel("perplexity")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
 
 
 def main(args: argparse.Namespace, rest: list[str]) -> int:
@@ -90,24 +138,51 @@ def main(args: argparse.Namespace, rest: list[str]) -> int:
     cfg: Config = resolve_config(args.config, args.workdir, rest)
     if args.split:
         cfg.data.eval_split = args.split
-    setup = state_lib.build(cfg)
+    sizes = [None]
+    if args.knn_sizes:
+        if not cfg.model.knn.enabled:
+            raise UsageError("--knn-sizes needs a model with a kNN memory (model.knn.enabled)")
+        try:
+            sizes = [int(x) for x in args.knn_sizes.split(",") if x.strip()]
+        except ValueError:
+            raise UsageError(f"--knn-sizes must be comma-separated integers, got '{args.knn_sizes}'") from None
+    setups = []
+    for size in sizes:  # validate every size (k <= size, bytes that fit) before evaluating any
+        c = copy.deepcopy(cfg)
+        if size is not None:
+            c.model.knn.size = size
+        setups.append(state_lib.build(c))
     ckpt = Checkpointer(os.path.join(args.workdir, "checkpoints"), async_save=False)
     step = args.step if args.step is not None else ckpt.latest_step()
     if step is None or step not in ckpt.all_steps():
         raise UsageError(f"no checkpoint{'' if step is None else f' at step {step}'} in {ckpt.directory}")
-    params = ckpt.restore_params(step, setup.abstract_state["params"])
+    params = ckpt.restore_params(step, setups[0].abstract_state["params"])  # the same for every size
     docs = split_documents(list_documents(cfg.data.corpus), cfg.data.eval_split, cfg.data.split_fractions)
     if cfg.data.eval_max_docs:
         docs = docs[:cfg.data.eval_max_docs]
-    print(f"evaluating step {step} on {len(docs)} {cfg.data.eval_split} documents, "
-          f"memory {cfg.model.mem_len}, segment {cfg.data.seq_len}", flush=True)
-    result = evaluate(setup, params, docs)
-    result.update(split=cfg.data.eval_split, mem_len=cfg.model.mem_len, seq_len=cfg.data.seq_len, step=step)
-    out = os.path.join(args.workdir, f"eval_{cfg.data.eval_split}_mem{cfg.model.mem_len}_step{step}.json")
-    with open(out, "w") as f:
-        json.dump(result, f, indent=2)
-    print(format_table([result]))
-    print(f"results written to {out}")
+    rows = []
+    for setup in setups:
+        m = setup.cfg.model
+        knn_size = m.knn.size if m.knn.enabled else None
+        print(f"evaluating step {step} on {len(docs)} {cfg.data.eval_split} documents: XL memory {m.mem_len}, "
+              f"kNN memory {knn_size if knn_size is not None else 'none'}, segment {cfg.data.seq_len}", flush=True)
+        result = evaluate(setup, params, docs)
+        result.update(split=cfg.data.eval_split, mem_len=m.mem_len, knn_size=knn_size,
+                      seq_len=cfg.data.seq_len, step=step)
+        name = f"eval_{cfg.data.eval_split}_mem{m.mem_len}" + (f"_knn{knn_size}" if knn_size is not None else "")
+        with open(os.path.join(args.workdir, f"{name}_step{step}.json"), "w") as f:
+            json.dump(result, f, indent=2)
+        rows.append(result)
+    print(format_table(rows))
+    gated = next((r for r in rows if r.get("knn_gate")), None)
+    if gated:
+        for layer, gates in gated["knn_gate"].items():
+            print(f"kNN gate per head, layer {layer}: " + " ".join(f"{g:.2f}" for g in gates))
+    if len(rows) > 1:
+        plot = os.path.join(args.workdir, f"memory_scaling_{cfg.data.eval_split}_step{step}.png")
+        if plot_memory_scaling(rows, plot, f"{cfg.name}, step {step}, {cfg.data.eval_split}"):
+            print(f"plot written to {plot}")
+    print(f"results written to {args.workdir}/eval_*_step{step}.json")
     return 0
 
 
@@ -117,6 +192,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="a config file instead of WORKDIR/config.json")
     p.add_argument("--split", choices=["validation", "test", "train"], help="default: data.eval_split")
     p.add_argument("--step", type=int, help="checkpoint step; default: the latest")
+    p.add_argument("--knn-sizes", help="comma-separated kNN memory sizes, e.g. 0,1536,8192,65536: one checkpoint "
+                                       "evaluated at each, a table and a PNG plot of perplexity against size")
     return p
 
 

@@ -125,16 +125,20 @@ def init_memory(cfg: ModelConfig, batch_size: int) -> dict:
     return model_memory.init(cfg, batch_size)
 
 
-def segment_nll(model: TransformerLM, params, memory: dict, batch: dict, *, deterministic=True, rngs=None):
+def segment_nll(model: TransformerLM, params, memory: dict, batch: dict, *, deterministic=True, rngs=None,
+                with_intermediates=False):
     """One segment: reset rows starting a document, run the model, per-token NLL.
 
     batch: inputs/targets int [B, N], weights float [B, N] (valid prefix), reset bool [B].
-    Returns (nll_BN with padding zeroed, new_memory).
+    Returns (nll_BN with padding zeroed, new_memory[, the layers' sown intermediates]).
     """
     memory = model_memory.reset_rows(memory, batch["reset"])
     num_valid_B = jnp.sum(batch["weights"] > 0, axis=-1).astype(jnp.int32)
-    logits_BNV, memory = model.apply({"params": params}, batch["inputs"], memory, num_valid_B,
-                                     deterministic=deterministic, rngs=rngs)
+    (logits_BNV, memory), state = model.apply({"params": params}, batch["inputs"], memory, num_valid_B,
+                                              deterministic=deterministic, rngs=rngs,
+                                              mutable=["intermediates"] if with_intermediates else [])
     logp_BNV = jax.nn.log_softmax(logits_BNV, axis=-1)
     nll_BN = -jnp.take_along_axis(logp_BNV, batch["targets"][..., None], axis=-1)[..., 0]
+    if with_intermediates:
+        return nll_BN * batch["weights"], memory, state.get("intermediates", {})
     return nll_BN * batch["weights"], memory

@@ -46,19 +46,35 @@ def make_train_step(setup: Setup):
 
 
 def make_eval_step(setup: Setup):
-    """(params, memory, batch) -> (memory, sum of NLL, number of predicted tokens)."""
+    """(params, memory, batch) -> (memory, sums): NLL, tokens, and kNN retrieval statistics.
+
+    Retrieval sums (memory layers only): `top1_sum`/`top1_count` over scored tokens whose top
+    entry is valid (its inner product with the query), `fill_sum` of each row's store fill
+    fraction after the segment, weighted by the row's scored tokens.
+    """
     model = setup.model
+    knn_cfg = setup.cfg.model.knn
 
     def eval_step(params, memory, batch):
-        nll_BN, memory = segment_nll(model, params, memory, batch)
-        return memory, jnp.sum(nll_BN), jnp.sum(batch["weights"])
+        nll_BN, memory, inter = segment_nll(model, params, memory, batch, with_intermediates=True)
+        scored_BN = batch["weights"] > 0
+        sums = {"nll": jnp.sum(nll_BN), "tokens": jnp.sum(batch["weights"]),
+                "top1_sum": jnp.float32(0), "top1_count": jnp.float32(0), "fill_sum": jnp.float32(0)}
+        for layer, store in memory["knn"].items():
+            if knn_cfg.size == 0:
+                continue
+            (scores_BHN, valid_BHN), = inter[f"layer_{layer}"]["attn"]["knn_top1"]
+            counted = valid_BHN & scored_BN[:, None, :]
+            sums["top1_sum"] += jnp.sum(jnp.where(counted, scores_BHN, 0.0))
+            sums["top1_count"] += jnp.sum(counted)
+            sums["fill_sum"] += jnp.sum(store["count"] / knn_cfg.size * jnp.sum(scored_BN, -1)) / len(memory["knn"])
+        return memory, sums
 
     mem_sh = memory_shardings(setup)
     batch_sh = {"inputs": setup.batch_sharding, "targets": setup.batch_sharding,
                 "weights": setup.batch_sharding, "reset": setup.row_sharding}
-    rep = sharding.replicated(setup.mesh)
     jitted = jax.jit(eval_step, in_shardings=(setup.state_shardings["params"], mem_sh, batch_sh),
-                     out_shardings=(mem_sh, rep, rep), donate_argnums=(1,))
+                     out_shardings=(mem_sh, sharding.replicated(setup.mesh)), donate_argnums=(1,))
     return _under_mesh(setup, jitted)
 
 

@@ -78,3 +78,24 @@ def test_cli_reports_a_missing_checkpoint_in_one_line(tmp_path, capsys):
     code = run_cli(evaluate_lib.main, evaluate_lib.parser(), ["--workdir", str(tmp_path)])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: no checkpoint") and err.count("\n") == 1
+
+
+def test_one_checkpoint_evaluated_at_several_knn_memory_sizes(tmp_path, capsys):
+    from memtx.config import KNNConfig
+    corpus = str(make_corpus(tmp_path / "corpus"))
+    cfg = tiny_config(corpus, steps=4, checkpoint_every=4)
+    cfg.model.knn = KNNConfig(enabled=True, layers=(1,), size=32, k=4)
+    train(cfg, str(tmp_path / "run"))
+    code = run_cli(evaluate_lib.main, evaluate_lib.parser(),
+                   ["--workdir", str(tmp_path / "run"), "--split", "train", "--knn-sizes", "0,8,256"])
+    out = capsys.readouterr().out
+    assert code == 0 and "kNN gate per head, layer 1" in out
+    results = {size: json.loads((tmp_path / "run" / f"eval_train_mem16_knn{size}_step4.json").read_text())
+               for size in (0, 8, 256)}
+    assert len({r["tokens"] for r in results.values()}) == 1
+    assert "knn_fill" not in results[0]  # size 0: local attention only
+    # A small store is full most of the time; a large one is not.
+    assert 0.5 < results[8]["knn_fill"] <= 1.0 and results[256]["knn_fill"] < results[8]["knn_fill"]
+    assert -1.0 <= results[256]["knn_top1_score"] and np.isfinite(results[256]["knn_top1_score"])
+    assert len({round(r["nll_sum"], 3) for r in results.values()}) == 3  # memory size changes the result
+    assert (tmp_path / "run" / "memory_scaling_train_step4.png").stat().st_size > 1000

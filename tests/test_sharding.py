@@ -75,3 +75,18 @@ def test_bfloat16_compute_tracks_float32():
     assert jax.tree.leaves(params_16)[0].dtype == np.float32  # parameters stay float32
     np.testing.assert_allclose(losses_16, losses_32, rtol=2e-2)
     assert losses_16 != losses_32  # it really computed in bfloat16
+
+
+def test_sharded_knn_memory_matches_single_device():
+    from memtx.config import KNNConfig
+
+    def with_knn(cfg):
+        cfg.model.knn = KNNConfig(enabled=True, layers=(1,), size=12, k=4)  # 3 segments of 8 wrap around
+        return cfg
+
+    losses_1, params_1, memory_1, _ = run_steps(with_knn(tiny_config((1, 1, 1))), jax.devices()[:1])
+    losses_8, params_8, memory_8, _ = run_steps(with_knn(tiny_config((2, 2, 2))), jax.devices())
+    assert memory_8["knn"]["1"]["keys"].shape == (4, 2, 12, 16)
+    np.testing.assert_allclose(losses_8, losses_1, rtol=1e-5, atol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), params_8, params_1)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), memory_8, memory_1)
