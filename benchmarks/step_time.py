@@ -19,6 +19,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from memtx import sharding, state as state_lib
@@ -26,10 +27,14 @@ from memtx.cli import ArgumentParser, resolve_config, run_cli
 from memtx.step import make_train_step
 
 
-def measure(cfg, steps: int) -> dict:
+def measure(cfg, steps: int, fill_knn: bool = False) -> dict:
+    """Compile time, median step time and tokens/s; `fill_knn` marks every kNN store full."""
     setup = state_lib.build(cfg)
     state = state_lib.init_state(setup, seed=0)
     memory = state_lib.init_memory_sharded(setup, cfg.data.batch_size)
+    if fill_knn:
+        for store in memory["knn"].values():
+            store["count"] = jnp.full_like(store["count"], cfg.model.knn.size)
     train_step = make_train_step(setup)
     B, N = cfg.data.batch_size, cfg.data.seq_len
     rng = np.random.default_rng(0)

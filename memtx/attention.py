@@ -108,8 +108,13 @@ class RelativeAttention(nn.Module):
         """out = g * a_mem + (1 - g) * a_local per head; a_local alone where nothing is retrieved."""
         c = self.cfg.knn
         memory = jax.tree.map(jax.lax.stop_gradient, knn_memory)  # stored entries are constants
-        scores_BHNK, slots_BHNK, valid_BHNK = knn.search(memory, query_BHND, c.k, c.backend,
-                                                         c.recall_target, c.chunk_size)
+        # The search itself is not differentiated (its backward would be another N x S matmul):
+        # the k winners' scores are recomputed from their gathered keys, so the gradient reaching
+        # the queries costs O(N k D).
+        _, slots_BHNK, valid_BHNK = knn.search(memory, jax.lax.stop_gradient(query_BHND), c.k, c.backend,
+                                               c.recall_target, c.chunk_size)
+        keys_BHNKD = knn.gather(memory["keys"], slots_BHNK).astype(query_BHND.dtype)
+        scores_BHNK = jnp.einsum("bhnd,bhnkd->bhnk", query_BHND, keys_BHNKD, preferred_element_type=jnp.float32)
         logits = jnp.where(valid_BHNK, scores_BHNK * scale_H[None, :, None, None], NEG_INF)
         probs_BHNK = jax.nn.softmax(logits, axis=-1)
         values_BHNKD = knn.gather(memory["values"], slots_BHNK).astype(local_BNHD.dtype)
