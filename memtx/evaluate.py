@@ -89,9 +89,9 @@ def idle_batch(rows: int, seq_len: int) -> dict:
 
 
 def format_table(rows: list[dict]) -> str:
-    header = ["split", "XL memory", "kNN memory", "segment", "documents", "tokens", "perplexity", "bits/byte",
+    header = ["run", "split", "XL memory", "kNN memory", "segment", "documents", "tokens", "perplexity", "bits/byte",
               "kNN fill", "top-1 score", "wall time"]
-    lines = [[r["split"], str(r["mem_len"]), str(r["knn_size"]) if r["knn_size"] is not None else "-",
+    lines = [[r["run"], r["split"], str(r["mem_len"]), str(r["knn_size"]) if r["knn_size"] is not None else "-",
               str(r["seq_len"]), str(r["documents"]), f"{r['tokens']:,}", f"{r['perplexity']:.3f}",
               f"{r['bits_per_byte']:.4f}", f"{r['knn_fill']:.1%}" if "knn_fill" in r else "-",
               f"{r['knn_top1_score']:.3f}" if "knn_top1_score" in r else "-", format_duration(r["seconds"])]
@@ -102,7 +102,8 @@ def format_table(rows: list[dict]) -> str:
 
 
 def plot_memory_scaling(rows: list[dict], path: str, title: str) -> bool:
-    """Perplexity against kNN memory size (log axis; size 0 drawn as a dashed line)."""
+    """Perplexity against kNN memory size, a curve per kNN run (log axis); kNN size 0 and runs
+    without a kNN layer are horizontal lines."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -110,17 +111,23 @@ def plot_memory_scaling(rows: list[dict], path: str, title: str) -> bool:
     except ImportError:
         print("matplotlib is not installed: no plot written", file=sys.stderr)
         return False
-    sized = sorted((r["knn_size"], r["perplexity"]) for r in rows if r["knn_size"])
-    fig, ax = plt.subplots(figsize=(6, 4))
-    if sized:
-        ax.plot([s for s, _ in sized], [p for _, p in sized], "o-", label="kNN memory")
-        ax.set_xscale("log", base=2)
-        ax.set_xticks([s for s, _ in sized], [f"{s / 1024:g}K" if s >= 1024 else str(s) for s, _ in sized])
-        ax.minorticks_off()
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    runs = list(dict.fromkeys(r["run"] for r in rows))
+    for run in runs:
+        mine = [r for r in rows if r["run"] == run]
+        sized = sorted((r["knn_size"], r["perplexity"]) for r in mine if r["knn_size"])
+        if sized:
+            line, = ax.plot([s for s, _ in sized], [p for _, p in sized], "o-", label=f"{run}: kNN memory")
+            ax.set_xscale("log", base=2)
+            ax.set_xticks([s for s, _ in sized], [f"{s / 1024:g}K" if s >= 1024 else str(s) for s, _ in sized])
+            ax.minorticks_off()
+        for r in mine:
+            if r["knn_size"] == 0:
+                ax.axhline(r["perplexity"], ls="--", color=line.get_color() if sized else "gray",
+                           label=f"{run}: kNN memory 0")
+            elif r["knn_size"] is None:
+                ax.axhline(r["perplexity"], ls=":", color="black", label=f"{run} (no kNN layer)")
     ax.ticklabel_format(axis="y", useOffset=False, style="plain")
-    for r in rows:
-        if r["knn_size"] == 0:
-            ax.axhline(r["perplexity"], ls="--", color="gray", label="no kNN memory (size 0)")
     ax.set_xlabel("kNN memory size (entries per row and head)")
     ax.set_ylabel("perplexity")
     ax.set_title(title)
@@ -132,27 +139,32 @@ def plot_memory_scaling(rows: list[dict], path: str, title: str) -> bool:
     return True
 
 
-def main(args: argparse.Namespace, rest: list[str]) -> int:
-    if not os.path.isdir(args.workdir):
-        raise UsageError(f"work directory '{args.workdir}' does not exist")
-    cfg: Config = resolve_config(args.config, args.workdir, rest)
+def parse_sizes(text: str | None) -> list[int] | None:
+    if not text:
+        return None
+    try:
+        sizes = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UsageError(f"--knn-sizes must be comma-separated integers, got '{text}'") from None
+    if not sizes or min(sizes) < 0:
+        raise UsageError(f"--knn-sizes must be non-negative integers, got '{text}'")
+    return sizes
+
+
+def evaluate_run(workdir: str, args: argparse.Namespace, rest: list[str], sizes: list[int] | None) -> list[dict]:
+    """Evaluates one work directory's checkpoint, at each kNN memory size if it has a kNN memory."""
+    if not os.path.isdir(workdir):
+        raise UsageError(f"work directory '{workdir}' does not exist")
+    cfg: Config = resolve_config(args.config, workdir, rest)
     if args.split:
         cfg.data.eval_split = args.split
-    sizes = [None]
-    if args.knn_sizes:
-        if not cfg.model.knn.enabled:
-            raise UsageError("--knn-sizes needs a model with a kNN memory (model.knn.enabled)")
-        try:
-            sizes = [int(x) for x in args.knn_sizes.split(",") if x.strip()]
-        except ValueError:
-            raise UsageError(f"--knn-sizes must be comma-separated integers, got '{args.knn_sizes}'") from None
     setups = []
-    for size in sizes:  # validate every size (k <= size, bytes that fit) before evaluating any
+    for size in sizes if sizes and cfg.model.knn.enabled else [None]:
         c = copy.deepcopy(cfg)
         if size is not None:
             c.model.knn.size = size
-        setups.append(state_lib.build(c))
-    ckpt = Checkpointer(os.path.join(args.workdir, "checkpoints"), async_save=False)
+        setups.append(state_lib.build(c))  # validates every size (k <= size, bytes that fit) first
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
     step = args.step if args.step is not None else ckpt.latest_step()
     if step is None or step not in ckpt.all_steps():
         raise UsageError(f"no checkpoint{'' if step is None else f' at step {step}'} in {ckpt.directory}")
@@ -164,31 +176,41 @@ def main(args: argparse.Namespace, rest: list[str]) -> int:
     for setup in setups:
         m = setup.cfg.model
         knn_size = m.knn.size if m.knn.enabled else None
-        print(f"evaluating step {step} on {len(docs)} {cfg.data.eval_split} documents: XL memory {m.mem_len}, "
-              f"kNN memory {knn_size if knn_size is not None else 'none'}, segment {cfg.data.seq_len}", flush=True)
+        print(f"{workdir}: evaluating step {step} on {len(docs)} {cfg.data.eval_split} documents, XL memory "
+              f"{m.mem_len}, kNN memory {knn_size if knn_size is not None else 'none'}, segment {cfg.data.seq_len}",
+              flush=True)
         result = evaluate(setup, params, docs)
-        result.update(split=cfg.data.eval_split, mem_len=m.mem_len, knn_size=knn_size,
-                      seq_len=cfg.data.seq_len, step=step)
+        result.update(run=os.path.basename(os.path.normpath(workdir)), split=cfg.data.eval_split, mem_len=m.mem_len,
+                      knn_size=knn_size, seq_len=cfg.data.seq_len, step=step)
         name = f"eval_{cfg.data.eval_split}_mem{m.mem_len}" + (f"_knn{knn_size}" if knn_size is not None else "")
-        with open(os.path.join(args.workdir, f"{name}_step{step}.json"), "w") as f:
+        with open(os.path.join(workdir, f"{name}_step{step}.json"), "w") as f:
             json.dump(result, f, indent=2)
         rows.append(result)
+    return rows
+
+
+def main(args: argparse.Namespace, rest: list[str]) -> int:
+    sizes = parse_sizes(args.knn_sizes)
+    rows = [row for workdir in args.workdir for row in evaluate_run(workdir, args, rest, sizes)]
+    if sizes and not any(r["knn_size"] is not None for r in rows):
+        raise UsageError("--knn-sizes needs a run with a kNN memory (model.knn.enabled)")
     print(format_table(rows))
-    gated = next((r for r in rows if r.get("knn_gate")), None)
-    if gated:
-        for layer, gates in gated["knn_gate"].items():
-            print(f"kNN gate per head, layer {layer}: " + " ".join(f"{g:.2f}" for g in gates))
-    if len(rows) > 1:
-        plot = os.path.join(args.workdir, f"memory_scaling_{cfg.data.eval_split}_step{step}.png")
-        if plot_memory_scaling(rows, plot, f"{cfg.name}, step {step}, {cfg.data.eval_split}"):
+    for r in rows:
+        for layer, gates in (r.get("knn_gate") or {}).items():
+            print(f"{r['run']}: kNN gate per head, layer {layer}: " + " ".join(f"{g:.2f}" for g in gates))
+            break
+    if len(rows) > 1 and sizes:
+        out = args.workdir[-1]
+        plot = os.path.join(out, f"memory_scaling_{rows[0]['split']}_step{rows[-1]['step']}.png")
+        if plot_memory_scaling(rows, plot, f"{rows[0]['split']} perplexity against kNN memory size"):
             print(f"plot written to {plot}")
-    print(f"results written to {args.workdir}/eval_*_step{step}.json")
     return 0
 
 
 def parser() -> argparse.ArgumentParser:
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--workdir", required=True, help="a training work directory (config.json, checkpoints/)")
+    p.add_argument("--workdir", required=True, nargs="+",
+                   help="training work directories (config.json, checkpoints/); several runs share one table")
     p.add_argument("--config", help="a config file instead of WORKDIR/config.json")
     p.add_argument("--split", choices=["validation", "test", "train"], help="default: data.eval_split")
     p.add_argument("--step", type=int, help="checkpoint step; default: the latest")
