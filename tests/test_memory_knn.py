@@ -216,3 +216,19 @@ def test_memory_too_large_for_the_device_is_reported_before_allocating():
     with pytest.raises(ConfigError, match="model.knn.size") as info:
         state_lib.build(cfg)  # abstract only: nothing is allocated or compiled before the check
     assert "GiB" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_bfloat16_store_halves_the_bytes_and_keeps_the_result_close():
+    assert knn.state_bytes(2, 4, 1024, 32, "bfloat16") * 2 == knn.state_bytes(2, 4, 1024, 32, "float32")
+    rng = np.random.default_rng(4)
+    segments = [rng.integers(0, 40, (2, 6)) for _ in range(3)]
+    results = {}
+    for dtype in ("float32", "bfloat16"):
+        cfg, model, params = knn_model(size=16, mem_len=0)
+        cfg.knn.dtype = dtype
+        memory = init_memory(cfg, 2)
+        assert memory["knn"]["1"]["keys"].dtype == jnp.dtype(dtype)
+        for s, seg in enumerate(segments):
+            nll, memory = segment_nll(model, params, memory, _batch(seg, [s == 0, s == 0]))
+        results[dtype] = np.asarray(nll)
+    np.testing.assert_allclose(results["bfloat16"], results["float32"], rtol=2e-2)
