@@ -109,10 +109,12 @@ def init_memory_sharded(setup: Setup, batch_size: int) -> dict:
     return make()
 
 
+def batch_shardings(setup: Setup) -> dict:
+    return {"inputs": setup.batch_sharding, "targets": setup.batch_sharding,
+            "weights": setup.batch_sharding, "reset": setup.row_sharding}
+
+
 def device_batch(setup: Setup, batch: dict) -> dict:
     """This process's rows (numpy) -> global arrays sharded over the data axes."""
-    out = {}
-    for key, value in batch.items():
-        target = setup.row_sharding if value.ndim == 1 else setup.batch_sharding
-        out[key] = jax.make_array_from_process_local_data(target, value)
-    return out
+    shardings = batch_shardings(setup)
+    return {key: jax.make_array_from_process_local_data(shardings[key], value) for key, value in batch.items()}

@@ -13,7 +13,7 @@ import optax
 from memtx import sharding
 from memtx.model import segment_nll
 from memtx.optimizer import learning_rate_schedule
-from memtx.state import Setup, memory_shardings
+from memtx.state import Setup, batch_shardings, memory_shardings
 
 
 def make_train_step(setup: Setup):
@@ -36,9 +36,7 @@ def make_train_step(setup: Setup):
                    "param_norm": optax.tree.norm(params), "lr": schedule(state["step"])}
         return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, memory, metrics
 
-    mem_sh = memory_shardings(setup)
-    batch_sh = {"inputs": setup.batch_sharding, "targets": setup.batch_sharding,
-                "weights": setup.batch_sharding, "reset": setup.row_sharding}
+    mem_sh, batch_sh = memory_shardings(setup), batch_shardings(setup)
     jitted = jax.jit(train_step, in_shardings=(setup.state_shardings, mem_sh, batch_sh),
                      out_shardings=(setup.state_shardings, mem_sh, sharding.replicated(setup.mesh)),
                      donate_argnums=(0, 1))
@@ -70,9 +68,7 @@ def make_eval_step(setup: Setup):
             sums["fill_sum"] += jnp.sum(store["count"] / knn_cfg.size * jnp.sum(scored_BN, -1)) / len(memory["knn"])
         return memory, sums
 
-    mem_sh = memory_shardings(setup)
-    batch_sh = {"inputs": setup.batch_sharding, "targets": setup.batch_sharding,
-                "weights": setup.batch_sharding, "reset": setup.row_sharding}
+    mem_sh, batch_sh = memory_shardings(setup), batch_shardings(setup)
     jitted = jax.jit(eval_step, in_shardings=(setup.state_shardings["params"], mem_sh, batch_sh),
                      out_shardings=(mem_sh, sharding.replicated(setup.mesh)), donate_argnums=(1,))
     return _under_mesh(setup, jitted)

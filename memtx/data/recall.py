@@ -1,28 +1,28 @@
 """A synthetic long-range recall task: proof that the kNN memory remembers.
 
-Every document is a sequence of *episodes*. An episode defines a few random keys, then a filler
-longer than what local attention and the XL cache can see, then asks for the keys again:
+A document is a log of key-value entries `#key:V;` (a key of lowercase letters, a one-byte value)
+with random lowercase filler words between some of them:
 
-    #qmv:K;#bto:R;#qmv:K;...   definitions (some repeated right away: a local copy)
-    xkeh uqa pz...             filler of random lowercase "words", `gap` bytes or more
-    #bto:R;#qmv:K;...          queries: every key of the episode again, shuffled
+    #qmv:4; #bto:7; xkeh uqa #qmv:4; #kfa:0; pz #bto:7; ... (much later) #qmv:4;
 
-A definition and its query are byte-identical (`#key:V;`): the value byte V is random at its
-first occurrence and determined by the document at every later one. At a query the model must
-predict V after `#key:`; the context it has (`#key:`) is exactly the context of the definition's
-value byte. That is the induction pattern a 2-layer model learns: the query at ':' matches the
-stored entry of the earlier V whose *preceding* bytes are `#key:`, and that entry's value carries
-V. The first-layer output at V (the memory layer's input) holds V and its preceding bytes, so the
-match is content-based and independent of distance.
+The first entry of a key *defines* it with a random value; every later entry of that key is a
+*query* and repeats the value. A query is byte-identical to its definition, so at a query the
+model has read `#key:` and must predict V, with exactly the context that preceded the
+definition's value byte. That is the induction pattern a 2-layer model learns: the query at ':'
+matches the stored entry of the earlier V whose *preceding* bytes are `#key:`, and that entry's
+value carries V. The memory layer's input at V (the first layer's output) holds V and the bytes
+before it, so the match is content-based and independent of distance.
 
-The local copies (`local_repeat`) put an earlier occurrence of a key inside the local window; they
-teach the model the copy mechanism through local attention, whose keys and values the kNN
-memory stores. They are not scored: a *recalled value token* is a value byte whose key occurred
-earlier in the document, with the nearest earlier occurrence at least `min_distance` bytes back.
-With min_distance >= N + M (segment length plus XL cache) nothing but the kNN memory can see it.
+Queries come in two kinds. *Near* queries repeat a key within `near_max` bytes of its last
+entry: local attention can see that entry, so they teach the model the copy mechanism through
+local attention, whose keys and values are exactly what the kNN memory stores. *Far* queries
+repeat a key at least `gap` bytes after its last entry; they are the test. A *recalled value token*
+is a value byte whose key occurred earlier in the document, the nearest earlier occurrence at
+least `min_distance` bytes back; with `gap >= min_distance >= N + M` (segment length plus XL
+cache) only the kNN memory can have seen the value, and a model without it is at chance.
 
-Keys are distinct within a document (no stale definitions in the memory). Documents are
-deterministic in (seed, index) alone.
+Keys are distinct per document and always repeat their value (no stale entries in the memory).
+Documents are deterministic in (seed, index) alone.
 """
 
 from __future__ import annotations
@@ -34,33 +34,35 @@ from dataclasses import dataclass
 
 import numpy as np
 
-KEY_ALPHABET = b"abcdefghijklmnopqrstuvwxyz"
+KEY_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 VALUE_ALPHABET = b"0123456789"
 FILLER_ALPHABET = b"abcdefghijklmnopqrstuvwxyz"
-_ENTRY = re.compile(rb"#([a-z]+):(.)")
+_ENTRY = re.compile(rb"#([A-Z]+)([^A-Z])")
 
 
 @dataclass(frozen=True)
 class RecallSpec:
-    """The shape of the generated documents."""
+    """The shape of the generated documents (lengths in bytes)."""
 
-    episodes: int = 4  # per document
-    keys_per_episode: int = 6
-    key_len: int = 3  # lowercase letters
-    gap: int = 80  # filler bytes between an episode's definitions and its queries (>= N + M)
-    local_repeat: float = 0.5  # probability that a definition is repeated right away (local copy)
+    length: int = 1024  # document length (the last entry may run a few bytes over)
+    key_len: int = 2  # uppercase letters
+    define_prob: float = 0.3  # an entry defines a new key (else it queries one)
+    far_prob: float = 0.5  # a query is far (when a far key is available; else near, else a definition)
+    near_max: int = 28  # a near query's key was last seen at most this far back (not the latest entry)
+    gap: int = 48  # a far query's key was last seen at least this far back (>= N + M)
+    filler_prob: float = 0.4  # a filler word precedes an entry
     value_alphabet: bytes = VALUE_ALPHABET
 
     def __post_init__(self):
-        if self.episodes < 1 or self.keys_per_episode < 1 or self.key_len < 1 or self.gap < 0:
-            raise ValueError(f"invalid recall spec {self}")
-        if not 0.0 <= self.local_repeat <= 1.0:
-            raise ValueError(f"local_repeat must be in [0, 1], got {self.local_repeat}")
-        if len(KEY_ALPHABET) ** self.key_len < self.episodes * self.keys_per_episode:
-            raise ValueError(f"key_len {self.key_len} has too few keys for {self.episodes} x {self.keys_per_episode}")
-        bad = set(self.value_alphabet) & set(b"#:; ")
+        if self.length < 1 or self.key_len < 1 or self.near_max < 1 or self.gap <= self.near_max:
+            raise ValueError(f"invalid recall spec {self} (gap must exceed near_max)")
+        for name in ("define_prob", "far_prob", "filler_prob"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"recall spec {name} must be in [0, 1], got {getattr(self, name)}")
+        bad = set(self.value_alphabet) & set(b"#; " + KEY_ALPHABET)
         if not self.value_alphabet or bad:
-            raise ValueError(f"value_alphabet must be non-empty and free of '#', ':', ';' and ' ', got {self.value_alphabet!r}")
+            raise ValueError(f"value_alphabet must be non-empty and free of '#', ':', ';' and ' ', "
+                             f"got {self.value_alphabet!r}")
 
     @property
     def chance(self) -> float:
@@ -68,38 +70,35 @@ class RecallSpec:
         return 1.0 / len(set(self.value_alphabet))
 
 
-def _filler(rng: np.random.Generator, length: int) -> bytes:
-    """Random lowercase "words" of 2-7 letters separated by spaces, ending with a space."""
-    out = bytearray()
-    while len(out) < length:
-        word = rng.integers(0, len(FILLER_ALPHABET), int(rng.integers(2, 8)))
-        out += bytes(FILLER_ALPHABET[i] for i in word) + b" "
-    return bytes(out)
+def _word(rng: np.random.Generator) -> bytes:
+    """A random lowercase "word" of 2-7 letters and a space."""
+    return bytes(FILLER_ALPHABET[i] for i in rng.integers(0, len(FILLER_ALPHABET), int(rng.integers(2, 8)))) + b" "
 
 
 def make_document(seed: int, index: int, spec: RecallSpec = RecallSpec()) -> bytes:
     """Document `index` of the corpus with `seed` (the same bytes whatever the corpus size)."""
     rng = np.random.default_rng([seed, index])
-    n_keys = spec.episodes * spec.keys_per_episode
-    keys: set[bytes] = set()
-    while len(keys) < n_keys:
-        keys.add(bytes(KEY_ALPHABET[i] for i in rng.integers(0, len(KEY_ALPHABET), spec.key_len)))
-    keys_list = sorted(keys)
-    rng.shuffle(keys_list)
-    out = bytearray(_filler(rng, int(rng.integers(0, 16))))  # varied phase against segment edges
-    for e in range(spec.episodes):
-        episode = keys_list[e * spec.keys_per_episode:(e + 1) * spec.keys_per_episode]
-        values = {k: spec.value_alphabet[int(rng.integers(0, len(spec.value_alphabet)))] for k in episode}
-        for k in episode:
-            entry = b"#" + k + b":" + bytes([values[k]]) + b";"
-            out += entry
-            if rng.random() < spec.local_repeat:
-                out += entry
-        out += b" " + _filler(rng, spec.gap)
-        for i in rng.permutation(len(episode)):
-            k = episode[int(i)]
-            out += b"#" + k + b":" + bytes([values[k]]) + b";"
-        out += b" " + _filler(rng, int(rng.integers(4, 24)))
+    out = bytearray()
+    value: dict[bytes, int] = {}
+    last: dict[bytes, int] = {}  # key -> offset of its latest value byte
+    previous = None  # the key of the latest entry: a near query never repeats it right away
+    while len(out) < spec.length:
+        if rng.random() < spec.filler_prob:
+            out += _word(rng)
+        at = len(out) + spec.key_len + 1  # offset the value byte of the next entry will have
+        near = [k for k, o in last.items() if at - o <= spec.near_max and k != previous]
+        far = [k for k, o in last.items() if at - o >= spec.gap]
+        key = None
+        if rng.random() >= spec.define_prob:
+            pool = far if (far and (not near or rng.random() < spec.far_prob)) else near
+            if pool:
+                key = pool[int(rng.integers(0, len(pool)))]
+        if key is None:  # a definition of a new key
+            while key is None or key in value:
+                key = bytes(KEY_ALPHABET[i] for i in rng.integers(0, len(KEY_ALPHABET), spec.key_len))
+            value[key] = spec.value_alphabet[int(rng.integers(0, len(spec.value_alphabet)))]
+        out += b"#" + key + bytes([value[key]]) + b"; "
+        last[key], previous = at, key
     return bytes(out)
 
 
@@ -142,9 +141,9 @@ def recall_tokens(text: bytes, min_distance: int) -> list[ValueToken]:
     return [t for t in value_tokens(text) if t.distance is not None and t.distance >= min_distance]
 
 
-def check_document(text: bytes, min_distance: int) -> None:
-    """Raises ValueError unless every repeated key repeats its value, and every value byte is either
-    a key's first definition, a local copy right after it, or a query at least min_distance back."""
+def check_document(text: bytes, spec: RecallSpec) -> None:
+    """Raises ValueError unless every repeated key repeats its first value, and every repetition is
+    either near (<= spec.near_max bytes after the key's last entry) or far (>= spec.gap)."""
     first: dict[bytes, int] = {}
     for t in value_tokens(text):
         if t.distance is None:
@@ -152,8 +151,9 @@ def check_document(text: bytes, min_distance: int) -> None:
             continue
         if t.value != first[t.key]:
             raise ValueError(f"key {t.key!r} at byte {t.offset} has value {t.value!r}, defined as {first[t.key]!r}")
-        if t.distance < min_distance and t.distance != len(t.key) + 4:  # a local copy `#key:V;` apart
-            raise ValueError(f"key {t.key!r} at byte {t.offset} repeats only {t.distance} bytes after its last value")
+        if spec.near_max < t.distance < spec.gap:
+            raise ValueError(f"key {t.key!r} at byte {t.offset} repeats {t.distance} bytes after its last "
+                             f"entry: neither near (<= {spec.near_max}) nor far (>= {spec.gap})")
 
 
 def score_predictions(text: bytes, predicted: np.ndarray, min_distance: int) -> tuple[int, int]:
