@@ -38,7 +38,7 @@ def cpu_sized(size: int, xl_cache: bool) -> Config:
                           knn=KNNConfig(enabled=True, size=size, k=32, backend="exact")),
         data=DataConfig(seq_len=64, batch_size=8, eval_batch_size=8),
         optim=OptimConfig(learning_rate=2e-3, warmup_steps=200, clip_norm=0.25),
-        train=TrainConfig(steps=5000, log_every=100, checkpoint_every=500))
+        train=TrainConfig(steps=2500, log_every=100, checkpoint_every=500))
 
 
 def cpu() -> Config:

@@ -51,6 +51,9 @@ class RecallSpec:
     near_max: int = 28  # a near query's key was last seen at most this far back (not the latest entry)
     gap: int = 48  # a far query's key was last seen at least this far back (>= N + M)
     filler_prob: float = 0.4  # a filler word precedes an entry
+    mode: str = "near_far"  # near_far | zipf (query the key used r entries ago with weight 1/r^zipf_alpha)
+    zipf_alpha: float = 1.0
+    echo: bool = False  # entries are `#KVK;`: the key again after the value
     value_alphabet: bytes = VALUE_ALPHABET
 
     def __post_init__(self):
@@ -89,15 +92,23 @@ def make_document(seed: int, index: int, spec: RecallSpec = RecallSpec()) -> byt
         near = [k for k, o in last.items() if at - o <= spec.near_max and k != previous]
         far = [k for k, o in last.items() if at - o >= spec.gap]
         key = None
-        if rng.random() >= spec.define_prob:
+        if spec.mode == "zipf":
+            if rng.random() >= spec.define_prob and len(last) > 1:
+                order = sorted((k for k in last if k != previous), key=lambda k: -last[k])
+                w = 1.0 / np.arange(1, len(order) + 1) ** spec.zipf_alpha
+                key = order[int(rng.choice(len(order), p=w / w.sum()))]
+        elif rng.random() >= spec.define_prob:
             pool = far if (far and (not near or rng.random() < spec.far_prob)) else near
             if pool:
                 key = pool[int(rng.integers(0, len(pool)))]
+        if key is None and len(value) == len(KEY_ALPHABET) ** spec.key_len:  # every key is taken
+            out += _word(rng)  # wait for a key to become near or far
+            continue
         if key is None:  # a definition of a new key
             while key is None or key in value:
                 key = bytes(KEY_ALPHABET[i] for i in rng.integers(0, len(KEY_ALPHABET), spec.key_len))
             value[key] = spec.value_alphabet[int(rng.integers(0, len(spec.value_alphabet)))]
-        out += b"#" + key + bytes([value[key]]) + b"; "
+        out += b"#" + key + bytes([value[key]]) + (key if spec.echo else b"") + b"; "
         last[key], previous = at, key
     return bytes(out)
 
@@ -187,14 +198,16 @@ def predict_documents(setup, params, texts: list[bytes]) -> list[np.ndarray]:
     B, N = cfg.data.eval_batch_size, cfg.data.seq_len
     model = setup.model
 
-    def forward(params, memory, inputs, num_valid, reset):
-        memory = model_memory.reset_rows(memory, reset)
-        logits, memory = model.apply({"params": params}, inputs, memory, num_valid)
+    def forward(params, memory, batch):  # a standard batch: inputs, targets, weights, reset
+        memory = model_memory.reset_rows(memory, batch["reset"])
+        num_valid_B = jnp.sum(batch["weights"] > 0, axis=-1).astype(jnp.int32)
+        logits, memory = model.apply({"params": params}, batch["inputs"], memory, num_valid_B)
         return jnp.argmax(logits, axis=-1).astype(jnp.int32), memory
 
     mem_sh = state_lib.memory_shardings(setup)
-    jitted = jax.jit(forward, in_shardings=(setup.state_shardings["params"], mem_sh, setup.batch_sharding,
-                                            setup.row_sharding, setup.row_sharding),
+    batch_sh = {"inputs": setup.batch_sharding, "targets": setup.batch_sharding,
+                "weights": setup.batch_sharding, "reset": setup.row_sharding}
+    jitted = jax.jit(forward, in_shardings=(setup.state_shardings["params"], mem_sh, batch_sh),
                      out_shardings=(setup.batch_sharding, mem_sh), donate_argnums=(1,))
     rules = sharding.rules(cfg)
     memory = state_lib.init_memory_sharded(setup, B)
@@ -208,15 +221,14 @@ def predict_documents(setup, params, texts: list[bytes]) -> list[np.ndarray]:
         out = [np.zeros(n, np.int32) for n in lengths]
         for s in range(segments):
             inputs = np.full((B, N), PAD_ID, np.int32)
-            num_valid = np.zeros((B,), np.int32)
+            weights = np.zeros((B, N), np.float32)
             for row, (t, n) in enumerate(zip(tokens, lengths)):
                 m = max(0, min(N, n - s * N))
                 inputs[row, :m] = t[s * N:s * N + m]
-                num_valid[row] = m
-            reset = np.full((B,), s == 0)
-            batch = state_lib.device_batch(setup, {"inputs": inputs, "num_valid": num_valid, "reset": reset})
+                weights[row, :m] = 1.0
+            batch = {"inputs": inputs, "targets": inputs, "weights": weights, "reset": np.full((B,), s == 0)}
             with jax.set_mesh(setup.mesh), nn.logical_axis_rules(rules):
-                pred, memory = jitted(params, memory, batch["inputs"], batch["num_valid"], batch["reset"])
+                pred, memory = jitted(params, memory, state_lib.device_batch(setup, batch))
             pred = np.asarray(jax.device_get(pred))
             for row, n in enumerate(lengths):
                 m = max(0, min(N, n - s * N))
