@@ -195,10 +195,10 @@ def main(args: argparse.Namespace, rest: list[str]) -> int:
     if sizes and not any(r["knn_size"] is not None for r in rows):
         raise UsageError("--knn-sizes needs a run with a kNN memory (model.knn.enabled)")
     print(format_table(rows))
-    for r in rows:
-        for layer, gates in (r.get("knn_gate") or {}).items():
-            print(f"{r['run']}: kNN gate per head, layer {layer}: " + " ".join(f"{g:.2f}" for g in gates))
-            break
+    gates_by_run = {r["run"]: r["knn_gate"] for r in rows if r.get("knn_gate")}  # parameters: one per run
+    for run, gates in gates_by_run.items():
+        for layer, per_head in gates.items():
+            print(f"{run}: kNN gate per head, layer {layer}: " + " ".join(f"{g:.2f}" for g in per_head))
     if len(rows) > 1 and sizes:
         out = args.workdir[-1]
         plot = os.path.join(out, f"memory_scaling_{rows[0]['split']}_step{rows[-1]['step']}.png")
