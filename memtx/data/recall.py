@@ -37,7 +37,7 @@ import numpy as np
 KEY_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 VALUE_ALPHABET = b"0123456789"
 FILLER_ALPHABET = b"abcdefghijklmnopqrstuvwxyz"
-_ENTRY = re.compile(rb"#([A-Z]+)([^A-Z])")
+_ENTRY = re.compile(rb"#([A-Z]+)([^A-Z#; ]+)")
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,7 @@ class RecallSpec:
     """The shape of the generated documents (lengths in bytes)."""
 
     length: int = 1024  # document length (the last entry may run a few bytes over)
+    min_length: int = 0  # > 0: each document's length is drawn uniformly from [min_length, length]
     key_len: int = 2  # uppercase letters
     define_prob: float = 0.3  # an entry defines a new key (else it queries one)
     far_prob: float = 0.5  # a query is far (when a far key is available; else near, else a definition)
@@ -54,7 +55,11 @@ class RecallSpec:
     mode: str = "near_far"  # near_far | zipf (query the key used r entries ago with weight 1/r^zipf_alpha)
     zipf_alpha: float = 1.0
     echo: bool = False  # entries are `#KVK;`: the key again after the value
+    filler_repeat: bool = False  # a filler is a phrase of 1-3 words written twice (dense induction practice)
+    filler_alternate: bool = False  # a filler word alternates two random letters: `qzqzqzq`
+    filler_vocab: int = 0  # > 0: filler words come from a fixed list of this many words (trigram statistics)
     value_alphabet: bytes = VALUE_ALPHABET
+    value_len: int = 1
 
     def __post_init__(self):
         if self.length < 1 or self.key_len < 1 or self.near_max < 1 or self.gap <= self.near_max:
@@ -78,16 +83,33 @@ def _word(rng: np.random.Generator) -> bytes:
     return bytes(FILLER_ALPHABET[i] for i in rng.integers(0, len(FILLER_ALPHABET), int(rng.integers(2, 8)))) + b" "
 
 
+def _vocabulary(size: int) -> list[bytes]:
+    """A fixed list of random lowercase words (the same for every seed), each with a space."""
+    rng = np.random.default_rng(1234567)
+    return [_word(rng) for _ in range(size)]
+
+
 def make_document(seed: int, index: int, spec: RecallSpec = RecallSpec()) -> bytes:
     """Document `index` of the corpus with `seed` (the same bytes whatever the corpus size)."""
     rng = np.random.default_rng([seed, index])
     out = bytearray()
-    value: dict[bytes, int] = {}
+    value: dict[bytes, bytes] = {}
     last: dict[bytes, int] = {}  # key -> offset of its latest value byte
     previous = None  # the key of the latest entry: a near query never repeats it right away
-    while len(out) < spec.length:
+    length = int(rng.integers(spec.min_length, spec.length + 1)) if spec.min_length else spec.length
+    while len(out) < length:
         if rng.random() < spec.filler_prob:
-            out += _word(rng)
+            if spec.filler_vocab:
+                words = _vocabulary(spec.filler_vocab)
+                out += b"".join(words[int(i)] for i in rng.integers(0, len(words), int(rng.integers(1, 4))))
+            elif spec.filler_alternate:
+                pair = bytes(FILLER_ALPHABET[i] for i in rng.choice(len(FILLER_ALPHABET), 2, replace=False))
+                out += (pair * 8)[:int(rng.integers(4, 13))] + b" "
+            elif spec.filler_repeat:
+                phrase = b"".join(_word(rng) for _ in range(int(rng.integers(1, 4))))
+                out += phrase + phrase
+            else:
+                out += _word(rng)
         at = len(out) + spec.key_len + 1  # offset the value byte of the next entry will have
         near = [k for k, o in last.items() if at - o <= spec.near_max and k != previous]
         far = [k for k, o in last.items() if at - o >= spec.gap]
@@ -107,8 +129,8 @@ def make_document(seed: int, index: int, spec: RecallSpec = RecallSpec()) -> byt
         if key is None:  # a definition of a new key
             while key is None or key in value:
                 key = bytes(KEY_ALPHABET[i] for i in rng.integers(0, len(KEY_ALPHABET), spec.key_len))
-            value[key] = spec.value_alphabet[int(rng.integers(0, len(spec.value_alphabet)))]
-        out += b"#" + key + bytes([value[key]]) + (key if spec.echo else b"") + b"; "
+            value[key] = bytes(spec.value_alphabet[int(i)] for i in rng.integers(0, len(spec.value_alphabet), spec.value_len))
+        out += b"#" + key + value[key] + (key if spec.echo else b"") + b"; "
         last[key], previous = at, key
     return bytes(out)
 
@@ -134,6 +156,7 @@ class ValueToken:
     key: bytes
     value: int
     distance: int | None
+    index: int = 0  # position in the value
 
 
 def value_tokens(text: bytes) -> list[ValueToken]:
@@ -142,7 +165,9 @@ def value_tokens(text: bytes) -> list[ValueToken]:
     out = []
     for m in _ENTRY.finditer(text):
         key, offset = m.group(1), m.start(2)
-        out.append(ValueToken(offset, key, text[offset], offset - last[key] if key in last else None))
+        distance = offset - last[key] if key in last else None
+        for i in range(m.end(2) - offset):
+            out.append(ValueToken(offset + i, key, text[offset + i], distance, i))
         last[key] = offset
     return out
 
@@ -155,13 +180,13 @@ def recall_tokens(text: bytes, min_distance: int) -> list[ValueToken]:
 def check_document(text: bytes, spec: RecallSpec) -> None:
     """Raises ValueError unless every repeated key repeats its first value, and every repetition is
     either near (<= spec.near_max bytes after the key's last entry) or far (>= spec.gap)."""
-    first: dict[bytes, int] = {}
+    first: dict[tuple[bytes, int], int] = {}
     for t in value_tokens(text):
         if t.distance is None:
-            first[t.key] = t.value
+            first[t.key, t.index] = t.value
             continue
-        if t.value != first[t.key]:
-            raise ValueError(f"key {t.key!r} at byte {t.offset} has value {t.value!r}, defined as {first[t.key]!r}")
+        if t.value != first.get((t.key, t.index)):
+            raise ValueError(f"key {t.key!r} at byte {t.offset} has value {t.value!r}, defined as {first.get((t.key, t.index))!r}")
         if spec.near_max < t.distance < spec.gap:
             raise ValueError(f"key {t.key!r} at byte {t.offset} repeats {t.distance} bytes after its last "
                              f"entry: neither near (<= {spec.near_max}) nor far (>= {spec.gap})")
