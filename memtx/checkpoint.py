@@ -3,17 +3,35 @@
 Items of one checkpoint step:
   params     model parameters (evaluation restores only this)
   train      {"step", "opt_state"}
-  memory     the carried memory state of every row
+  memory     the carried memory state of every row, flattened to {path: array}; zero-size
+             leaves (an XL cache of length 0, an empty kNN store) are left out, since orbax
+             cannot write them, and come back as zeros of their abstract shape
   data       the document streams' positions (JSON), one entry per process
 Saves are asynchronous; restore targets are abstract trees carrying shardings.
 """
 
 from __future__ import annotations
 
+import math
 import os
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
+
+
+def _non_empty(tree) -> dict:
+    """{path: leaf} for the leaves of `tree` that hold at least one element."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return {jax.tree_util.keystr(path): leaf for path, leaf in flat if math.prod(leaf.shape) > 0}
+
+
+def _fill_empty(restored: dict, abstract_tree):
+    """The inverse of `_non_empty`: restored leaves back in place, zeros for the empty ones."""
+    flat, treedef = jax.tree_util.tree_flatten_with_path(abstract_tree)
+    leaves = [restored[jax.tree_util.keystr(path)] if math.prod(a.shape) > 0 else
+              jax.device_put(jnp.zeros(a.shape, a.dtype), a.sharding) for path, a in flat]
+    return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
 class Checkpointer:
@@ -35,7 +53,7 @@ class Checkpointer:
         self.manager.save(step, args=ocp.args.Composite(
             params=ocp.args.StandardSave(state["params"]),
             train=ocp.args.StandardSave({"step": state["step"], "opt_state": state["opt_state"]}),
-            memory=ocp.args.StandardSave(memory),
+            memory=ocp.args.StandardSave(_non_empty(memory)),
             data=ocp.args.JsonSave(data)))
 
     def restore(self, step: int, abstract_state: dict, abstract_memory: dict) -> tuple[dict, dict, dict]:
@@ -44,10 +62,10 @@ class Checkpointer:
         out = self.manager.restore(step, args=ocp.args.Composite(
             params=ocp.args.StandardRestore(abstract_state["params"]),
             train=ocp.args.StandardRestore(train_target),
-            memory=ocp.args.StandardRestore(abstract_memory),
+            memory=ocp.args.StandardRestore(_non_empty(abstract_memory)),
             data=ocp.args.JsonRestore()))
         state = {"step": out.train["step"], "params": out.params, "opt_state": out.train["opt_state"]}
-        return state, out.memory, out.data[str(jax.process_index())]
+        return state, _fill_empty(out.memory, abstract_memory), out.data[str(jax.process_index())]
 
     def restore_params(self, step: int, abstract_params: dict) -> dict:
         out = self.manager.restore(step, args=ocp.args.Composite(

@@ -43,6 +43,24 @@ def test_stop_and_resume_gives_identical_losses(tmp_path):
     assert len({round(v, 6) for v in a.values()}) == 12
 
 
+def test_resume_without_an_xl_cache(tmp_path):
+    """mem_len 0 (Transformer+RPE, or a kNN model without an XL cache) leaves zero-size memory
+    leaves, which orbax cannot write: the checkpoint must still save and resume exactly."""
+    corpus = str(make_corpus(tmp_path / "corpus"))
+
+    def cfg(**train):
+        c = tiny_config(corpus, steps=8, **train)
+        c.model.mem_len = 0
+        c.model.knn.enabled, c.model.knn.layers, c.model.knn.size, c.model.knn.k = True, (1,), 32, 4
+        return c
+
+    train(cfg(), str(tmp_path / "straight"))
+    assert train(cfg(stop_after=3), str(tmp_path / "resumed"))["end_step"] == 3
+    assert train(cfg(), str(tmp_path / "resumed"))["start_step"] == 3
+    a, b = losses(tmp_path / "straight"), losses(tmp_path / "resumed")
+    np.testing.assert_allclose([b[s] for s in range(1, 9)], [a[s] for s in range(1, 9)], rtol=0, atol=1e-6)
+
+
 def test_killed_run_resumes_from_its_last_checkpoint(tmp_path):
     """SIGKILL in the middle of training (async saves in flight), then rerun the same command."""
     corpus = str(make_corpus(tmp_path / "corpus"))
