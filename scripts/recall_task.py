@@ -4,10 +4,12 @@ Trains the same tiny model twice on the same generated documents for the same st
 a kNN memory in its last layer and once without, then measures how often each predicts the value
 byte of a key whose definition lies farther back than the segment plus the XL cache:
 
-    PYTHONPATH=. python scripts/recall_task.py [--steps 1500] [--workdir runs/recall] [--seed 0]
+    PYTHONPATH=. python scripts/recall_task.py [--steps 3000] [--workdir runs/recall] [--seed 0]
 
 Prints a table and writes WORKDIR/recall_results.json. The model with memory is also evaluated
-with its memory emptied (knn.size=0), which should bring it back to chance.
+with its memory emptied (knn.size=0), which should bring it back to chance. `--skip-baseline`
+trains only the model with memory (the emptied-memory row is then the comparison): the test
+suite's quick version.
 """
 
 from __future__ import annotations
@@ -29,13 +31,19 @@ from memtx.data import recall
 from memtx.train import train
 
 
-def make_config(corpus: str, *, knn: bool, steps: int, seed: int = 0, seq_len: int = 32, batch_size: int = 8,
-                d_model: int = 64, knn_size: int = 1024, k: int = 16, learning_rate: float = 3e-3,
-                warmup_steps: int | None = None, mesh_shape=(-1, 1, 1)) -> Config:
-    """The tiny model of this task; `knn` switches the memory layer (layer 1 of 2) on or off."""
+TASK_SPEC = recall.RecallSpec()  # 256-byte documents, one-letter keys, no filler: dense practice
+
+
+def make_config(corpus: str, *, knn: bool, steps: int, seed: int = 0, seq_len: int = 32, batch_size: int = 32,
+                d_model: int = 128, knn_size: int = 256, k: int = 32, learning_rate: float = 3e-3,
+                warmup_steps: int | None = None, init_std: float = 0.1, mesh_shape=(-1, 1, 1)) -> Config:
+    """The tiny model of this task; `knn` switches the memory layer (layer 1 of 2) on or off.
+    Pre-LN, d 128 and a larger init than the LM presets: the copying circuit forms sooner (with
+    d 64 or post-LN, far recall stalled near 22-26% in our runs; see the README)."""
     return Config(
         name=f"recall_{'knn' if knn else 'local'}",
-        model=ModelConfig(num_layers=2, d_model=d_model, num_heads=4, d_ff=4 * d_model, mem_len=0,
+        model=ModelConfig(num_layers=2, d_model=d_model, num_heads=4, d_ff=4 * d_model, mem_len=0, pre_norm=True,
+                          init_std=init_std,
                           knn=KNNConfig(enabled=knn, layers=(1,), size=knn_size, k=k, backend="exact")),
         data=DataConfig(corpus=corpus, split_fractions=(1, 0, 0), seq_len=seq_len, batch_size=batch_size,
                         seed=seed, eval_batch_size=batch_size),
@@ -68,8 +76,9 @@ def evaluate_run(cfg: Config, workdir: str, texts: list[bytes], knn_size: int | 
 
 
 def run(steps: int, workdir: str, seed: int = 0, train_docs: int = 2000, eval_docs: int = 64,
-        spec: recall.RecallSpec = recall.RecallSpec(), verbose: bool = True, **model) -> dict:
+        spec: recall.RecallSpec | None = None, verbose: bool = True, baseline: bool = True, **model) -> dict:
     """Generates the corpora, trains both models, evaluates them; returns the results."""
+    spec = spec or TASK_SPEC
     os.makedirs(workdir, exist_ok=True)
     train_dir, eval_dir = os.path.join(workdir, "corpus_train"), os.path.join(workdir, "corpus_eval")
     recall.write_recall_corpus(train_dir, train_docs, seed, spec)
@@ -77,7 +86,7 @@ def run(steps: int, workdir: str, seed: int = 0, train_docs: int = 2000, eval_do
     texts = [open(p, "rb").read() for p in eval_paths]
     results = {"spec": recall.spec_dict(spec), "chance": spec.chance, "seed": seed, "train_docs": train_docs,
                "eval_docs": eval_docs, "device": str(jax.devices()[0].device_kind), "runs": []}
-    for knn in (True, False):
+    for knn in (True, False) if baseline else (True,):
         cfg = make_config(train_dir, knn=knn, steps=steps, seed=seed, **model)
         n, m = cfg.data.seq_len, cfg.model.mem_len
         if spec.gap < n + m:
@@ -105,10 +114,10 @@ def _quiet(fn, *args):
 
 
 def format_table(results: dict) -> str:
-    header = ["model", "steps", "recalled tokens", "value accuracy", "first-definition acc.", "chance",
-              "train time"]
+    header = ["model", "steps", "recalled tokens", "far recall acc.", "near query acc.", "first-definition acc.",
+              "chance", "train time"]
     lines = [[r["model"], str(r["steps"]), str(r["recalled_tokens"]), f"{r['accuracy']:.1%}",
-              f"{r['first_definition_accuracy']:.1%}", f"{results['chance']:.1%}",
+              f"{r['near_accuracy']:.1%}", f"{r['first_definition_accuracy']:.1%}", f"{results['chance']:.1%}",
               f"{r['train_seconds']:.0f}s" if r["train_seconds"] is not None else "-"] for r in results["runs"]]
     widths = [max(len(h), *(len(l[i]) for l in lines)) for i, h in enumerate(header)]
     fmt = lambda cells: "| " + " | ".join(c.rjust(w) for c, w in zip(cells, widths)) + " |"
@@ -117,21 +126,23 @@ def format_table(results: dict) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=1500, help="training steps of each model")
+    p.add_argument("--steps", type=int, default=3000, help="training steps of each model")
     p.add_argument("--workdir", default="runs/recall", help="corpora, both runs and recall_results.json")
     p.add_argument("--seed", type=int, default=0, help="data, parameter init and document order")
     p.add_argument("--train-docs", type=int, default=2000)
     p.add_argument("--eval-docs", type=int, default=64)
+    p.add_argument("--skip-baseline", action="store_true", help="do not train the model without memory")
     args = p.parse_args(argv)
     if os.path.exists(os.path.join(args.workdir, "recall_knn", "checkpoints")):
         print(f"note: {args.workdir} holds earlier runs; they resume (or are reused) rather than restart",
               file=sys.stderr)
     t0 = time.perf_counter()
-    results = run(args.steps, args.workdir, args.seed, args.train_docs, args.eval_docs)
+    results = run(args.steps, args.workdir, args.seed, args.train_docs, args.eval_docs,
+                  baseline=not args.skip_baseline)
     results["wall_seconds"] = time.perf_counter() - t0
     print(format_table(results))
     print(f"recalled tokens: value bytes whose key was last seen >= {results['runs'][0]['min_distance']} bytes "
-          f"earlier (segment {results['runs'][0]['min_distance']} + XL memory 0); "
+          f"earlier (the segment length; no XL cache), so only the kNN memory holds them; "
           f"{results['eval_docs']} held-out documents; total wall time {results['wall_seconds']:.0f}s")
     path = os.path.join(args.workdir, "recall_results.json")
     with open(path, "w") as f:

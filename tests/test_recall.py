@@ -1,0 +1,82 @@
+"""The synthetic recall task: the generator's promises, and a model that recalls with its memory.
+
+The training test runs `scripts/recall_task.py --skip-baseline` in a subprocess on one CPU
+device (as a user runs it): a tiny kNN model is trained for a short while, then its accuracy on
+far recalled values (beyond the segment; no XL cache) is compared with the same parameters with
+the memory emptied. The full comparison with a separately trained model without memory is the
+script's default; its figures are in the README.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from memtx.data import recall
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_documents_are_deterministic_and_keep_their_promises():
+    spec = recall.RecallSpec()
+    docs = [recall.make_document(3, i, spec) for i in range(40)]
+    assert docs == [recall.make_document(3, i, spec) for i in range(40)]
+    assert len(set(docs)) == 40
+    far = near = 0
+    for text in docs:
+        assert len(text) >= spec.length
+        recall.check_document(text, spec)  # values repeat; every repeat is near or far
+        tokens = recall.value_tokens(text)
+        assert tokens and all(chr(t.value) in "0123456789" for t in tokens)
+        far += sum(t.distance is not None and t.distance >= spec.gap for t in tokens)
+        near += sum(t.distance is not None and t.distance <= spec.near_max for t in tokens)
+    assert far > 100 and near > 100  # both kinds are plentiful
+
+
+def test_check_document_catches_a_changed_value_and_a_mid_distance_repeat():
+    spec = recall.RecallSpec(near_max=10, gap=30)
+    with pytest.raises(ValueError, match="defined as"):
+        recall.check_document(b"#A1; #B2; #A3; ", spec)
+    with pytest.raises(ValueError, match="neither near"):
+        recall.check_document(b"#A1; " + b"#B2; " * 4 + b"#A1; ", spec)  # 25 bytes back
+    recall.check_document(b"#A1; #B2; #A1; " + b"#C3; " * 7 + b"#B2; ", spec)
+
+
+def test_scoring_counts_only_far_values():
+    text = b"#A1; #B2; " + b"x" * 40 + b"#B2; #B2; "  # definitions, a far query, a near one
+    assert [t.distance for t in recall.value_tokens(text)] == [None, None, 45, 5]
+    tokens = recall.recall_tokens(text, min_distance=32)
+    assert [(t.key, chr(t.value), t.offset) for t in tokens] == [(b"B", "2", 52)]
+    predicted = np.zeros(len(text), np.int32)
+    assert recall.score_predictions(text, predicted, 32) == (0, 1)
+    predicted[tokens[0].offset] = ord("2")
+    assert recall.score_predictions(text, predicted, 32) == (1, 1)
+
+
+def test_bad_specs_are_refused():
+    with pytest.raises(ValueError, match="gap must exceed"):
+        recall.RecallSpec(near_max=40, gap=40)
+    with pytest.raises(ValueError, match="far_prob"):
+        recall.RecallSpec(far_prob=1.5)
+
+
+def test_a_model_with_knn_memory_recalls_what_it_cannot_see(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device, as users run it
+    env.update(PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "scripts/recall_task.py", "--steps", "1200", "--train-docs", "500", "--eval-docs", "48",
+           "--skip-baseline", "--workdir", str(tmp_path / "recall")]
+    out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=1200)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    results = json.loads((tmp_path / "recall" / "recall_results.json").read_text())
+    with_memory, emptied = results["runs"]
+    assert with_memory["model"] == "kNN memory" and emptied["knn_size"] == 0
+    assert with_memory["recalled_tokens"] > 150
+    chance = results["chance"]
+    # Without its memory the same model is at chance on far values; with it, clearly above.
+    assert emptied["accuracy"] < chance + 0.06, results
+    assert with_memory["accuracy"] > emptied["accuracy"] + 0.05, results
+    assert with_memory["accuracy"] > chance + 0.05, results
