@@ -53,7 +53,8 @@ class ModelConfig:
     num_heads: int = 4
     head_dim: int = 0  # 0: d_model // num_heads (must then divide)
     d_ff: int = 1024
-    mem_len: int = 128  # Transformer-XL memory length M; 0 is Transformer+RPE
+    mem_len: int = 128  # memory length M (XL cache or LaMemo state); 0 is Transformer+RPE
+    memory_type: str = "xl"  # xl: Transformer-XL recurrence (spec §1) | lamemo: look-ahead memory (spec §2)
     pre_norm: bool = False  # False: post-LN as the reference; True: pre-LN (+ final LN)
     dropout: float = 0.0  # embeddings, residual branches, FFN
     attn_dropout: float = 0.0  # attention probabilities (the papers use none)
@@ -336,7 +337,11 @@ def validate(cfg: Config, num_devices: int) -> tuple[int, ...]:
         raise ConfigError(f"config key 'model.dtype' must be float32 or bfloat16, got '{m.dtype}'")
     if m.d_model % 2:
         raise ConfigError(f"config key 'model.d_model' must be even (sinusoid positions), got {m.d_model}")
+    if m.memory_type not in ("xl", "lamemo"):
+        raise ConfigError(f"config key 'model.memory_type' must be xl or lamemo, got '{m.memory_type}'")
     knn = m.knn
+    if m.memory_type == "lamemo" and knn.enabled:
+        raise ConfigError("config key 'model.knn.enabled' cannot be combined with model.memory_type 'lamemo'")
     if knn.enabled:
         for layer in knn.layers:
             if not 0 <= layer < m.num_layers:

@@ -1,5 +1,6 @@
 """Decoder-only Transformer LM with Transformer-XL recurrence memory (M = 0: Transformer+RPE)
-and, in the layers `cfg.knn` names, the Memorizing Transformer's kNN memory.
+and, in the layers `cfg.knn` names, the Memorizing Transformer's kNN memory; or, with
+`cfg.memory_type = "lamemo"`, LaMemo's look-ahead memory (spec §2) instead of the XL cache.
 
 `TransformerLM.__call__(inputs_BN, memory, num_valid_B)` returns the logits and the new memory;
 `segment_nll` is the one function the train step, evaluation and generation all call for a
@@ -14,7 +15,8 @@ import jax.numpy as jnp
 
 from memtx.attention import RelativeAttention, param_with_axes
 from memtx.config import ModelConfig
-from memtx.memory import model_memory, xl
+from memtx.lamemo_layer import LaMemoAttention
+from memtx.memory import lamemo, model_memory, xl
 
 
 class LayerNorm(nn.Module):
@@ -79,6 +81,45 @@ class XLLayer(nn.Module):
         return nn.with_logical_constraint(h_BND, ("act_batch", "act_seq", "act_embed")), knn_memory
 
 
+class LaMemoLayer(nn.Module):
+    """LaMemo attention (spec §2), then the shared W_O / residual / LayerNorm for the memory rows
+    and the current rows alike, and one FFN over [o_mem ; o_cur]. Post-LN or pre-LN.
+
+    Returns (o_cur [B,N,D], o_mem [B,M,D], C' [B,M,H,Dh], logS' [B,M,H], a [B,N,H,Dh], logZ [B,N,H]).
+    """
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, h_BND, mem_BMD, mem_valid_BM, C_BMHD, logS_BMH, u_HD, v_HD, v_minus_HD,
+                 num_valid_B=None, deterministic: bool = True):
+        cfg = self.cfg
+        attn = LaMemoAttention(cfg, name="attn")
+        ffn = FeedForward(cfg, name="ffn")
+        attn_norm = LayerNorm(cfg.layer_norm_eps, name="attn_norm")
+        ffn_norm = LayerNorm(cfg.layer_norm_eps, name="ffn_norm")
+        drop = nn.Dropout(cfg.dropout)
+        M = mem_BMD.shape[1]
+        if cfg.pre_norm:
+            proj_cur, proj_mem, new_C, new_logS, a, logZ = attn(
+                attn_norm(h_BND), attn_norm(mem_BMD), mem_valid_BM, C_BMHD, logS_BMH, u_HD, v_HD, v_minus_HD,
+                num_valid_B, deterministic)
+            both_BKD = jnp.concatenate([mem_BMD + drop(proj_mem, deterministic=deterministic),
+                                        h_BND + drop(proj_cur, deterministic=deterministic)], axis=1)
+            both_BKD = both_BKD + drop(ffn(ffn_norm(both_BKD), deterministic), deterministic=deterministic)
+        else:
+            proj_cur, proj_mem, new_C, new_logS, a, logZ = attn(
+                h_BND, mem_BMD, mem_valid_BM, C_BMHD, logS_BMH, u_HD, v_HD, v_minus_HD, num_valid_B, deterministic)
+            both_BKD = attn_norm(jnp.concatenate([mem_BMD + drop(proj_mem, deterministic=deterministic),
+                                                  h_BND + drop(proj_cur, deterministic=deterministic)], axis=1))
+            both_BKD = ffn_norm(both_BKD + drop(ffn(both_BKD, deterministic), deterministic=deterministic))
+        o_mem_BMD, o_cur_BND = both_BKD[:, :M], both_BKD[:, M:]
+        self.sow("intermediates", "out", o_cur_BND)
+        self.sow("intermediates", "out_mem", o_mem_BMD)
+        o_cur_BND = nn.with_logical_constraint(o_cur_BND, ("act_batch", "act_seq", "act_embed"))
+        return o_cur_BND, o_mem_BMD, new_C, new_logS, a, logZ
+
+
 class TransformerLM(nn.Module):
     cfg: ModelConfig
 
@@ -97,7 +138,25 @@ class TransformerLM(nn.Module):
         one_hot_BNV = jax.nn.one_hot(inputs_BN, Vp, dtype=cfg.dtype)
         h_BND = jnp.einsum("bnv,vd->bnd", one_hot_BNV, embedding_VD.astype(cfg.dtype)) * jnp.sqrt(D).astype(cfg.dtype)
         h_BND = nn.with_logical_constraint(h_BND, ("act_batch", "act_seq", "act_embed"))
+        emb_BND = h_BND
         h_BND = nn.Dropout(cfg.dropout)(h_BND, deterministic=deterministic)
+        if cfg.memory_type == "lamemo":
+            h_BND, new_memory = self.lamemo_layers(h_BND, emb_BND, memory, num_valid_B, u_HD, v_HD, deterministic)
+        else:
+            h_BND, new_memory = self.xl_layers(h_BND, memory, num_valid_B, u_HD, v_HD, deterministic)
+        if cfg.pre_norm:
+            h_BND = LayerNorm(cfg.layer_norm_eps, name="final_norm")(h_BND)
+        h_BND = nn.Dropout(cfg.dropout)(h_BND, deterministic=deterministic)
+
+        logits_BNV = jnp.einsum("bnd,vd->bnv", h_BND, embedding_VD.astype(h_BND.dtype),
+                                preferred_element_type=jnp.float32) + out_bias_V
+        if Vp != V:  # padded rows of the embedding exist only for sharding; never predicted
+            logits_BNV = jnp.where(jnp.arange(Vp) < V, logits_BNV, -1e30)
+        logits_BNV = nn.with_logical_constraint(logits_BNV, ("act_batch", "act_seq", "act_vocab"))
+        return logits_BNV, new_memory
+
+    def xl_layers(self, h_BND, memory, num_valid_B, u_HD, v_HD, deterministic):
+        cfg = self.cfg
         xl_memory, knn_memory = memory["xl"], dict(memory["knn"])
         mem_valid_BM = xl.valid_mask(xl_memory)
         layer_inputs = []
@@ -108,17 +167,26 @@ class TransformerLM(nn.Module):
                 knn_memory.get(str(layer)), num_valid_B)
             if new_knn is not None:
                 knn_memory[str(layer)] = new_knn
-        if cfg.pre_norm:
-            h_BND = LayerNorm(cfg.layer_norm_eps, name="final_norm")(h_BND)
-        h_BND = nn.Dropout(cfg.dropout)(h_BND, deterministic=deterministic)
+        return h_BND, {"xl": xl.write(xl_memory, jnp.stack(layer_inputs), num_valid_B), "knn": knn_memory}
 
-        logits_BNV = jnp.einsum("bnd,vd->bnv", h_BND, embedding_VD.astype(h_BND.dtype),
-                                preferred_element_type=jnp.float32) + out_bias_V
-        if Vp != V:  # padded rows of the embedding exist only for sharding; never predicted
-            logits_BNV = jnp.where(jnp.arange(Vp) < V, logits_BNV, -1e30)
-        logits_BNV = nn.with_logical_constraint(logits_BNV, ("act_batch", "act_seq", "act_vocab"))
-        new_memory = {"xl": xl.write(xl_memory, jnp.stack(layer_inputs), num_valid_B), "knn": knn_memory}
-        return logits_BNV, new_memory
+    def lamemo_layers(self, h_BND, emb_BND, memory, num_valid_B, u_HD, v_HD, deterministic):
+        """Layer l reads memory rows m (E_mem for l = 0, else layer l-1's refreshed o_mem) and x."""
+        cfg = self.cfg
+        H, Dh = cfg.num_heads, cfg.dim_per_head
+        v_minus_HD = param_with_axes(self, "v_minus_bias", (H, Dh), ("heads", "kv"),
+                                     nn.initializers.normal(cfg.init_std))  # looking ahead
+        state = memory["lamemo"]
+        mem_valid_BM = lamemo.valid_mask(state)
+        mem_BMD = nn.Dropout(cfg.dropout)(state["emb"].astype(h_BND.dtype), deterministic=deterministic)
+        refreshed_C, refreshed_logS, cur_C, cur_logZ = [], [], [], []
+        for layer in range(cfg.num_layers):
+            h_BND, mem_BMD, new_C, new_logS, a, logZ = LaMemoLayer(cfg, name=f"layer_{layer}")(
+                h_BND, mem_BMD, mem_valid_BM, state["C"][layer], state["logS"][layer], u_HD, v_HD, v_minus_HD,
+                num_valid_B, deterministic)
+            refreshed_C.append(new_C), refreshed_logS.append(new_logS), cur_C.append(a), cur_logZ.append(logZ)
+        new_state = lamemo.write(state, emb_BND, jnp.stack(refreshed_C), jnp.stack(refreshed_logS),
+                                 jnp.stack(cur_C), jnp.stack(cur_logZ), num_valid_B)
+        return h_BND, {"lamemo": new_state, "knn": dict(memory["knn"])}
 
 
 def init_memory(cfg: ModelConfig, batch_size: int) -> dict:

@@ -1,0 +1,117 @@
+"""LaMemo attention (spec §2 steps 1-3): causal attention of the current queries plus look-ahead
+attention of the memory queries, and the interpolation that refreshes the memory.
+
+With X = [m ; x] (M memory rows, N current rows, K = M+N) and q, k, v projections of X:
+
+  current query i (position M+i), key j <= M+i, distance d = M+i-j (as in attention.py):
+      score(i, j) = [ (q_i + u)·k_j + (q_i + v)·(W_R · sinusoid(d)) ] / sqrt(Dh)
+  memory query p, key j in the newest W = min(M, N) positions ending at M, j > p, distance j-p:
+      t(p, j) = [ (q_p + u)·k_j + (q_p + v_minus)·(W_R · sinusoid(j - p)) ] / sqrt(Dh)
+
+Both position terms are computed once per distance and gathered by distance. The memory slots'
+carried outputs C and log-denominators logS are interpolated with the look-ahead result:
+alpha = S / (S + Z' + 1e-6) in float32 (after subtracting max(logS, logZ'), as the reference),
+not stop-gradient'ed.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from memtx.attention import NEG_INF, param_with_axes, sinusoid
+from memtx.config import ModelConfig
+
+ALPHA_EPS = 1e-6
+
+
+class LaMemoAttention(nn.Module):
+    """Returns (W_O·a [B,N,D], W_O·C' [B,M,D], C' [B,M,H,Dh], logS' [B,M,H] f32, a [B,N,H,Dh], logZ [B,N,H] f32)."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BND, mem_BMD, mem_valid_BM, carried_C_BMHD, carried_logS_BMH, u_HD, v_HD, v_minus_HD,
+                 num_valid_B=None, deterministic: bool = True):
+        cfg = self.cfg
+        H, Dh, D = cfg.num_heads, cfg.dim_per_head, cfg.d_model
+        dtype = jnp.dtype(cfg.dtype)
+        init = nn.initializers.normal(cfg.init_std)
+        w_q = param_with_axes(self, "q", (D, H, Dh), ("embed", "heads", "kv"), init)
+        w_kv = param_with_axes(self, "kv", (D, 2, H, Dh), ("embed", "qkv", "heads", "kv"), init)
+        w_r = param_with_axes(self, "r_proj", (D, H, Dh), ("embed", "heads", "kv"), init)
+        w_o = param_with_axes(self, "out", (H, Dh, D), ("heads", "kv", "embed"), init)
+        w_q, w_kv, w_r, w_o = (w.astype(dtype) for w in (w_q, w_kv, w_r, w_o))
+        u_HD, v_HD, v_minus_HD = (b.astype(dtype) for b in (u_HD, v_HD, v_minus_HD))
+        scale = 1.0 / jnp.sqrt(jnp.float32(Dh))
+        act_axes = ("act_batch", "act_seq", "act_heads", "act_kv")
+
+        B, N, _ = x_BND.shape
+        M = mem_BMD.shape[1]
+        K = M + N
+        X_BKD = jnp.concatenate([mem_BMD.astype(dtype), x_BND.astype(dtype)], axis=1)
+        q_BKHD = nn.with_logical_constraint(jnp.einsum("bkd,dhe->bkhe", X_BKD, w_q), act_axes)
+        k_BKHD = nn.with_logical_constraint(jnp.einsum("bkd,dhe->bkhe", X_BKD, w_kv[:, 0]), act_axes)
+        v_BKHD = nn.with_logical_constraint(jnp.einsum("bkd,dhe->bkhe", X_BKD, w_kv[:, 1]), act_axes)
+        key_valid_BK = jnp.concatenate([mem_valid_BM, jnp.ones((B, N), bool)], axis=1)
+
+        # 1. Causal attention of the current queries over all K keys (Transformer-XL score).
+        q_BNHD = q_BKHD[:, M:]
+        r_KHD = jnp.einsum("kd,dhe->khe", sinusoid(jnp.arange(K), D).astype(dtype), w_r)  # distance 0..K-1
+        ac_BHNK = jnp.einsum("bnhd,bkhd->bhnk", q_BNHD + u_HD, k_BKHD, preferred_element_type=jnp.float32)
+        bd_BHNK_by_distance = jnp.einsum("bnhd,khd->bhnk", q_BNHD + v_HD, r_KHD, preferred_element_type=jnp.float32)
+        distance_NK = M + jnp.arange(N)[:, None] - jnp.arange(K)[None, :]
+        bd_BHNK = bd_BHNK_by_distance[:, :, jnp.arange(N)[:, None], jnp.clip(distance_NK, 0, K - 1)]
+        mask_BHNK = (distance_NK >= 0)[None, None] & key_valid_BK[:, None, None, :]
+        scores_BHNK = jnp.where(mask_BHNK, (ac_BHNK + bd_BHNK) * scale, NEG_INF)
+        logZ_BHN = jax.nn.logsumexp(scores_BHNK, axis=-1)  # float32
+        probs_BHNK = jnp.exp(scores_BHNK - logZ_BHN[..., None])
+        self.sow("intermediates", "attn_prob", probs_BHNK)
+        probs_BHNK = nn.Dropout(cfg.attn_dropout)(probs_BHNK, deterministic=deterministic)
+        a_BNHD = jnp.einsum("bhnk,bkhd->bnhd", probs_BHNK.astype(dtype), v_BKHD)
+        logZ_BNH = jnp.swapaxes(logZ_BHN, 1, 2)
+        proj_cur_BND = jnp.einsum("bnhd,hde->bne", a_BNHD, w_o)
+        if M == 0:  # Transformer+RPE: nothing to refresh
+            empty_BMHD = jnp.zeros((B, 0, H, Dh), dtype)
+            return (proj_cur_BND, jnp.zeros((B, 0, D), dtype), empty_BMHD, jnp.zeros((B, 0, H), jnp.float32),
+                    a_BNHD, logZ_BNH)
+
+        # 2. Look-ahead attention of the memory queries over the W newest keys ending at position M.
+        # A row whose segment is padded after n valid tokens uses min(M, n) keys, as a segment of
+        # length n would: padding never changes what is written into the memory.
+        W = min(M, N)
+        if num_valid_B is None:
+            num_valid_B = jnp.full((B,), N, jnp.int32)
+        q_mem_BMHD = q_BKHD[:, :M]
+        key_pos_W = jnp.arange(M - W + 1, M + 1)
+        k_ahead_BWHD, v_ahead_BWHD = k_BKHD[:, M - W + 1:M + 1], v_BKHD[:, M - W + 1:M + 1]
+        r_ahead_MHD = jnp.einsum("md,dhe->mhe", sinusoid(jnp.arange(1, M + 1), D).astype(dtype), w_r)  # distance 1..M
+        ac_BHMW = jnp.einsum("bmhd,bwhd->bhmw", q_mem_BMHD + u_HD, k_ahead_BWHD, preferred_element_type=jnp.float32)
+        bd_BHMM_by_distance = jnp.einsum("bmhd,rhd->bhmr", q_mem_BMHD + v_minus_HD, r_ahead_MHD,
+                                         preferred_element_type=jnp.float32)
+        ahead_MW = key_pos_W[None, :] - jnp.arange(M)[:, None]  # j - p
+        bd_BHMW = bd_BHMM_by_distance[:, :, jnp.arange(M)[:, None], jnp.clip(ahead_MW - 1, 0, M - 1)]
+        in_window_BW = key_pos_W[None, :] > M - jnp.minimum(num_valid_B, M)[:, None]
+        key_ok_BW = in_window_BW & key_valid_BK[:, M - W + 1:M + 1]
+        mask_BHMW = (ahead_MW > 0)[None, None] & key_ok_BW[:, None, None, :]
+        scores_BHMW = jnp.where(mask_BHMW, (ac_BHMW + bd_BHMW) * scale, NEG_INF)  # key M: masked only if n = 0
+        logZ_ahead_BHM = jax.nn.logsumexp(scores_BHMW, axis=-1)  # float32
+        probs_BHMW = jnp.exp(scores_BHMW - logZ_ahead_BHM[..., None])
+        self.sow("intermediates", "attn_prob_mem", probs_BHMW)
+        probs_BHMW = nn.Dropout(cfg.attn_dropout)(probs_BHMW, deterministic=deterministic)
+        a_ahead_BMHD = jnp.einsum("bhmw,bwhd->bmhd", probs_BHMW.astype(dtype), v_ahead_BWHD)
+
+        # 3. Interpolation with the carried state (constants); alpha keeps its gradient via logZ'.
+        logS_BMH = jax.lax.stop_gradient(carried_logS_BMH.astype(jnp.float32))
+        C_BMHD = jax.lax.stop_gradient(carried_C_BMHD).astype(jnp.float32)
+        logZ_ahead_BMH = jnp.swapaxes(logZ_ahead_BHM, 1, 2)
+        top_BMH = jnp.maximum(logS_BMH, logZ_ahead_BMH)
+        S_BMH, Z_BMH = jnp.exp(logS_BMH - top_BMH), jnp.exp(logZ_ahead_BMH - top_BMH)
+        alpha_BMH = S_BMH / (S_BMH + Z_BMH + ALPHA_EPS)
+        self.sow("intermediates", "alpha", alpha_BMH)
+        new_C_BMHD = (alpha_BMH[..., None] * C_BMHD
+                      + (1.0 - alpha_BMH[..., None]) * a_ahead_BMHD.astype(jnp.float32)).astype(dtype)
+        new_logS_BMH = jnp.logaddexp(logS_BMH, logZ_ahead_BMH)
+        proj_mem_BMD = jnp.einsum("bmhd,hde->bme", new_C_BMHD, w_o)
+        return proj_cur_BND, proj_mem_BMD, new_C_BMHD, new_logS_BMH, a_BNHD, logZ_BNH

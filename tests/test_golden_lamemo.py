@@ -1,0 +1,176 @@
+"""Cross-check the LaMemo layer (spec §2) against tensors from the LaMemo authors' code.
+
+The reference tensors live in ../shared/golden/golden_lamemo.npz (see its README): per scenario
+and segment the logits (refreshed memory rows first), NLL, carried state (embedding memory, C_l,
+logS_l), every layer's outputs, interpolation weights alpha and both attention probabilities;
+and gradients of one segment. The reference memory grows from empty; ours is a fixed M-slot
+buffer, right-aligned, so the reference's M_ref rows are our last M_ref slots.
+"""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from memtx.config import ModelConfig
+from memtx.memory import model_memory
+from memtx.model import TransformerLM, init_memory, segment_nll
+
+GOLDEN = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "golden", "golden_lamemo.npz")
+pytestmark = pytest.mark.skipif(not os.path.exists(GOLDEN), reason=f"golden tensors not found at {GOLDEN}")
+ATOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def golden():
+    return dict(np.load(GOLDEN))
+
+
+def model_config(ref: dict, mem_len: int) -> ModelConfig:
+    return ModelConfig(vocab_size=ref["n_token"], vocab_pad_multiple=1, num_layers=ref["n_layer"],
+                       d_model=ref["d_model"], num_heads=ref["n_head"], head_dim=ref["d_head"],
+                       d_ff=ref["d_inner"], mem_len=mem_len, pre_norm=ref["pre_lnorm"], dropout=0.0,
+                       memory_type="lamemo")
+
+
+def params_from_reference(g: dict, n_layer: int, n_head: int, d_head: int) -> dict:
+    """Maps the reference state dict (torch Linear weights are (out, in)) onto our parameters."""
+    p = lambda name: jnp.asarray(g[f"param/{name}"])
+    d_model = g["param/word_emb.emb_layers.0.weight"].shape[1]
+    params = {
+        "embedding": p("word_emb.emb_layers.0.weight"),
+        "out_bias": p("crit.out_layers.0.bias"),
+        "u_bias": p("r_w_bias"),
+        "v_bias": p("r_r_bias"),
+        "v_minus_bias": p("r_r_bias_future"),
+    }
+    for i in range(n_layer):
+        pre = f"layers.{i}"
+        params[f"layer_{i}"] = {
+            "attn": {
+                "q": p(f"{pre}.dec_attn.q_net.weight").T.reshape(d_model, n_head, d_head),
+                "kv": p(f"{pre}.dec_attn.kv_net.weight").T.reshape(d_model, 2, n_head, d_head),
+                "r_proj": p(f"{pre}.dec_attn.r_net.weight").T.reshape(d_model, n_head, d_head),
+                "out": p(f"{pre}.dec_attn.o_net.weight").T.reshape(n_head, d_head, d_model),
+            },
+            "attn_norm": {"scale": p(f"{pre}.dec_attn.layer_norm.weight"), "bias": p(f"{pre}.dec_attn.layer_norm.bias")},
+            "ffn": {
+                "wi": p(f"{pre}.pos_ff.CoreNet.0.weight").T, "bi": p(f"{pre}.pos_ff.CoreNet.0.bias"),
+                "wo": p(f"{pre}.pos_ff.CoreNet.3.weight").T, "bo": p(f"{pre}.pos_ff.CoreNet.3.bias"),
+            },
+            "ffn_norm": {"scale": p(f"{pre}.pos_ff.layer_norm.weight"), "bias": p(f"{pre}.pos_ff.layer_norm.bias")},
+        }
+    return params
+
+
+def segment_batch(g, scen, s):
+    inputs = g[f"{scen}/seg{s}/input"].T.astype(np.int32)  # time-major -> [B, T]
+    targets = g[f"{scen}/seg{s}/target"].T.astype(np.int32)
+    B = inputs.shape[0]
+    return {"inputs": jnp.asarray(inputs), "targets": jnp.asarray(targets),
+            "weights": jnp.ones(inputs.shape, jnp.float32), "reset": jnp.asarray(np.full(B, s == 0))}
+
+
+def close(ours, theirs, what):
+    np.testing.assert_allclose(np.asarray(ours), theirs, atol=ATOL, rtol=0, err_msg=what)
+
+
+@pytest.mark.parametrize("scen", ["base", "longmem", "shortmem"])
+def test_forward_matches_reference(golden, scen):
+    ref = json.loads(str(golden["config_json"]))
+    info = ref["scenarios"][scen]
+    M = info["mem_len"]
+    cfg = model_config(ref, M)
+    model = TransformerLM(cfg)
+    params = params_from_reference(golden, cfg.num_layers, cfg.num_heads, cfg.dim_per_head)
+    B = golden["data"].shape[1]
+    memory = init_memory(cfg, B)
+    for s, seg_len in enumerate(info["seg_lens"]):
+        at = lambda key: golden[f"{scen}/seg{s}/{key}"]
+        batch = segment_batch(golden, scen, s)
+        assert batch["inputs"].shape[1] == seg_len
+        memory_in = model_memory.reset_rows(memory, batch["reset"])
+        (logits, memory), state = model.apply(
+            {"params": params}, batch["inputs"], memory_in, jnp.full((B,), seg_len, jnp.int32),
+            mutable=["intermediates"])
+        nll = -jax.nn.log_softmax(logits)[np.arange(B)[:, None], np.arange(seg_len)[None], batch["targets"]]
+        where = f"{scen} segment {s}"
+        m_in = at("layer0/out_mem").shape[0]  # the reference's memory length before this segment
+        close(logits, at("logits")[m_in:].transpose(1, 0, 2), f"logits, {where}")
+        close(nll, at("nll").T, f"nll, {where}")
+        inter = state["intermediates"]
+        for layer in range(cfg.num_layers):
+            ours = inter[f"layer_{layer}"]
+            close(ours["out"][0], at(f"layer{layer}/out").transpose(1, 0, 2), f"out, layer {layer}, {where}")
+            out_mem = np.asarray(ours["out_mem"][0])[:, M - m_in:]  # [B, m_in, D]
+            close(out_mem, at(f"layer{layer}/out_mem").transpose(1, 0, 2), f"out_mem, layer {layer}, {where}")
+            if m_in == 0:
+                assert f"{scen}/seg{s}/layer{layer}/attn_prob" not in golden
+                continue
+            probs = np.asarray(ours["attn"]["attn_prob"][0])  # [B, H, N, M+N]
+            theirs = at(f"layer{layer}/attn_prob").transpose(2, 3, 0, 1)  # [B, H, N, m_in+N]
+            k_ref = theirs.shape[-1]
+            close(probs[..., -k_ref:], theirs, f"attention probabilities, layer {layer}, {where}")
+            assert np.all(probs[..., :-k_ref] == 0), "probability mass on empty memory slots"
+            probs_mem = np.asarray(ours["attn"]["attn_prob_mem"][0])[:, :, M - m_in:]  # [B, H, m_in, W]
+            theirs_mem = at(f"layer{layer}/attn_prob_mem").transpose(2, 3, 0, 1)  # [B, H, m_in, W_ref]
+            w_ref = theirs_mem.shape[-1]
+            close(probs_mem[..., -w_ref:], theirs_mem, f"look-ahead probabilities, layer {layer}, {where}")
+            assert np.all(probs_mem[..., :-w_ref] == 0), "look-ahead mass outside the window"
+            alpha = np.asarray(ours["attn"]["alpha"][0])[:, M - m_in:]  # [B, m_in, H]
+            close(alpha, at(f"layer{layer}/alpha").transpose(1, 0, 2), f"alpha, layer {layer}, {where}")
+        # Memory rows of the last layer are the reference's first hidden/logit rows.
+        if m_in:
+            hidden_mem = np.asarray(inter[f"layer_{cfg.num_layers - 1}"]["out_mem"][0])[:, M - m_in:]
+            close(hidden_mem, at("hidden")[:m_in].transpose(1, 0, 2), f"memory hidden rows, {where}")
+            mem_logits = hidden_mem @ np.asarray(params["embedding"]).T + np.asarray(params["out_bias"])
+            close(mem_logits, at("logits")[:m_in].transpose(1, 0, 2), f"memory logits, {where}")
+        # Carried state: [embedding memory, C_0, logS_0, C_1, logS_1, ...], right-aligned.
+        lam = memory["lamemo"]
+        m_out = at("mem_out/0").shape[0]
+        np.testing.assert_array_equal(np.asarray(lam["length"]), np.full(B, m_out))
+        close(np.asarray(lam["emb"])[:, M - m_out:], at("mem_out/0").transpose(1, 0, 2), f"embedding memory, {where}")
+        assert lam["logS"].dtype == jnp.float32
+        for layer in range(cfg.num_layers):
+            close(np.asarray(lam["C"][layer])[:, M - m_out:], at(f"mem_out/{1 + 2 * layer}").transpose(1, 0, 2, 3),
+                  f"C, layer {layer}, {where}")
+            close(np.asarray(lam["logS"][layer])[:, M - m_out:], at(f"mem_out/{2 + 2 * layer}").transpose(1, 0, 2),
+                  f"logS, layer {layer}, {where}")
+
+
+def test_gradients_match_reference(golden):
+    ref = json.loads(str(golden["config_json"]))
+    info = ref["scenarios"]["grad_base"]
+    cfg = model_config(ref, info["mem_len"])
+    model = TransformerLM(cfg)
+    params = params_from_reference(golden, cfg.num_layers, cfg.num_heads, cfg.dim_per_head)
+    data = golden["data"].T.astype(np.int32)  # [B, T]
+    B = data.shape[0]
+    memory = init_memory(cfg, B)
+    pos = 0
+    for s, seg_len in enumerate(info["seg_lens"]):
+        batch = {"inputs": jnp.asarray(data[:, pos:pos + seg_len]), "targets": jnp.asarray(data[:, pos + 1:pos + seg_len + 1]),
+                 "weights": jnp.ones((B, seg_len)), "reset": jnp.full((B,), s == 0)}
+        pos += seg_len
+        if s < len(info["seg_lens"]) - 1:
+            _, memory = segment_nll(model, params, memory, batch)
+            continue
+
+        def loss_fn(p):
+            nll, _ = segment_nll(model, p, memory, batch)
+            return nll.mean()
+
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+    np.testing.assert_allclose(float(loss), float(golden["grad_base/loss"]), rtol=1e-6)
+    ref_grads = params_from_reference({k.replace("grad_base/grad/", "param/"): v for k, v in golden.items()
+                                       if k.startswith("grad_base/grad/")}, cfg.num_layers, cfg.num_heads, cfg.dim_per_head)
+    # The embedding is tied: the reference reports one gradient for word_emb (= crit weight).
+    flat_ours = dict(jax.tree_util.tree_flatten_with_path(grads)[0])
+    for path, theirs in jax.tree_util.tree_flatten_with_path(ref_grads)[0]:
+        ours = np.asarray(flat_ours[path])
+        scale = np.abs(theirs).max()
+        np.testing.assert_allclose(ours, np.asarray(theirs), atol=1e-5 * scale, rtol=1e-5,
+                                   err_msg=f"gradient of {jax.tree_util.keystr(path)}")
