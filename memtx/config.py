@@ -61,6 +61,10 @@ class ModelConfig:
     layer_norm_eps: float = 1e-5
     init_std: float = 0.02
     dtype: str = "float32"  # compute dtype: float32 | bfloat16 (parameters stay float32)
+    # Adaptive input/softmax (memtx/adaptive.py): cluster boundaries; empty: one tied embedding.
+    # With cutoffs the vocabulary is not padded (vocab_pad_multiple is ignored).
+    adaptive_cutoffs: tuple[int, ...] = ()
+    adaptive_div_val: int = 1  # cluster i has embedding width d_model // adaptive_div_val**i
     knn: KNNConfig = field(default_factory=KNNConfig)
 
     @property
@@ -339,6 +343,14 @@ def validate(cfg: Config, num_devices: int) -> tuple[int, ...]:
         raise ConfigError(f"config key 'model.d_model' must be even (sinusoid positions), got {m.d_model}")
     if m.memory_type not in ("xl", "lamemo"):
         raise ConfigError(f"config key 'model.memory_type' must be xl or lamemo, got '{m.memory_type}'")
+    cuts = tuple(m.adaptive_cutoffs)
+    if cuts and (cuts[0] <= 0 or any(b <= a for a, b in zip(cuts, cuts[1:])) or cuts[-1] >= m.vocab_size):
+        raise ConfigError(f"config key 'model.adaptive_cutoffs' must be strictly increasing in (0, "
+                          f"model.vocab_size={m.vocab_size}), got {cuts}")
+    positive("model.adaptive_div_val", m.adaptive_div_val)
+    if m.d_model // m.adaptive_div_val ** len(cuts) < 1:
+        raise ConfigError(f"config key 'model.adaptive_div_val' ({m.adaptive_div_val}) leaves the last cluster "
+                          f"no embedding width (d_model {m.d_model}, {len(cuts)} cutoffs)")
     knn = m.knn
     if m.memory_type == "lamemo" and knn.enabled:
         raise ConfigError("config key 'model.knn.enabled' cannot be combined with model.memory_type 'lamemo'")

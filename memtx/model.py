@@ -2,7 +2,8 @@
 and, in the layers `cfg.knn` names, the Memorizing Transformer's kNN memory; or, with
 `cfg.memory_type = "lamemo"`, LaMemo's look-ahead memory (spec §2) instead of the XL cache.
 
-`TransformerLM.__call__(inputs_BN, memory, num_valid_B)` returns the logits and the new memory;
+`TransformerLM.__call__(inputs_BN, memory, num_valid_B)` returns the logits and the new memory
+(with `cfg.adaptive_cutoffs`: adaptive input/softmax, and the logits are normalised log-probs);
 `segment_nll` is the one function the train step, evaluation and generation all call for a
 segment: reset the rows that start a document, run the model, score the targets.
 """
@@ -13,6 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from memtx.adaptive import AdaptiveIO
 from memtx.attention import RelativeAttention, param_with_axes
 from memtx.config import ModelConfig
 from memtx.lamemo_layer import LaMemoAttention
@@ -129,14 +131,17 @@ class TransformerLM(nn.Module):
         V, Vp, D = cfg.vocab_size, cfg.padded_vocab_size, cfg.d_model
         H, Dh = cfg.num_heads, cfg.dim_per_head
         init = nn.initializers.normal(cfg.init_std)
-        embedding_VD = param_with_axes(self, "embedding", (Vp, D), ("vocab", "embed"), init)
-        out_bias_V = param_with_axes(self, "out_bias", (Vp,), ("vocab",), nn.initializers.zeros)
+        if cfg.adaptive_cutoffs:  # adaptive input and softmax (memtx/adaptive.py), tied
+            adaptive = AdaptiveIO(cfg, name="adaptive")
+            h_BND = adaptive.embed(inputs_BN)
+        else:
+            embedding_VD = param_with_axes(self, "embedding", (Vp, D), ("vocab", "embed"), init)
+            out_bias_V = param_with_axes(self, "out_bias", (Vp,), ("vocab",), nn.initializers.zeros)
+            # One-hot matmul rather than a gather: it partitions cleanly with the vocabulary sharded.
+            one_hot_BNV = jax.nn.one_hot(inputs_BN, Vp, dtype=cfg.dtype)
+            h_BND = jnp.einsum("bnv,vd->bnd", one_hot_BNV, embedding_VD.astype(cfg.dtype)) * jnp.sqrt(D).astype(cfg.dtype)
         u_HD = param_with_axes(self, "u_bias", (H, Dh), ("heads", "kv"), init)  # shared by all layers
         v_HD = param_with_axes(self, "v_bias", (H, Dh), ("heads", "kv"), init)
-
-        # One-hot matmul rather than a gather: it partitions cleanly with the vocabulary sharded.
-        one_hot_BNV = jax.nn.one_hot(inputs_BN, Vp, dtype=cfg.dtype)
-        h_BND = jnp.einsum("bnv,vd->bnd", one_hot_BNV, embedding_VD.astype(cfg.dtype)) * jnp.sqrt(D).astype(cfg.dtype)
         h_BND = nn.with_logical_constraint(h_BND, ("act_batch", "act_seq", "act_embed"))
         emb_BND = h_BND
         h_BND = nn.Dropout(cfg.dropout)(h_BND, deterministic=deterministic)
@@ -148,6 +153,11 @@ class TransformerLM(nn.Module):
             h_BND = LayerNorm(cfg.layer_norm_eps, name="final_norm")(h_BND)
         h_BND = nn.Dropout(cfg.dropout)(h_BND, deterministic=deterministic)
 
+        if cfg.adaptive_cutoffs:
+            # Normalised log-probabilities [B, N, V] (float32) serve as the logits: log_softmax of
+            # them (segment_nll, sampling) leaves them unchanged.
+            logp_BNV = adaptive.log_probs(h_BND)
+            return nn.with_logical_constraint(logp_BNV, ("act_batch", "act_seq", "act_vocab")), new_memory
         logits_BNV = jnp.einsum("bnd,vd->bnv", h_BND, embedding_VD.astype(h_BND.dtype),
                                 preferred_element_type=jnp.float32) + out_bias_V
         if Vp != V:  # padded rows of the embedding exist only for sharding; never predicted
