@@ -245,6 +245,17 @@ def test_presets_validate(preset):
     assert validate(cfg, 1) == (1, 1, 1)
 
 
+@pytest.mark.parametrize("preset", ["cpu", "wt103", "enwik8", "text8"])
+def test_lamemo_presets_are_the_txl_models_with_lamemo_memory(preset):
+    cfg = load_config_file(f"{ROOT / 'configs' / 'lamemo.py'}:{preset}")
+    base = txl(preset)
+    assert cfg.model.memory_type == "lamemo" and base.model.memory_type == "xl"
+    assert cfg.name.startswith("lamemo_")
+    assert validate(cfg, NUM_DEVICES) == validate(base, NUM_DEVICES)
+    cfg.model.memory_type, cfg.name = "xl", base.name
+    assert to_dict(cfg) == to_dict(base)  # everything else is the compared Transformer-XL's
+
+
 def n_params(setup) -> int:
     return sum(math.prod(x.shape) for x in jax.tree.leaves(setup.abstract_state["params"]))
 
