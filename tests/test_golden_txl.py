@@ -14,7 +14,8 @@ import pytest
 
 from memtx.config import ModelConfig
 from memtx.memory import model_memory
-from memtx.model import TransformerLM, init_memory, segment_nll
+from memtx.model import TransformerLM, init_memory
+from tests.golden import assert_gradients_match, segment_batch
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "golden", "golden_txl.npz")
 pytestmark = pytest.mark.skipif(not os.path.exists(GOLDEN), reason=f"golden tensors not found at {GOLDEN}")
@@ -59,14 +60,6 @@ def params_from_reference(g: dict, n_layer: int, n_head: int, d_head: int) -> di
     return params
 
 
-def segment_batch(g, scen, s):
-    inputs = g[f"{scen}/seg{s}/input"].T.astype(np.int32)  # time-major -> [B, T]
-    targets = g[f"{scen}/seg{s}/target"].T.astype(np.int32)
-    B = inputs.shape[0]
-    return {"inputs": jnp.asarray(inputs), "targets": jnp.asarray(targets),
-            "weights": jnp.ones(inputs.shape, jnp.float32), "reset": jnp.asarray(np.full(B, s == 0))}
-
-
 @pytest.mark.parametrize("scen", ["base", "longmem", "shortmem"])
 def test_forward_matches_reference(golden, scen):
     ref = json.loads(str(golden["config_json"]))
@@ -107,35 +100,4 @@ def test_forward_matches_reference(golden, scen):
 
 
 def test_gradients_match_reference(golden):
-    ref = json.loads(str(golden["config_json"]))
-    info = ref["scenarios"]["grad_base"]
-    cfg = model_config(ref, info["mem_len"])
-    model = TransformerLM(cfg)
-    params = params_from_reference(golden, cfg.num_layers, cfg.num_heads, cfg.dim_per_head)
-    data = golden["data"].T.astype(np.int32)  # [B, T]
-    B = data.shape[0]
-    memory = init_memory(cfg, B)
-    pos = 0
-    for s, seg_len in enumerate(info["seg_lens"]):
-        batch = {"inputs": jnp.asarray(data[:, pos:pos + seg_len]), "targets": jnp.asarray(data[:, pos + 1:pos + seg_len + 1]),
-                 "weights": jnp.ones((B, seg_len)), "reset": jnp.full((B,), s == 0)}
-        pos += seg_len
-        if s < len(info["seg_lens"]) - 1:
-            _, memory = segment_nll(model, params, memory, batch)
-            continue
-
-        def loss_fn(p):
-            nll, _ = segment_nll(model, p, memory, batch)
-            return nll.mean()
-
-        loss, grads = jax.value_and_grad(loss_fn)(params)
-    np.testing.assert_allclose(float(loss), float(golden["grad_base/loss"]), rtol=1e-6)
-    ref_grads = params_from_reference({k.replace("grad_base/grad/", "param/"): v for k, v in golden.items()
-                                       if k.startswith("grad_base/grad/")}, cfg.num_layers, cfg.num_heads, cfg.dim_per_head)
-    # The embedding is tied: the reference reports one gradient for word_emb (= crit weight).
-    flat_ours = dict(jax.tree_util.tree_flatten_with_path(grads)[0])
-    for path, theirs in jax.tree_util.tree_flatten_with_path(ref_grads)[0]:
-        ours = np.asarray(flat_ours[path])
-        scale = np.abs(theirs).max()
-        np.testing.assert_allclose(ours, np.asarray(theirs), atol=1e-5 * scale, rtol=1e-5,
-                                   err_msg=f"gradient of {jax.tree_util.keystr(path)}")
+    assert_gradients_match(golden, model_config, params_from_reference)

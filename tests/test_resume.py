@@ -43,6 +43,19 @@ def test_stop_and_resume_gives_identical_losses(tmp_path):
     assert len({round(v, 6) for v in a.values()}) == 12
 
 
+def stop_resume_and_compare(cfg, tmp_path, stop: int) -> dict[int, float]:
+    """Trains `cfg()` straight through, and again stopped after `stop` steps then resumed; asserts
+    identical per-step losses and returns them."""
+    steps = cfg().train.steps
+    train(cfg(), str(tmp_path / "straight"))
+    assert train(cfg(stop_after=stop), str(tmp_path / "resumed"))["end_step"] == stop
+    assert train(cfg(), str(tmp_path / "resumed"))["start_step"] == stop
+    a, b = losses(tmp_path / "straight"), losses(tmp_path / "resumed")
+    assert sorted(a) == sorted(b) == list(range(1, steps + 1))
+    np.testing.assert_allclose([b[s] for s in a], [a[s] for s in a], rtol=0, atol=1e-6)
+    return a
+
+
 def test_resume_without_an_xl_cache(tmp_path):
     """mem_len 0 (Transformer+RPE, or a kNN model without an XL cache) leaves zero-size memory
     leaves, which orbax cannot write: the checkpoint must still save and resume exactly."""
@@ -54,11 +67,7 @@ def test_resume_without_an_xl_cache(tmp_path):
         c.model.knn.enabled, c.model.knn.layers, c.model.knn.size, c.model.knn.k = True, (1,), 32, 4
         return c
 
-    train(cfg(), str(tmp_path / "straight"))
-    assert train(cfg(stop_after=3), str(tmp_path / "resumed"))["end_step"] == 3
-    assert train(cfg(), str(tmp_path / "resumed"))["start_step"] == 3
-    a, b = losses(tmp_path / "straight"), losses(tmp_path / "resumed")
-    np.testing.assert_allclose([b[s] for s in range(1, 9)], [a[s] for s in range(1, 9)], rtol=0, atol=1e-6)
+    stop_resume_and_compare(cfg, tmp_path, stop=3)
 
 
 def test_lamemo_run_resumes_exactly(tmp_path):
@@ -71,11 +80,7 @@ def test_lamemo_run_resumes_exactly(tmp_path):
         c.model.memory_type = "lamemo"
         return c
 
-    train(cfg(), str(tmp_path / "straight"))
-    assert train(cfg(stop_after=4), str(tmp_path / "resumed"))["end_step"] == 4
-    assert train(cfg(), str(tmp_path / "resumed"))["start_step"] == 4
-    a, b = losses(tmp_path / "straight"), losses(tmp_path / "resumed")
-    np.testing.assert_allclose([b[s] for s in range(1, 9)], [a[s] for s in range(1, 9)], rtol=0, atol=1e-6)
+    a = stop_resume_and_compare(cfg, tmp_path, stop=4)
     assert a[8] < a[1]  # it learns
 
 
