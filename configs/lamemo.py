@@ -7,6 +7,12 @@ Presets:
   enwik8   the paper's enwik8/text8 setting: 12 layers, d 512, 8 x 64, FFN 2048,
            segment = memory = 512 (text8 uses the same model)
 
+Any preset takes one of the paper's Table 3 ablations as a suffix, e.g. `wt103_no_look_ahead`:
+  _no_interpolation   alpha = 0: a memory slot keeps only its latest look-ahead output
+  _no_look_ahead      slots are never refreshed (the forward pass is Transformer-XL's)
+  _xl_encoding        the look-ahead scored with Transformer-XL's relative encoding (signed
+                      distance, the look-back bias v) instead of the disentangled one
+
 Until word-level WikiText-103 data exists (the data-at-scale issue) wt103 trains on bytes, so it
 leaves the adaptive embedding off; with a word vocabulary add
 `--config.model.adaptive_cutoffs=20000,40000,200000 --config.model.adaptive_div_val=4` (the
@@ -40,7 +46,15 @@ def enwik8() -> Config:
 
 
 PRESETS = {"cpu": cpu, "wt103": wt103, "enwik8": enwik8, "text8": enwik8}
+ABLATIONS = {"no_interpolation": ("interpolation", False), "no_look_ahead": ("look_ahead", False),
+             "xl_encoding": ("encoding", "xl")}
 
 
 def get_config(preset: str = "cpu") -> Config:
+    for ablation, (key, value) in ABLATIONS.items():
+        if preset.endswith("_" + ablation):
+            cfg = PRESETS[preset[: -len(ablation) - 1]]()
+            cfg.name += "_" + ablation
+            setattr(cfg.model.lamemo, key, value)
+            return cfg
     return PRESETS[preset]()

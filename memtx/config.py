@@ -45,6 +45,15 @@ class KNNConfig:
 
 
 @dataclass
+class LaMemoConfig:
+    """LaMemo's parts (spec §2), each switchable off for the paper's Table 3 ablations."""
+
+    interpolation: bool = True  # False: alpha = 0, a slot keeps only its latest look-ahead output
+    look_ahead: bool = True  # False: slots are never refreshed (the Transformer-XL memory, recomputed)
+    encoding: str = "disentangled"  # disentangled (|i-j|, v_minus) | xl: signed distance p-j < 0 and v
+
+
+@dataclass
 class ModelConfig:
     vocab_size: int = 259  # byte vocabulary: 256 bytes + PAD, BOS, EOS
     vocab_pad_multiple: int = 128  # embedding rows padded to this multiple (shardable); pad ids masked
@@ -66,6 +75,7 @@ class ModelConfig:
     adaptive_cutoffs: tuple[int, ...] = ()
     adaptive_div_val: int = 1  # cluster i has embedding width d_model // adaptive_div_val**i
     knn: KNNConfig = field(default_factory=KNNConfig)
+    lamemo: LaMemoConfig = field(default_factory=LaMemoConfig)  # with memory_type "lamemo" only
 
     @property
     def dim_per_head(self) -> int:
@@ -352,8 +362,17 @@ def validate(cfg: Config, num_devices: int) -> tuple[int, ...]:
         raise ConfigError(f"config key 'model.adaptive_div_val' ({m.adaptive_div_val}) leaves the last cluster "
                           f"no embedding width (d_model {m.d_model}, {len(cuts)} cutoffs)")
     knn = m.knn
-    if m.memory_type == "lamemo" and knn.enabled:
-        raise ConfigError("config key 'model.knn.enabled' cannot be combined with model.memory_type 'lamemo'")
+    if m.memory_type == "lamemo":  # LaMemo has no kNN memory: any kNN option is a mistake
+        for f in dataclasses.fields(KNNConfig):
+            if getattr(knn, f.name) != getattr(KNNConfig(), f.name):
+                raise ConfigError(f"config key 'model.knn.{f.name}' is a kNN memory option, which "
+                                  "model.memory_type 'lamemo' does not have")
+    else:
+        for f in dataclasses.fields(LaMemoConfig):
+            if getattr(m.lamemo, f.name) != getattr(LaMemoConfig(), f.name):
+                raise ConfigError(f"config key 'model.lamemo.{f.name}' applies only with model.memory_type 'lamemo'")
+    if m.lamemo.encoding not in ("disentangled", "xl"):
+        raise ConfigError(f"config key 'model.lamemo.encoding' must be disentangled or xl, got '{m.lamemo.encoding}'")
     if knn.enabled:
         for layer in knn.layers:
             if not 0 <= layer < m.num_layers:

@@ -8,6 +8,11 @@ With X = [m ; x] (M memory rows, N current rows, K = M+N) and q, k, v projection
   memory query p, key j in the newest W = min(M, N) positions ending at M, j > p, distance j-p:
       t(p, j) = [ (q_p + u)·k_j + (q_p + v_minus)·(W_R · sinusoid(j - p)) ] / sqrt(Dh)
 
+Ablations (cfg.lamemo, the paper's Table 3): `interpolation=False` sets alpha = 0 (C' = ã,
+logS' = logZ'); `look_ahead=False` skips steps 2-3 (C' = C: each slot keeps the output it had when
+it was current, so the forward pass is Transformer-XL's); `encoding="xl"` scores the look-ahead
+with Transformer-XL's encoding, the signed distance p - j < 0 and the look-back bias v.
+
 Both position terms are computed once per distance and gathered by distance. The memory slots'
 carried outputs C and log-denominators logS are interpolated with the look-ahead result:
 alpha = S / (S + Z' + 1e-6) in float32 (after subtracting max(logS, logZ'), as the reference),
@@ -43,7 +48,8 @@ class LaMemoAttention(nn.Module):
         w_r = param_with_axes(self, "r_proj", (D, H, Dh), ("embed", "heads", "kv"), init)
         w_o = param_with_axes(self, "out", (H, Dh, D), ("heads", "kv", "embed"), init)
         w_q, w_kv, w_r, w_o = (w.astype(dtype) for w in (w_q, w_kv, w_r, w_o))
-        u_HD, v_HD, v_minus_HD = (b.astype(dtype) for b in (u_HD, v_HD, v_minus_HD))
+        u_HD, v_HD = u_HD.astype(dtype), v_HD.astype(dtype)
+        v_minus_HD = None if v_minus_HD is None else v_minus_HD.astype(dtype)
         scale = 1.0 / jnp.sqrt(jnp.float32(Dh))
         act_axes = ("act_batch", "act_seq", "act_heads", "act_kv")
 
@@ -77,6 +83,13 @@ class LaMemoAttention(nn.Module):
             return (proj_cur_BND, jnp.zeros((B, 0, D), dtype), empty_BMHD, jnp.zeros((B, 0, H), jnp.float32),
                     a_BNHD, logZ_BNH)
 
+        ablate = cfg.lamemo
+        if not ablate.look_ahead:  # slots keep their outputs from when they were current
+            C_BMHD = jax.lax.stop_gradient(carried_C_BMHD).astype(dtype)
+            self.sow("intermediates", "alpha", jnp.ones((B, M, H), jnp.float32))
+            return (proj_cur_BND, jnp.einsum("bmhd,hde->bme", C_BMHD, w_o), C_BMHD,
+                    jax.lax.stop_gradient(carried_logS_BMH.astype(jnp.float32)), a_BNHD, logZ_BNH)
+
         # 2. Look-ahead attention of the memory queries over the W newest keys ending at position M.
         # A row whose segment is padded after n valid tokens uses min(M, n) keys, as a segment of
         # length n would: padding never changes what is written into the memory.
@@ -86,9 +99,13 @@ class LaMemoAttention(nn.Module):
         q_mem_BMHD = q_BKHD[:, :M]
         key_pos_W = jnp.arange(M - W + 1, M + 1)
         k_ahead_BWHD, v_ahead_BWHD = k_BKHD[:, M - W + 1:M + 1], v_BKHD[:, M - W + 1:M + 1]
-        r_ahead_MHD = jnp.einsum("md,dhe->mhe", sinusoid(jnp.arange(1, M + 1), D).astype(dtype), w_r)  # distance 1..M
+        if ablate.encoding == "disentangled":  # sinusoid(|p - j|) = sinusoid(j - p), bias v_minus
+            ahead_positions_M, ahead_bias_HD = jnp.arange(1, M + 1), v_minus_HD
+        else:  # Transformer-XL's: sinusoid(p - j) of the signed (negative) distance, bias v
+            ahead_positions_M, ahead_bias_HD = -jnp.arange(1, M + 1), v_HD
+        r_ahead_MHD = jnp.einsum("md,dhe->mhe", sinusoid(ahead_positions_M, D).astype(dtype), w_r)  # j - p = 1..M
         ac_BHMW = jnp.einsum("bmhd,bwhd->bhmw", q_mem_BMHD + u_HD, k_ahead_BWHD, preferred_element_type=jnp.float32)
-        bd_BHMM_by_distance = jnp.einsum("bmhd,rhd->bhmr", q_mem_BMHD + v_minus_HD, r_ahead_MHD,
+        bd_BHMM_by_distance = jnp.einsum("bmhd,rhd->bhmr", q_mem_BMHD + ahead_bias_HD, r_ahead_MHD,
                                          preferred_element_type=jnp.float32)
         ahead_MW = key_pos_W[None, :] - jnp.arange(M)[:, None]  # j - p
         bd_BHMW = bd_BHMM_by_distance[:, :, jnp.arange(M)[:, None], jnp.clip(ahead_MW - 1, 0, M - 1)]
@@ -108,10 +125,14 @@ class LaMemoAttention(nn.Module):
         logZ_ahead_BMH = jnp.swapaxes(logZ_ahead_BHM, 1, 2)
         top_BMH = jnp.maximum(logS_BMH, logZ_ahead_BMH)
         S_BMH, Z_BMH = jnp.exp(logS_BMH - top_BMH), jnp.exp(logZ_ahead_BMH - top_BMH)
-        alpha_BMH = S_BMH / (S_BMH + Z_BMH + ALPHA_EPS)
+        if ablate.interpolation:
+            alpha_BMH = S_BMH / (S_BMH + Z_BMH + ALPHA_EPS)
+            new_logS_BMH = jnp.logaddexp(logS_BMH, logZ_ahead_BMH)
+        else:  # the slot forgets what it saw before: only this look-ahead counts
+            alpha_BMH = jnp.zeros_like(S_BMH)
+            new_logS_BMH = logZ_ahead_BMH
         self.sow("intermediates", "alpha", alpha_BMH)
         new_C_BMHD = (alpha_BMH[..., None] * C_BMHD
                       + (1.0 - alpha_BMH[..., None]) * a_ahead_BMHD.astype(jnp.float32)).astype(dtype)
-        new_logS_BMH = jnp.logaddexp(logS_BMH, logZ_ahead_BMH)
         proj_mem_BMD = jnp.einsum("bmhd,hde->bme", new_C_BMHD, w_o)
         return proj_cur_BND, proj_mem_BMD, new_C_BMHD, new_logS_BMH, a_BNHD, logZ_BNH

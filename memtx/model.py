@@ -183,8 +183,10 @@ class TransformerLM(nn.Module):
         """Layer l reads memory rows m (E_mem for l = 0, else layer l-1's refreshed o_mem) and x."""
         cfg = self.cfg
         H, Dh = cfg.num_heads, cfg.dim_per_head
-        v_minus_HD = param_with_axes(self, "v_minus_bias", (H, Dh), ("heads", "kv"),
-                                     nn.initializers.normal(cfg.init_std))  # looking ahead
+        v_minus_HD = None  # the look-ahead bias: only the disentangled encoding has one
+        if cfg.lamemo.look_ahead and cfg.lamemo.encoding == "disentangled":
+            v_minus_HD = param_with_axes(self, "v_minus_bias", (H, Dh), ("heads", "kv"),
+                                         nn.initializers.normal(cfg.init_std))
         state = memory["lamemo"]
         mem_valid_BM = lamemo.valid_mask(state)
         mem_BMD = nn.Dropout(cfg.dropout)(state["emb"].astype(h_BND.dtype), deterministic=deterministic)

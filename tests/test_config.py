@@ -256,6 +256,21 @@ def test_lamemo_presets_are_the_txl_models_with_lamemo_memory(preset):
     assert to_dict(cfg) == to_dict(base)  # everything else is the compared Transformer-XL's
 
 
+@pytest.mark.parametrize("ablation, field, value", [("no_interpolation", "interpolation", False),
+                                                    ("no_look_ahead", "look_ahead", False),
+                                                    ("xl_encoding", "encoding", "xl")])
+def test_lamemo_ablation_presets_change_one_switch(ablation, field, value):
+    cfg = load_config_file(f"{ROOT / 'configs' / 'lamemo.py'}:wt103_{ablation}")
+    full = load_config_file(f"{ROOT / 'configs' / 'lamemo.py'}:wt103")
+    assert getattr(cfg.model.lamemo, field) == value != getattr(full.model.lamemo, field)
+    validate(cfg, NUM_DEVICES)
+    setattr(cfg.model.lamemo, field, getattr(full.model.lamemo, field))
+    cfg.name = full.name
+    assert to_dict(cfg) == to_dict(full)
+    with pytest.raises(ConfigError):
+        load_config_file(f"{ROOT / 'configs' / 'lamemo.py'}:wt103_no_memory")
+
+
 def n_params(setup) -> int:
     return sum(math.prod(x.shape) for x in jax.tree.leaves(setup.abstract_state["params"]))
 
