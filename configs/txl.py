@@ -2,6 +2,7 @@
 
 Presets:
   cpu      (default) small byte-level model on the embedded stdlib corpus; ~3-4 min on 2 CPU cores
+  cpu_rpe  the same model without memory (M = 0): Transformer+RPE, the baseline of both papers
   wt103    the LaMemo paper's WikiText-103 base baseline: 16 layers, d 410, 10 x 41, FFN 2100,
            segment = memory = 150, dropout 0.1, Adam 2.5e-4 cosine to 0, no warmup, batch 64, 250K steps
   enwik8   the LaMemo paper's enwik8/text8 baseline: 12 layers, d 512, 8 x 64, FFN 2048,
@@ -18,6 +19,12 @@ def cpu() -> Config:
         data=DataConfig(corpus="stdlib", seq_len=64, batch_size=8, eval_batch_size=8),
         optim=OptimConfig(learning_rate=2e-3, warmup_steps=200, clip_norm=0.25),
         train=TrainConfig(steps=2500, log_every=100, checkpoint_every=500))
+
+
+def cpu_rpe() -> Config:
+    cfg = cpu()
+    cfg.name, cfg.model.mem_len = "rpe_cpu", 0
+    return cfg
 
 
 def wt103() -> Config:
@@ -42,7 +49,7 @@ def enwik8() -> Config:
         train=TrainConfig(steps=100_000, log_every=200, checkpoint_every=4000))
 
 
-PRESETS = {"cpu": cpu, "wt103": wt103, "enwik8": enwik8, "text8": enwik8}
+PRESETS = {"cpu": cpu, "cpu_rpe": cpu_rpe, "wt103": wt103, "enwik8": enwik8, "text8": enwik8}
 
 
 def get_config(preset: str = "cpu") -> Config:

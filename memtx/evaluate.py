@@ -89,9 +89,10 @@ def idle_batch(rows: int, seq_len: int) -> dict:
 
 
 def format_table(rows: list[dict]) -> str:
-    header = ["run", "split", "XL memory", "kNN memory", "segment", "documents", "tokens", "perplexity", "bits/byte",
+    header = ["run", "split", "memory", "kNN memory", "segment", "documents", "tokens", "perplexity", "bits/byte",
               "kNN fill", "top-1 score", "wall time"]
-    lines = [[r["run"], r["split"], str(r["mem_len"]), str(r["knn_size"]) if r["knn_size"] is not None else "-",
+    memory = lambda r: f"{'LaMemo' if r.get('memory_type') == 'lamemo' else 'XL'} {r['mem_len']}" if r["mem_len"] else "none"
+    lines = [[r["run"], r["split"], memory(r), str(r["knn_size"]) if r["knn_size"] is not None else "-",
               str(r["seq_len"]), str(r["documents"]), f"{r['tokens']:,}", f"{r['perplexity']:.3f}",
               f"{r['bits_per_byte']:.4f}", f"{r['knn_fill']:.1%}" if "knn_fill" in r else "-",
               f"{r['knn_top1_score']:.3f}" if "knn_top1_score" in r else "-", format_duration(r["seconds"])]
@@ -113,20 +114,20 @@ def plot_memory_scaling(rows: list[dict], path: str, title: str) -> bool:
         return False
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     runs = list(dict.fromkeys(r["run"] for r in rows))
-    for run in runs:
+    for index, run in enumerate(runs):
         mine = [r for r in rows if r["run"] == run]
+        color = f"C{index % 10}"
         sized = sorted((r["knn_size"], r["perplexity"]) for r in mine if r["knn_size"])
         if sized:
-            line, = ax.plot([s for s, _ in sized], [p for _, p in sized], "o-", label=f"{run}: kNN memory")
+            ax.plot([s for s, _ in sized], [p for _, p in sized], "o-", color=color, label=f"{run}: kNN memory")
             ax.set_xscale("log", base=2)
             ax.set_xticks([s for s, _ in sized], [f"{s / 1024:g}K" if s >= 1024 else str(s) for s, _ in sized])
             ax.minorticks_off()
         for r in mine:
             if r["knn_size"] == 0:
-                ax.axhline(r["perplexity"], ls="--", color=line.get_color() if sized else "gray",
-                           label=f"{run}: kNN memory 0")
+                ax.axhline(r["perplexity"], ls="--", color=color, label=f"{run}: kNN memory 0")
             elif r["knn_size"] is None:
-                ax.axhline(r["perplexity"], ls=":", color="black", label=f"{run} (no kNN layer)")
+                ax.axhline(r["perplexity"], ls=":", color=color, label=f"{run} (no kNN layer)")
     ax.ticklabel_format(axis="y", useOffset=False, style="plain")
     ax.set_xlabel("kNN memory size (entries per row and head)")
     ax.set_ylabel("perplexity")
@@ -176,11 +177,12 @@ def evaluate_run(workdir: str, args: argparse.Namespace, rest: list[str], sizes:
     for setup in setups:
         m = setup.cfg.model
         knn_size = m.knn.size if m.knn.enabled else None
-        print(f"{workdir}: evaluating step {step} on {len(docs)} {cfg.data.eval_split} documents, XL memory "
-              f"{m.mem_len}, kNN memory {knn_size if knn_size is not None else 'none'}, segment {cfg.data.seq_len}",
+        print(f"{workdir}: evaluating step {step} on {len(docs)} {cfg.data.eval_split} documents, "
+              f"{'LaMemo' if m.memory_type == 'lamemo' else 'XL'} memory {m.mem_len}, kNN memory {knn_size if knn_size is not None else 'none'}, segment {cfg.data.seq_len}",
               flush=True)
         result = evaluate(setup, params, docs)
         result.update(run=os.path.basename(os.path.normpath(workdir)), split=cfg.data.eval_split, mem_len=m.mem_len,
+                      memory_type=m.memory_type,
                       knn_size=knn_size, seq_len=cfg.data.seq_len, step=step)
         name = f"eval_{cfg.data.eval_split}_mem{m.mem_len}" + (f"_knn{knn_size}" if knn_size is not None else "")
         with open(os.path.join(workdir, f"{name}_step{step}.json"), "w") as f:

@@ -13,7 +13,6 @@ import sys
 import time
 
 import jax
-import numpy as np
 
 from memtx import state as state_lib
 from memtx.checkpoint import Checkpointer

@@ -236,7 +236,7 @@ def test_paper_presets(preset, layers, d_model, heads, head_dim, d_ff, length):
     assert validate(cfg, NUM_DEVICES) == (NUM_DEVICES, 1, 1)
 
 
-@pytest.mark.parametrize("preset", ["cpu", "wt103", "enwik8", "text8"])
+@pytest.mark.parametrize("preset", ["cpu", "cpu_rpe", "wt103", "enwik8", "text8"])
 def test_presets_validate(preset):
     cfg = txl(preset)
     shape = validate(cfg, NUM_DEVICES)
