@@ -40,7 +40,7 @@ def make_train_step(setup: Setup):
     jitted = jax.jit(train_step, in_shardings=(setup.state_shardings, mem_sh, batch_sh),
                      out_shardings=(setup.state_shardings, mem_sh, sharding.replicated(setup.mesh)),
                      donate_argnums=(0, 1))
-    return _under_mesh(setup, jitted)
+    return under_mesh(setup, jitted)
 
 
 def make_eval_step(setup: Setup):
@@ -71,10 +71,10 @@ def make_eval_step(setup: Setup):
     mem_sh, batch_sh = memory_shardings(setup), batch_shardings(setup)
     jitted = jax.jit(eval_step, in_shardings=(setup.state_shardings["params"], mem_sh, batch_sh),
                      out_shardings=(mem_sh, sharding.replicated(setup.mesh)), donate_argnums=(1,))
-    return _under_mesh(setup, jitted)
+    return under_mesh(setup, jitted)
 
 
-def _under_mesh(setup: Setup, fn):
+def under_mesh(setup: Setup, fn):
     """Calls `fn` with the mesh and the logical axis rules active (they are read at trace time)."""
     rules = sharding.rules(setup.cfg)
 

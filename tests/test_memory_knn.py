@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from memtx.config import ConfigError, KNNConfig, ModelConfig
-from memtx.memory import knn, model_memory
+from memtx.memory import knn
 from memtx.model import TransformerLM, init_memory, segment_nll
 
 BACKENDS = [("exact", {}), ("approx", {}), ("chunked", {"chunk_size": 16})]

@@ -1,0 +1,110 @@
+r"""Memory-length extrapolation (LaMemo paper, Figure 5): perplexity against the memory length
+M = m x segment length used at evaluation, one curve per run (LaMemo beside Transformer-XL).
+
+    python -m memtx.studies.extrapolation --workdir runs/txl_cpu runs/lamemo_cpu \
+        [--multiples 1,2,4,8] [--out runs/studies] [--max-docs N] [--split validation]
+
+The segment length stays the trained `data.seq_len`; each run's one checkpoint (parameters do
+not depend on M) is evaluated at every M. A model that extrapolates keeps improving, or at
+least does not degrade, as M grows beyond the length it was trained with.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+
+from memtx import state as state_lib
+from memtx.cli import UsageError, run_cli
+from memtx.evaluate import evaluate
+from memtx.studies import common
+
+
+def parse_multiples(text: str) -> list[int]:
+    try:
+        multiples = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UsageError(f"--multiples must be comma-separated integers, got '{text}'") from None
+    if not multiples or min(multiples) < 0:
+        raise UsageError(f"--multiples must be non-negative integers, got '{text}'")
+    return sorted(set(multiples))
+
+
+def study_run(run: common.Run, multiples: list[int], max_docs: int | None) -> list[dict]:
+    """Perplexity of one run's checkpoint at M = m * seq_len for each m."""
+    N = run.cfg.data.seq_len
+    setups = []
+    for m in multiples:
+        cfg = copy.deepcopy(run.cfg)
+        cfg.model.mem_len = m * N
+        setups.append(state_lib.build(cfg))  # validates every M before anything runs
+    params = run.restore_params(setups[0])
+    docs = run.documents(max_docs)
+    points = []
+    for m, setup in zip(multiples, setups):
+        print(f"{run.name}: step {run.step}, {len(docs)} {run.split} documents, memory {m} x {N} = {m * N}",
+              flush=True)
+        result = evaluate(setup, params, docs)
+        points.append({"multiple": m, "mem_len": m * N, "perplexity": result["perplexity"],
+                       "bits_per_byte": result["bits_per_byte"], "tokens": result["tokens"],
+                       "seconds": result["seconds"]})
+    return points
+
+
+def plot(result: dict, path: str) -> bool:
+    plt = common.pyplot()
+    if plt is None:
+        return False
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for name, run in result["runs"].items():
+        points = run["points"]
+        ax.plot([p["multiple"] for p in points], [p["perplexity"] for p in points], "o-",
+                label=f"{name} ({run['memory_type']}, trained M={run['trained_mem_len']})")
+    ax.set_xlabel("memory length / segment length")
+    ax.set_ylabel("perplexity")
+    ax.set_title(f"{result['split']} perplexity against memory length")
+    ax.ticklabel_format(axis="y", useOffset=False, style="plain")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def format_table(result: dict) -> str:
+    names = list(result["runs"])
+    multiples = result["multiples"]
+    by_run = {name: {p["multiple"]: p for p in run["points"]} for name, run in result["runs"].items()}
+    lines = [[str(m), ", ".join(sorted({str(by_run[n][m]["mem_len"]) for n in names})),
+              *(f"{by_run[n][m]['perplexity']:.3f}" for n in names)] for m in multiples]
+    return common.markdown_table(["m", "memory M", *names], lines)
+
+
+def main(args: argparse.Namespace, rest: list[str]) -> int:
+    multiples = parse_multiples(args.multiples)
+    runs = common.find_runs(args, rest)
+    result = {"study": "extrapolation", "split": runs[0].split, "multiples": multiples, "runs": {}}
+    for run in runs:
+        result["runs"][run.name] = {"workdir": run.workdir, "step": run.step, "memory_type": run.cfg.model.memory_type,
+                                    "seq_len": run.cfg.data.seq_len, "trained_mem_len": run.cfg.model.mem_len,
+                                    "points": study_run(run, multiples, args.max_docs)}
+    print(format_table(result))
+    common.write_outputs(args.out, f"extrapolation_{result['split']}", result, lambda path: plot(result, path))
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = common.parser(__doc__)
+    p.add_argument("--multiples", default="1,2,3,4,5,6,7,8,9,10",
+                   help="memory lengths as multiples of the segment length (default 1..10)")
+    return p
+
+
+def cli() -> None:
+    sys.exit(run_cli(main, parser()))
+
+
+if __name__ == "__main__":
+    cli()
