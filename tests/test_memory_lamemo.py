@@ -134,3 +134,23 @@ def test_config_rejects_unknown_memory_type_and_lamemo_with_knn():
     with pytest.raises(ConfigError) as info:
         validate(Config(model=ModelConfig(memory_type="lamemo", knn=KNNConfig(enabled=True))), 1)
     assert "lamemo" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_log_denominators_stay_float32_when_computing_in_bfloat16():
+    cfg, model, params = _model_and_params()
+    bf16_cfg = ModelConfig(**{**cfg.__dict__, "dtype": "bfloat16"})
+    bf16_model = TransformerLM(bf16_cfg)
+    rng = np.random.default_rng(5)
+    memory, bf16_memory = init_memory(cfg, 2), init_memory(bf16_cfg, 2)
+    for reset in ([True, True], [False, False], [False, False]):
+        batch = _batch(rng.integers(0, 40, (2, 6)), reset)
+        _, memory = segment_nll(model, params, memory, batch)
+        _, bf16_memory, inter = segment_nll(bf16_model, params, bf16_memory, batch, with_intermediates=True)
+    state = bf16_memory["lamemo"]
+    assert state["C"].dtype == state["emb"].dtype == jnp.bfloat16
+    assert state["logS"].dtype == inter["layer_0"]["attn"]["alpha"][0].dtype == jnp.float32
+    logS = np.asarray(state["logS"])
+    # Not rounded through bfloat16 on the way (its 8-bit mantissa would leave steps of 1/32 near 5) ...
+    assert np.any(logS != np.asarray(state["logS"].astype(jnp.bfloat16).astype(jnp.float32)))
+    # ... and close to the float32 model's accumulated denominators.
+    np.testing.assert_allclose(logS, memory["lamemo"]["logS"], atol=0.1)
