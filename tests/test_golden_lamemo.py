@@ -77,7 +77,7 @@ def test_forward_matches_reference(golden, scen):
     info = ref["scenarios"][scen]
     M = info["mem_len"]
     cfg = model_config(ref, M)
-    model = TransformerLM(cfg)
+    model = TransformerLM(cfg, last_memory_output=True)  # the reference returns its memory rows too
     params = params_from_reference(golden, cfg.num_layers, cfg.num_heads, cfg.dim_per_head)
     B = golden["data"].shape[1]
     memory = init_memory(cfg, B)

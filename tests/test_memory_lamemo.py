@@ -154,3 +154,19 @@ def test_log_denominators_stay_float32_when_computing_in_bfloat16():
     assert np.any(logS != np.asarray(state["logS"].astype(jnp.bfloat16).astype(jnp.float32)))
     # ... and close to the float32 model's accumulated denominators.
     np.testing.assert_allclose(logS, memory["lamemo"]["logS"], atol=0.1)
+
+
+@pytest.mark.parametrize("pre_norm", [False, True])
+def test_skipping_the_last_layers_memory_rows_changes_nothing(pre_norm):
+    # The last layer's refreshed memory rows feed nothing; the model leaves them out by default.
+    cfg, model, params = _model_and_params(pre_norm=pre_norm)
+    full = TransformerLM(cfg, last_memory_output=True)
+    rng = np.random.default_rng(6)
+    memory = full_memory = init_memory(cfg, 2)
+    for reset in ([True, True], [False, False], [False, True]):
+        batch = _batch(rng.integers(0, 40, (2, 6)), reset)
+        nll, memory, inter = segment_nll(model, params, memory, batch, with_intermediates=True)
+        full_nll, full_memory, full_inter = segment_nll(full, params, full_memory, batch, with_intermediates=True)
+        np.testing.assert_allclose(nll, full_nll, atol=1e-6)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), memory, full_memory)
+    assert "out_mem" not in inter["layer_1"] and "out_mem" in inter["layer_0"] and "out_mem" in full_inter["layer_1"]
