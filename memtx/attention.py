@@ -29,6 +29,14 @@ def sinusoid(positions_K: jax.Array, d_model: int) -> jax.Array:
     return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
 
 
+def distance_sinusoid(distances_K: jax.Array, d_model: int, clamp_len: int = 0) -> jax.Array:
+    """sinusoid of relative distances, those beyond `clamp_len` (> 0) encoded as `clamp_len`
+    (Transformer-XL's clamp_len: longer memories at evaluation than in training); signs kept."""
+    if clamp_len > 0:
+        distances_K = jnp.sign(distances_K) * jnp.minimum(jnp.abs(distances_K), clamp_len)
+    return sinusoid(distances_K, d_model)
+
+
 def param_with_axes(module: nn.Module, name: str, shape, axes, init):
     return module.param(name, nn.with_logical_partitioning(init, axes), shape)
 
@@ -81,7 +89,7 @@ class RelativeAttention(nn.Module):
             scale_H11 = 1.0 / jnp.sqrt(jnp.float32(Dh))
 
         # Position term, once per distance d = 0..K-1, then gathered to [N, K] by d = M+i-j.
-        r_KHD = jnp.einsum("kd,dhe->khe", sinusoid(jnp.arange(K), D).astype(dtype), w_r)
+        r_KHD = jnp.einsum("kd,dhe->khe", distance_sinusoid(jnp.arange(K), D, cfg.clamp_len).astype(dtype), w_r)
         ac_BHNK = jnp.einsum("bnhd,bkhd->bhnk", q_BNHD + u_HD.astype(dtype), k_BKHD,
                              preferred_element_type=jnp.float32)
         bd_BHNK_by_distance = jnp.einsum("bnhd,khd->bhnk", q_BNHD + v_HD.astype(dtype), r_KHD,

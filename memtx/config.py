@@ -63,6 +63,9 @@ class ModelConfig:
     head_dim: int = 0  # 0: d_model // num_heads (must then divide)
     d_ff: int = 1024
     mem_len: int = 128  # memory length M (XL cache or LaMemo state); 0 is Transformer+RPE
+    # Relative distances beyond this are encoded as this (0: never); for evaluating with a longer
+    # memory than in training, as Transformer-XL's clamp_len. Not a parameter: any value at evaluation.
+    clamp_len: int = 0
     memory_type: str = "xl"  # xl: Transformer-XL recurrence (spec §1) | lamemo: look-ahead memory (spec §2)
     pre_norm: bool = False  # False: post-LN as the reference; True: pre-LN (+ final LN)
     dropout: float = 0.0  # embeddings, residual branches, FFN
@@ -342,6 +345,8 @@ def validate(cfg: Config, num_devices: int) -> tuple[int, ...]:
         raise ConfigError(
             f"config key 'model.num_heads' ({m.num_heads}) does not divide model.d_model ({m.d_model}); "
             "change one or set model.head_dim")
+    if m.clamp_len < 0:
+        raise ConfigError(f"config key 'model.clamp_len' must be >= 0 (0: no clamping), got {m.clamp_len}")
     if m.mem_len < 0:
         raise ConfigError(f"config key 'model.mem_len' must be >= 0, got {m.mem_len}")
     for key in ("dropout", "attn_dropout"):

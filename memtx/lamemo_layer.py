@@ -25,7 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from memtx.attention import NEG_INF, param_with_axes, sinusoid
+from memtx.attention import NEG_INF, distance_sinusoid, param_with_axes
 from memtx.config import ModelConfig
 
 ALPHA_EPS = 1e-6
@@ -64,7 +64,8 @@ class LaMemoAttention(nn.Module):
 
         # 1. Causal attention of the current queries over all K keys (Transformer-XL score).
         q_BNHD = q_BKHD[:, M:]
-        r_KHD = jnp.einsum("kd,dhe->khe", sinusoid(jnp.arange(K), D).astype(dtype), w_r)  # distance 0..K-1
+        r_KHD = jnp.einsum("kd,dhe->khe", distance_sinusoid(jnp.arange(K), D, cfg.clamp_len).astype(dtype),
+                           w_r)  # distance 0..K-1
         ac_BHNK = jnp.einsum("bnhd,bkhd->bhnk", q_BNHD + u_HD, k_BKHD, preferred_element_type=jnp.float32)
         bd_BHNK_by_distance = jnp.einsum("bnhd,khd->bhnk", q_BNHD + v_HD, r_KHD, preferred_element_type=jnp.float32)
         distance_NK = M + jnp.arange(N)[:, None] - jnp.arange(K)[None, :]
@@ -103,7 +104,7 @@ class LaMemoAttention(nn.Module):
             ahead_positions_M, ahead_bias_HD = jnp.arange(1, M + 1), v_minus_HD
         else:  # Transformer-XL's: sinusoid(p - j) of the signed (negative) distance, bias v
             ahead_positions_M, ahead_bias_HD = -jnp.arange(1, M + 1), v_HD
-        r_ahead_MHD = jnp.einsum("md,dhe->mhe", sinusoid(ahead_positions_M, D).astype(dtype), w_r)  # j - p = 1..M
+        r_ahead_MHD = jnp.einsum("md,dhe->mhe", distance_sinusoid(ahead_positions_M, D, cfg.clamp_len).astype(dtype), w_r)  # j - p = 1..M
         ac_BHMW = jnp.einsum("bmhd,bwhd->bhmw", q_mem_BMHD + u_HD, k_ahead_BWHD, preferred_element_type=jnp.float32)
         bd_BHMM_by_distance = jnp.einsum("bmhd,rhd->bhmr", q_mem_BMHD + ahead_bias_HD, r_ahead_MHD,
                                          preferred_element_type=jnp.float32)
