@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
+from memtx.config import ConfigError
+
 
 def _non_empty(tree) -> dict:
     """{path: leaf} for the leaves of `tree` that hold at least one element."""
@@ -68,8 +70,17 @@ class Checkpointer:
         return state, _fill_empty(out.memory, abstract_memory), out.data[str(jax.process_index())]
 
     def restore_params(self, step: int, abstract_params: dict) -> dict:
-        out = self.manager.restore(step, args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(abstract_params)))
+        """The parameters `abstract_params` names; saved ones it does not name are skipped, so a
+        model can be evaluated with a part switched off (e.g. model.lamemo.look_ahead=false)."""
+        restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), abstract_params)
+        out = self.manager.restore(step, args=ocp.args.Composite(params=ocp.args.PyTreeRestore(
+            item=abstract_params, restore_args=restore_args, partial_restore=True)))
+        missing = [jax.tree_util.keystr(path) for path, leaf in jax.tree_util.tree_flatten_with_path(out.params)[0]
+                   if isinstance(leaf, jax.ShapeDtypeStruct)]
+        if missing:
+            raise ConfigError(f"the checkpoint at step {step} in {self.directory} has no parameter "
+                              f"{', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}: the config does not "
+                              "describe the model it was trained with")
         return out.params
 
     def wait(self) -> None:

@@ -173,3 +173,18 @@ def test_alpha_needs_a_lamemo_run_and_modules_run_as_commands(runs, tmp_path):
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1
     assert proc.stderr.startswith("error: the alpha study needs a LaMemo run")
     assert run_cli(extrapolation.main, extrapolation.parser(), ["--workdir", runs["xl"], "--multiples", "1,x"]) == 2
+
+
+def test_a_lamemo_checkpoint_evaluates_with_a_part_switched_off_and_a_mismatch_is_one_line(runs, capsys):
+    # Ablating at evaluation: the saved look-ahead bias is skipped, everything else restored.
+    cfg = load_json(os.path.join(runs["lamemo"], "config.json"))
+    full_setup, full = _restore(runs["lamemo"], cfg)
+    cfg.model.lamemo.look_ahead = False
+    _, ablated = _restore(runs["lamemo"], cfg)
+    assert "v_minus_bias" in full and "v_minus_bias" not in ablated
+    np.testing.assert_array_equal(ablated["layer_0"]["attn"]["q"], full["layer_0"]["attn"]["q"])
+    # A Transformer-XL checkpoint read as LaMemo lacks LaMemo's parameters: one line, exit code 2.
+    code = run_cli(evaluate_lib.main, evaluate_lib.parser(),
+                   ["--workdir", runs["xl"], "--config.model.memory_type=lamemo"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err and "has no parameter" in err
