@@ -6,7 +6,9 @@ M = m x segment length used at evaluation, one curve per run (LaMemo beside Tran
 
 The segment length stays the trained `data.seq_len`; each run's one checkpoint (parameters do
 not depend on M) is evaluated at every M. A model that extrapolates keeps improving, or at
-least does not degrade, as M grows beyond the length it was trained with.
+least does not degrade, as M grows beyond the length it was trained with. Relative distances
+beyond those seen in training can be encoded as the longest one seen with
+`--config.model.clamp_len=D` (Transformer-XL's clamp_len; D = trained M + N - 1).
 """
 
 from __future__ import annotations
@@ -60,7 +62,11 @@ def plot(result: dict, path: str) -> bool:
     for name, run in result["runs"].items():
         points = run["points"]
         ax.plot([p["multiple"] for p in points], [p["perplexity"] for p in points], "o-",
-                label=f"{name} ({run['memory_type']}, trained M={run['trained_mem_len']})")
+                label=f"{name} ({run['memory_type']}, trained M={run['trained_mem_len']}"
+                      + (f", distances clamped at {run['clamp_len']})" if run.get("clamp_len") else ")"))
+    values = [p["perplexity"] for run in result["runs"].values() for p in run["points"]]
+    if values and max(values) > 3 * min(values):  # one run blows up: keep the others readable
+        ax.set_yscale("log")
     ax.set_xlabel("memory length / segment length")
     ax.set_ylabel("perplexity")
     ax.set_title(f"{result['split']} perplexity against memory length")
@@ -89,6 +95,7 @@ def main(args: argparse.Namespace, rest: list[str]) -> int:
     for run in runs:
         result["runs"][run.name] = {"workdir": run.workdir, "step": run.step, "memory_type": run.cfg.model.memory_type,
                                     "seq_len": run.cfg.data.seq_len, "trained_mem_len": run.cfg.model.mem_len,
+                                    "clamp_len": run.cfg.model.clamp_len,
                                     "points": study_run(run, multiples, args.max_docs)}
     print(format_table(result))
     common.write_outputs(args.out, f"extrapolation_{result['split']}", result, lambda path: plot(result, path))
