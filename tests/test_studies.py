@@ -188,3 +188,13 @@ def test_a_lamemo_checkpoint_evaluates_with_a_part_switched_off_and_a_mismatch_i
                    ["--workdir", runs["xl"], "--config.model.memory_type=lamemo"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "\n" not in err and "has no parameter" in err
+
+
+def test_extrapolation_plot_handles_a_run_that_blows_up(tmp_path):
+    # One run 6x worse than the other: the plot switches to a log scale and must still be written.
+    runs = {name: {"memory_type": name, "trained_mem_len": 64, "clamp_len": 0,
+                   "points": [{"multiple": m, "perplexity": p} for m, p in zip((1, 2), values)]}
+            for name, values in (("xl", (4.3, 4.3)), ("lamemo", (4.5, 27.0)))}
+    path = tmp_path / "extrapolation.png"
+    assert extrapolation.plot({"split": "validation", "runs": runs}, str(path))
+    assert path.stat().st_size > 0

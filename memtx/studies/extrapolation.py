@@ -70,7 +70,8 @@ def plot(result: dict, path: str) -> bool:
     ax.set_xlabel("memory length / segment length")
     ax.set_ylabel("perplexity")
     ax.set_title(f"{result['split']} perplexity against memory length")
-    ax.ticklabel_format(axis="y", useOffset=False, style="plain")
+    if ax.get_yscale() == "linear":
+        ax.ticklabel_format(axis="y", useOffset=False, style="plain")
     ax.grid(True, alpha=0.3)
     ax.legend()
     fig.tight_layout()
