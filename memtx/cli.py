@@ -28,6 +28,17 @@ def resolve_config(config_spec: str | None, workdir: str | None, overrides: list
     return cfg
 
 
+def parse_int_list(option: str, text: str) -> list[int]:
+    """'0,256,1024' -> [0, 256, 1024]; anything but non-negative integers is a one-line error."""
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UsageError(f"{option} must be comma-separated integers, got '{text}'") from None
+    if not values or min(values) < 0:
+        raise UsageError(f"{option} must be non-negative integers, got '{text}'")
+    return values
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse with one-line errors (no usage dump) and no abbreviated options."""
 

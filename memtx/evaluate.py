@@ -21,31 +21,32 @@ import numpy as np
 
 from memtx import state as state_lib
 from memtx.checkpoint import Checkpointer
-from memtx.cli import ArgumentParser, UsageError, resolve_config, run_cli
+from memtx.cli import ArgumentParser, UsageError, parse_int_list, resolve_config, run_cli
 from memtx.config import Config
 from memtx.data import DocumentStream, count_tokens, list_documents, split_documents
 from memtx.metrics import Progress, format_duration
 from memtx.step import make_eval_step
 
 
-def evaluate(setup: state_lib.Setup, params, docs, *, log_every: int = 50, verbose: bool = True) -> dict:
-    """Streams `docs` through the model; returns NLL sum, token count, perplexity, bits/byte."""
+def stream_documents(setup: state_lib.Setup, params, docs, step_fn, *, log_every: int = 50, verbose: bool = True,
+                     label: str = "") -> dict:
+    """Streams `docs` in a fixed order, one per row (memory carried inside a document, reset
+    between documents), through `step_fn(params, memory, batch) -> (memory, sums)`; returns the
+    sums added over all segments, as float64 numpy values. Evaluation and the studies share it."""
     cfg = setup.cfg
     B, N = cfg.data.eval_batch_size, cfg.data.seq_len
     rows = B // jax.process_count()
     stream = DocumentStream(docs, rows, N, shuffle=False, repeat=False,
                             shard_index=jax.process_index(), num_shards=jax.process_count())
-    eval_step = make_eval_step(setup)
     memory = state_lib.init_memory_sharded(setup, B)
-    total_tokens = count_tokens(docs)
-    sums, segments, t0 = {}, 0, time.perf_counter()
+    total_tokens, tokens, segments = count_tokens(docs), 0, 0
     progress = Progress(total_tokens, unit="tokens")
-    pending = []
+    sums, pending = {}, []
 
     def accumulate():
         for step_sums in jax.device_get(pending):
             for key, value in step_sums.items():
-                sums[key] = sums.get(key, 0.0) + float(value)
+                sums[key] = sums.get(key, 0.0) + np.asarray(value, np.float64)
         pending.clear()
 
     while True:
@@ -57,28 +58,36 @@ def evaluate(setup: state_lib.Setup, params, docs, *, log_every: int = 50, verbo
             any_left = bool(multihost_utils.process_allgather(np.array(any_left)).any())
         if not any_left:
             break
-        if batch is None:
-            batch = idle_batch(rows, N)
-        memory, step_sums = eval_step(params, memory, state_lib.device_batch(setup, batch))
+        batch = idle_batch(rows, N) if batch is None else batch
+        tokens += int(batch["weights"].sum()) * jax.process_count()  # approximate on several hosts
+        memory, step_sums = step_fn(params, memory, state_lib.device_batch(setup, batch))
         pending.append(step_sums)
         segments += 1
         if segments % log_every == 0:
             n_new = len(pending)
             accumulate()
             if verbose:
-                progress.report(int(sums["tokens"]), n_new * B * N, f"({sums['tokens'] / max(total_tokens, 1):.0%})")
+                progress.report(tokens, n_new * B * N, f"({tokens / max(total_tokens, 1):.0%}) {label}".rstrip())
     accumulate()
+    return sums
+
+
+def evaluate(setup: state_lib.Setup, params, docs, *, log_every: int = 50, verbose: bool = True) -> dict:
+    """Streams `docs` through the model; returns NLL sum, token count, perplexity, bits/byte."""
+    cfg = setup.cfg
+    t0 = time.perf_counter()
+    sums = stream_documents(setup, params, docs, make_eval_step(setup), log_every=log_every, verbose=verbose)
     seconds = time.perf_counter() - t0
-    nll_sum, tokens = sums.get("nll", 0.0), sums.get("tokens", 0.0)
+    nll_sum, tokens = float(sums.get("nll", 0.0)), float(sums.get("tokens", 0.0))
     result = {"nll_sum": nll_sum, "tokens": int(tokens), "documents": len(docs),
               "perplexity": math.exp(nll_sum / max(tokens, 1)),
               "bits_per_byte": nll_sum / (math.log(2) * max(tokens, 1)),  # byte vocabulary: token = byte
               "seconds": seconds}
-    if memory["knn"] and cfg.model.knn.size:
-        result["knn_fill"] = sums["fill_sum"] / max(tokens, 1)
-        result["knn_top1_score"] = sums["top1_sum"] / max(sums["top1_count"], 1)
-        result["knn_gate"] = {layer: jax.nn.sigmoid(params[f"layer_{layer}"]["attn"]["gate_bias"]).tolist()
-                              for layer in memory["knn"]}
+    if cfg.model.knn.enabled and cfg.model.knn.size:
+        result["knn_fill"] = float(sums["fill_sum"]) / max(tokens, 1)
+        result["knn_top1_score"] = float(sums["top1_sum"]) / max(float(sums["top1_count"]), 1)
+        result["knn_gate"] = {str(layer): jax.nn.sigmoid(params[f"layer_{layer}"]["attn"]["gate_bias"]).tolist()
+                              for layer in cfg.model.knn.layer_indices(cfg.model.num_layers)}
     return result
 
 
@@ -140,18 +149,6 @@ def plot_memory_scaling(rows: list[dict], path: str, title: str) -> bool:
     return True
 
 
-def parse_sizes(text: str | None) -> list[int] | None:
-    if not text:
-        return None
-    try:
-        sizes = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise UsageError(f"--knn-sizes must be comma-separated integers, got '{text}'") from None
-    if not sizes or min(sizes) < 0:
-        raise UsageError(f"--knn-sizes must be non-negative integers, got '{text}'")
-    return sizes
-
-
 def evaluate_run(workdir: str, args: argparse.Namespace, rest: list[str], sizes: list[int] | None) -> list[dict]:
     """Evaluates one work directory's checkpoint, at each kNN memory size if it has a kNN memory."""
     if not os.path.isdir(workdir):
@@ -192,7 +189,7 @@ def evaluate_run(workdir: str, args: argparse.Namespace, rest: list[str], sizes:
 
 
 def main(args: argparse.Namespace, rest: list[str]) -> int:
-    sizes = parse_sizes(args.knn_sizes)
+    sizes = parse_int_list("--knn-sizes", args.knn_sizes) if args.knn_sizes else None
     rows = [row for workdir in args.workdir for row in evaluate_run(workdir, args, rest, sizes)]
     if sizes and not any(r["knn_size"] is not None for r in rows):
         raise UsageError("--knn-sizes needs a run with a kNN memory (model.knn.enabled)")

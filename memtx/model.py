@@ -104,36 +104,23 @@ class LaMemoLayer(nn.Module):
         attn_norm = LayerNorm(cfg.layer_norm_eps, name="attn_norm")
         ffn_norm = LayerNorm(cfg.layer_norm_eps, name="ffn_norm")
         drop = nn.Dropout(cfg.dropout)
-        M = mem_BMD.shape[1]
-        if not self.memory_output:  # only the current rows go on (LayerNorm and FFN are per row)
-            proj_cur, _, new_C, new_logS, a, logZ = attn(
-                attn_norm(h_BND) if cfg.pre_norm else h_BND, attn_norm(mem_BMD) if cfg.pre_norm else mem_BMD,
-                mem_valid_BM, C_BMHD, logS_BMH, u_HD, v_HD, v_minus_HD, num_valid_B, deterministic)
-            h_BND = h_BND + drop(proj_cur, deterministic=deterministic)
-            if cfg.pre_norm:
-                h_BND = h_BND + drop(ffn(ffn_norm(h_BND), deterministic), deterministic=deterministic)
-            else:
-                h_BND = attn_norm(h_BND)
-                h_BND = ffn_norm(h_BND + drop(ffn(h_BND, deterministic), deterministic=deterministic))
-            self.sow("intermediates", "out", h_BND)
-            h_BND = nn.with_logical_constraint(h_BND, ("act_batch", "act_seq", "act_embed"))
-            return h_BND, None, new_C, new_logS, a, logZ
+        attn_in = (attn_norm(h_BND), attn_norm(mem_BMD)) if cfg.pre_norm else (h_BND, mem_BMD)
+        proj_cur, proj_mem, new_C, new_logS, a, logZ = attn(
+            *attn_in, mem_valid_BM, C_BMHD, logS_BMH, u_HD, v_HD, v_minus_HD, num_valid_B, deterministic)
+        # LayerNorm and FFN act per row: the memory rows join only where a next layer reads them.
+        rows = [mem_BMD + drop(proj_mem, deterministic=deterministic)] if self.memory_output else []
+        rows.append(h_BND + drop(proj_cur, deterministic=deterministic))
+        both_BKD = jnp.concatenate(rows, axis=1)
         if cfg.pre_norm:
-            proj_cur, proj_mem, new_C, new_logS, a, logZ = attn(
-                attn_norm(h_BND), attn_norm(mem_BMD), mem_valid_BM, C_BMHD, logS_BMH, u_HD, v_HD, v_minus_HD,
-                num_valid_B, deterministic)
-            both_BKD = jnp.concatenate([mem_BMD + drop(proj_mem, deterministic=deterministic),
-                                        h_BND + drop(proj_cur, deterministic=deterministic)], axis=1)
             both_BKD = both_BKD + drop(ffn(ffn_norm(both_BKD), deterministic), deterministic=deterministic)
         else:
-            proj_cur, proj_mem, new_C, new_logS, a, logZ = attn(
-                h_BND, mem_BMD, mem_valid_BM, C_BMHD, logS_BMH, u_HD, v_HD, v_minus_HD, num_valid_B, deterministic)
-            both_BKD = attn_norm(jnp.concatenate([mem_BMD + drop(proj_mem, deterministic=deterministic),
-                                                  h_BND + drop(proj_cur, deterministic=deterministic)], axis=1))
+            both_BKD = attn_norm(both_BKD)
             both_BKD = ffn_norm(both_BKD + drop(ffn(both_BKD, deterministic), deterministic=deterministic))
-        o_mem_BMD, o_cur_BND = both_BKD[:, :M], both_BKD[:, M:]
+        M = mem_BMD.shape[1] if self.memory_output else 0
+        o_mem_BMD, o_cur_BND = (both_BKD[:, :M] if self.memory_output else None), both_BKD[:, M:]
         self.sow("intermediates", "out", o_cur_BND)
-        self.sow("intermediates", "out_mem", o_mem_BMD)
+        if self.memory_output:
+            self.sow("intermediates", "out_mem", o_mem_BMD)
         o_cur_BND = nn.with_logical_constraint(o_cur_BND, ("act_batch", "act_seq", "act_embed"))
         return o_cur_BND, o_mem_BMD, new_C, new_logS, a, logZ
 

@@ -26,6 +26,7 @@ import numpy as np
 from memtx import state as state_lib
 from memtx.cli import UsageError, run_cli
 from memtx.memory import lamemo
+from memtx.evaluate import stream_documents
 from memtx.studies import common
 
 
@@ -48,7 +49,7 @@ def study_run(run: common.Run, max_docs: int | None) -> dict:
     docs = run.documents(max_docs)
     print(f"{run.name}: step {run.step}, {len(docs)} {run.split} documents, memory {run.cfg.model.mem_len}", flush=True)
     step_fn = common.make_segment_step(setup, alpha_reduce(run.cfg.model.num_layers))
-    sums = common.stream_sums(setup, params, docs, step_fn, label=run.name)
+    sums = stream_documents(setup, params, docs, step_fn, label=run.name)
     alpha_LM = common.safe_mean(sums["alpha_LM"], sums["count_M"][None, :])
     return {"workdir": run.workdir, "step": run.step, "mem_len": run.cfg.model.mem_len,
             "seq_len": run.cfg.data.seq_len, "documents": len(docs), "alpha_LM": alpha_LM,

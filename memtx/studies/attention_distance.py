@@ -24,6 +24,7 @@ import numpy as np
 from memtx import state as state_lib
 from memtx.cli import run_cli
 from memtx.memory import lamemo, xl
+from memtx.evaluate import stream_documents
 from memtx.studies import common
 
 
@@ -68,7 +69,7 @@ def study_run(run: common.Run, max_docs: int | None) -> dict:
     print(f"{run.name}: step {run.step}, {len(docs)} {run.split} documents, {m.memory_type} memory {m.mem_len}, "
           f"segment {run.cfg.data.seq_len}", flush=True)
     step_fn = common.make_segment_step(setup, distance_reduce(m.num_layers))
-    sums = common.stream_sums(setup, params, docs, step_fn, label=run.name)
+    sums = stream_documents(setup, params, docs, step_fn, label=run.name)
     queries = sums["queries"]
     mass_LD = common.safe_mean(sums["mass_LD"], queries)
     distance_D = np.arange(mass_LD.shape[1])

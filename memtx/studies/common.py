@@ -1,5 +1,6 @@
-"""What the studies share: the command line, loading a run's checkpoint, streaming documents
-through a jitted per-segment reduction, and writing the table, JSON and plot."""
+"""What the studies share: the command line, loading a run's checkpoint, a jitted per-segment
+reduction to stream documents through (with memtx.evaluate.stream_documents), and writing the
+table, JSON and plot."""
 
 from __future__ import annotations
 
@@ -15,14 +16,11 @@ import jax
 import numpy as np
 
 from memtx import sharding
-from memtx import state as state_lib
 from memtx.checkpoint import Checkpointer
 from memtx.cli import ArgumentParser, UsageError, resolve_config
 from memtx.config import Config
-from memtx.data import DocumentStream, count_tokens, list_documents, split_documents
-from memtx.evaluate import idle_batch
+from memtx.data import list_documents, split_documents
 from memtx.memory import model_memory
-from memtx.metrics import Progress
 from memtx.model import segment_nll
 from memtx.state import Setup, batch_shardings, memory_shardings
 from memtx.step import under_mesh
@@ -96,45 +94,6 @@ def make_segment_step(setup: Setup, reduce: Callable):
                                                  batch_shardings(setup)),
                      out_shardings=(memory_shardings(setup), sharding.replicated(setup.mesh)), donate_argnums=(1,))
     return under_mesh(setup, jitted)
-
-
-def stream_sums(setup: Setup, params, docs, step_fn, *, log_every: int = 50, label: str = "") -> dict:
-    """Streams `docs` (one per row, memory reset between documents) through `step_fn`; returns
-    its sums over all segments as float64 numpy arrays."""
-    B, N = setup.cfg.data.eval_batch_size, setup.cfg.data.seq_len
-    rows = B // jax.process_count()
-    stream = DocumentStream(docs, rows, N, shuffle=False, repeat=False,
-                            shard_index=jax.process_index(), num_shards=jax.process_count())
-    memory = state_lib.init_memory_sharded(setup, B)
-    total_tokens, tokens, segments = count_tokens(docs), 0, 0
-    progress = Progress(total_tokens, unit="tokens")
-    sums, pending = {}, []
-
-    def accumulate():
-        for step_sums in jax.device_get(pending):
-            for key, value in step_sums.items():
-                sums[key] = sums.get(key, 0.0) + np.asarray(value, np.float64)
-        pending.clear()
-
-    while True:
-        batch = stream.next_batch()
-        any_left = batch is not None
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-            any_left = bool(multihost_utils.process_allgather(np.array(any_left)).any())
-        if not any_left:
-            break
-        batch = idle_batch(rows, N) if batch is None else batch
-        tokens += int(batch["weights"].sum()) * jax.process_count()  # approximate on several hosts
-        memory, step_sums = step_fn(params, memory, state_lib.device_batch(setup, batch))
-        pending.append(step_sums)
-        segments += 1
-        if segments % log_every == 0:
-            n_new = len(pending)
-            accumulate()
-            progress.report(tokens, n_new * B * N, f"({tokens / max(total_tokens, 1):.0%}) {label}")
-    accumulate()
-    return sums
 
 
 def safe_mean(total, count):

@@ -18,19 +18,9 @@ import copy
 import sys
 
 from memtx import state as state_lib
-from memtx.cli import UsageError, run_cli
+from memtx.cli import parse_int_list, run_cli
 from memtx.evaluate import evaluate
 from memtx.studies import common
-
-
-def parse_multiples(text: str) -> list[int]:
-    try:
-        multiples = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise UsageError(f"--multiples must be comma-separated integers, got '{text}'") from None
-    if not multiples or min(multiples) < 0:
-        raise UsageError(f"--multiples must be non-negative integers, got '{text}'")
-    return sorted(set(multiples))
 
 
 def study_run(run: common.Run, multiples: list[int], max_docs: int | None) -> list[dict]:
@@ -90,7 +80,7 @@ def format_table(result: dict) -> str:
 
 
 def main(args: argparse.Namespace, rest: list[str]) -> int:
-    multiples = parse_multiples(args.multiples)
+    multiples = sorted(set(parse_int_list("--multiples", args.multiples)))
     runs = common.find_runs(args, rest)
     result = {"study": "extrapolation", "split": runs[0].split, "multiples": multiples, "runs": {}}
     for run in runs:
