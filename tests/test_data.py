@@ -19,6 +19,7 @@ from memtx.data import (
     CorpusError,
     Document,
     DocumentStream,
+    FileSource,
     count_tokens,
     decode,
     encode,
@@ -29,6 +30,13 @@ from memtx.data import (
 )
 
 N = 8  # segment length used by most stream tests
+
+
+def file_stream(docs, batch_size, seq_len, *, shuffle, repeat, seed=0, shard_index=0, num_shards=1,
+                read_fn=None, state=None) -> DocumentStream:
+    source = FileSource(docs, shuffle=shuffle, repeat=repeat, seed=seed, shard_index=shard_index,
+                        num_shards=num_shards, **({"read_fn": read_fn} if read_fn else {}))
+    return DocumentStream(source, batch_size, seq_len, state=state)
 
 # Document lengths around multiples of N, to exercise every boundary case.
 LENGTHS = [1, 2, N - 1, N, N + 1, 2 * N - 1, 2 * N, 2 * N + 1, 5 * N + 3, 37]
@@ -246,16 +254,19 @@ def test_unreadable_document_does_not_crash(corpus: Path, caplog: pytest.LogCapt
             raise OSError("permission denied")
         return read_document(doc)
 
-    # A stream skips the vanished document (read_document returns b"") ...
+    # A stream skips the vanished document and counts it ...
     by_content = contents(docs)
-    batches = run_stream(DocumentStream(docs, 2, N, shuffle=False, repeat=False), 1000)
+    stream = file_stream(docs, 2, N, shuffle=False, repeat=False)
+    batches = run_stream(stream, 1000)
     assert {data for _, _, data in check_and_collect(batches)} == set(by_content)
+    assert stream.skipped == 1
     # ... and one whose read_fn raises OSError.
     caplog.clear()
     with caplog.at_level(logging.WARNING):
-        stream = DocumentStream(docs, 2, N, shuffle=False, repeat=False, read_fn=failing_read)
+        stream = file_stream(docs, 2, N, shuffle=False, repeat=False, read_fn=failing_read)
         batches = run_stream(stream, 1000)
     assert {data for _, _, data in check_and_collect(batches)} == set(by_content) - {b"\xff\xfe\x00abc"}
+    assert stream.skipped == 1  # read_document turns the vanished file into b"": empty, not counted
     assert any("binary.bin" in r.getMessage() for r in caplog.records)
     assert count_tokens(docs, failing_read) == count_tokens(docs) - 6
 
@@ -277,7 +288,7 @@ def test_unreadable_permissions(corpus: Path):
 @pytest.mark.parametrize("batch_size", [1, 3, 20])
 def test_eval_stream_visits_every_document_once_in_order(corpus: Path, batch_size: int):
     docs = list_documents(str(corpus))
-    stream = DocumentStream(docs, batch_size, N, shuffle=False, repeat=False)
+    stream = file_stream(docs, batch_size, N, shuffle=False, repeat=False)
     batches = run_stream(stream, 1000)
     assert stream.next_batch() is None and stream.next_batch() is None  # the stream ended
     assert batches[0]["reset"].tolist() == [i < len(docs) - 1 for i in range(batch_size)]
@@ -289,7 +300,7 @@ def test_eval_stream_visits_every_document_once_in_order(corpus: Path, batch_siz
     assert "empty.txt" not in order
     assert len(batches) >= sum(-(-(n) // N) for n in LENGTHS) / batch_size
     # The iterator protocol gives the same batches.
-    again = list(DocumentStream(docs, batch_size, N, shuffle=False, repeat=False))
+    again = list(file_stream(docs, batch_size, N, shuffle=False, repeat=False))
     assert len(again) == len(batches)
     for a, b in zip(again, batches):
         for key in a:
@@ -301,7 +312,7 @@ def test_segment_count_per_document(tmp_path: Path):
     for length in (1, N - 1, N, N + 1, 3 * N):
         path = tmp_path / f"doc{length}.txt"
         path.write_bytes(b"x" * length)
-        stream = DocumentStream(list_documents(str(path)), 1, N, shuffle=False, repeat=False)
+        stream = file_stream(list_documents(str(path)), 1, N, shuffle=False, repeat=False)
         batches = run_stream(stream, 100)
         assert len(batches) == -(-length // N), length
         assert batches[-1]["weights"].sum() == length - (len(batches) - 1) * N
@@ -324,7 +335,7 @@ def test_train_stream_epochs_and_no_sharing(corpus: Path):
     by_content = contents(docs)
     content_of = {relpath: data for data, relpath in by_content.items()}
     log, read = record_reads(docs)
-    stream = DocumentStream(docs, B, N, shuffle=True, seed=7, repeat=True, read_fn=read)
+    stream = file_stream(docs, B, N, shuffle=True, seed=7, repeat=True, read_fn=read)
     holder: list[tuple[str, int] | None] = [None] * B  # per row: (document, epoch drawn)
     for _ in range(60):
         drawn_before = len(log)
@@ -357,7 +368,7 @@ def test_train_stream_is_deterministic_per_seed(corpus: Path):
     docs = list_documents(str(corpus))
 
     def targets(seed: int) -> np.ndarray:
-        stream = DocumentStream(docs, 2, N, shuffle=True, seed=seed, repeat=True)
+        stream = file_stream(docs, 2, N, shuffle=True, seed=seed, repeat=True)
         return np.stack([b["targets"] for b in run_stream(stream, 40)])
 
     assert np.array_equal(targets(1), targets(1))
@@ -366,7 +377,7 @@ def test_train_stream_is_deterministic_per_seed(corpus: Path):
 
 def test_train_stream_reproduces_documents(corpus: Path):
     docs = list_documents(str(corpus))
-    stream = DocumentStream(docs, 4, N, shuffle=True, seed=3, repeat=True)
+    stream = file_stream(docs, 4, N, shuffle=True, seed=3, repeat=True)
     emitted = check_and_collect(run_stream(stream, 200))
     by_content = contents(docs)
     assert all(data in by_content for _, _, data in emitted)
@@ -378,13 +389,13 @@ def test_train_stream_reproduces_documents(corpus: Path):
 def test_resume(corpus: Path, mode: str, k: int):
     docs = list_documents(str(corpus))
     kwargs = dict(shuffle=mode == "train", repeat=mode == "train", seed=5)
-    original = DocumentStream(docs, 3, N, **kwargs)
+    original = file_stream(docs, 3, N, **kwargs)
     run_stream(original, k)
     state = json.loads(json.dumps(original.state()))
     expected = run_stream(original, 30)
-    restored = DocumentStream(docs, 3, N, **kwargs)
+    restored = file_stream(docs, 3, N, **kwargs)
     restored.restore(state)
-    via_kwarg = DocumentStream(docs, 3, N, **kwargs, state=state)
+    via_kwarg = file_stream(docs, 3, N, **kwargs, state=state)
     for stream in (restored, via_kwarg):
         got = run_stream(stream, 30)
         assert len(got) == len(expected)
@@ -396,25 +407,29 @@ def test_resume(corpus: Path, mode: str, k: int):
 
 def test_state_format_and_validation(corpus: Path):
     docs = list_documents(str(corpus))
-    stream = DocumentStream(docs, 3, N, shuffle=True, repeat=True, seed=1)
+    stream = file_stream(docs, 3, N, shuffle=True, repeat=True, seed=1)
     run_stream(stream, 4)
     state = stream.state()
     assert len(state["row_doc"]) == len(state["row_pos"]) == 3
-    assert all(type(v) in (int, bool, str, list) for v in state.values())
-    assert all(type(x) is int for x in state["row_doc"] + state["row_pos"] + [state["next_doc"]])
+    assert json.loads(json.dumps(state)) == state
+    positions = [p for p in state["row_doc"] if p is not None] + [state["next"]]
+    assert all(len(p) == 2 and all(type(x) is int for x in p) for p in positions)
+    assert all(type(x) is int for x in state["row_pos"])
     bad_streams = [
-        DocumentStream(docs, 4, N, shuffle=True, repeat=True, seed=1),
-        DocumentStream(docs[1:], 3, N, shuffle=True, repeat=True, seed=1),
-        DocumentStream(docs[::-1], 3, N, shuffle=True, repeat=True, seed=1),
-        DocumentStream(docs, 3, N, shuffle=True, repeat=True, seed=2),
-        DocumentStream(docs, 3, N, shuffle=True, repeat=True, seed=1, num_shards=2),
+        file_stream(docs, 4, N, shuffle=True, repeat=True, seed=1),
+        file_stream(docs[1:], 3, N, shuffle=True, repeat=True, seed=1),
+        file_stream(docs[::-1], 3, N, shuffle=True, repeat=True, seed=1),
+        file_stream(docs, 3, N, shuffle=True, repeat=True, seed=2),
+        file_stream(docs, 3, N, shuffle=True, repeat=True, seed=1, num_shards=2),
     ]
     for bad in bad_streams:
         with pytest.raises(ValueError) as info:
             bad.restore(state)
         assert "\n" not in str(info.value)
     with pytest.raises(ValueError):
-        stream.restore({**state, "row_doc": [0, 1]})
+        stream.restore({**state, "row_doc": [[0, 1], [0, 2]]})
+    with pytest.raises(ValueError):  # a row's document drawn after `next`
+        stream.restore({**state, "row_doc": [[0, 1], [0, 2], [5, 0]]})
 
 
 def test_sharding_partitions_documents(corpus: Path):
@@ -422,8 +437,8 @@ def test_sharding_partitions_documents(corpus: Path):
     by_content = contents(docs)
     seen = []
     for shard in range(2):
-        stream = DocumentStream(docs, 2, N, shuffle=False, repeat=False, shard_index=shard, num_shards=2)
-        assert [d.relpath for d in stream.documents] == [d.relpath for d in docs[shard::2]]
+        stream = file_stream(docs, 2, N, shuffle=False, repeat=False, shard_index=shard, num_shards=2)
+        assert [d.relpath for d in stream.source.docs] == [d.relpath for d in docs[shard::2]]
         seen.append({by_content[data] for _, _, data in check_and_collect(run_stream(stream, 1000))})
     assert not seen[0] & seen[1]
     assert seen[0] | seen[1] == set(by_content.values())
@@ -434,8 +449,8 @@ def test_empty_corpus(tmp_path: Path):
         (tmp_path / f"e{i}.txt").write_bytes(b"")
     docs = list_documents(str(tmp_path))
     with pytest.raises(CorpusError):
-        DocumentStream(docs, 2, N, shuffle=True, repeat=True).next_batch()
-    assert DocumentStream(docs, 2, N, shuffle=False, repeat=False).next_batch() is None
+        file_stream(docs, 2, N, shuffle=True, repeat=True).next_batch()
+    assert file_stream(docs, 2, N, shuffle=False, repeat=False).next_batch() is None
 
 
 def test_count_tokens(corpus: Path):
@@ -445,7 +460,7 @@ def test_count_tokens(corpus: Path):
 
 def test_stdlib_stream_smoke():
     docs = split_documents(list_documents("stdlib"), "train")
-    stream = DocumentStream(docs, 8, 512, shuffle=True, seed=0, repeat=True)
+    stream = file_stream(docs, 8, 512, shuffle=True, seed=0, repeat=True)
     batches = run_stream(stream, 50)
     assert len(batches) == 50
     assert batches[0]["reset"].all() and batches[0]["inputs"][:, 0].tolist() == [BOS_ID] * 8

@@ -1,0 +1,154 @@
+"""Document sources: where a stream's documents come from, in a deterministic draw order.
+
+A source yields `(epoch, index, ids)` from any position on: `ids` are a document's token ids
+(int32, no BOS; empty for an empty document), or None for a document that could not be read
+or tokenized (the stream skips and counts it). Training sources repeat, with a new seeded
+order every epoch; evaluation sources yield every document of their shard once, in a fixed
+order. A source covers one shard of the documents (`shard_index` of `num_shards`, one shard
+per process), and `describe()` names everything a saved stream position depends on.
+
+`FileSource` reads files (one file = one document) and needs no TensorFlow; seqio tasks are
+read by `memtx.data.seqio_source.SeqioSource`. `open_source` picks one from a config.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from typing import Any, Callable, Iterator, Protocol, Sequence
+
+import numpy as np
+
+from memtx.data.corpus import CorpusError, Document, list_documents, read_document, split_documents
+from memtx.data.vocab import ByteVocab, UndecodableDocument, Vocab, load_vocab
+
+logger = logging.getLogger(__name__)
+
+Position = tuple[int, int]  # (epoch, index within the epoch's draw order)
+ReadFn = Callable[[Document], bytes]
+
+
+class DocumentSource(Protocol):
+    vocab: Vocab
+    num_docs: int | None  # documents of this shard per epoch, when known without reading them
+
+    def documents(self, epoch: int, index: int) -> Iterator[tuple[int, int, np.ndarray | None]]: ...
+
+    def describe(self) -> dict[str, Any]: ...
+
+
+def epoch_order(n: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
+    """The draw order of one epoch of `n` documents: seeded per epoch, or the given order."""
+    return np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
+
+
+def _read_file(doc: Document) -> bytes:
+    with open(doc.path, "rb") as f:
+        return f.read()
+
+
+def _safe_read(read_fn: ReadFn, doc: Document) -> bytes | None:
+    """`read_fn(doc)`, or None (with a logged warning) if it raises OSError."""
+    try:
+        return read_fn(doc)
+    except OSError as e:
+        logger.warning("cannot read document %r: %s", doc.path, e)
+        return None
+
+
+def count_tokens(docs: Sequence[Document], read_fn: ReadFn = read_document) -> int:
+    """Total number of bytes of `docs`: the number of tokens predicted when streaming them with
+    the byte vocabulary."""
+    return sum(len(_safe_read(read_fn, doc) or b"") for doc in docs)
+
+
+class FileSource:
+    """Files as documents: this shard's are those at `i % num_shards == shard_index` in `docs`.
+
+    Epoch e visits them in `epoch_order(n, seed, e, shuffle)`. A file that cannot be read, or
+    (for SentencePiece) is not UTF-8, is yielded as None with a logged warning."""
+
+    def __init__(self, docs: Sequence[Document], *, vocab: Vocab | None = None, shuffle: bool, repeat: bool,
+                 seed: int = 0, shard_index: int = 0, num_shards: int = 1, read_fn: ReadFn = _read_file):
+        if num_shards <= 0 or not 0 <= shard_index < num_shards:
+            raise ValueError(f"invalid shard {shard_index} of {num_shards} shards")
+        self.vocab = vocab or ByteVocab()
+        self.shuffle, self.repeat, self.seed = shuffle, repeat, seed
+        self.shard_index, self.num_shards = shard_index, num_shards
+        self.docs: list[Document] = list(docs)[shard_index::num_shards]
+        if repeat and not self.docs:
+            raise CorpusError(f"shard {shard_index} of {num_shards} has no documents")
+        self.num_docs = len(self.docs)
+        self._read_fn = read_fn
+        digest = hashlib.sha1()
+        for doc in self.docs:
+            digest.update(doc.relpath.encode("utf-8", "surrogateescape") + b"\0")
+        self._digest = digest.hexdigest()[:16]
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "files", "num_docs": self.num_docs, "docs_digest": self._digest, "vocab": self.vocab.name,
+                "shuffle": bool(self.shuffle), "repeat": bool(self.repeat), "seed": int(self.seed),
+                "shard_index": self.shard_index, "num_shards": self.num_shards}
+
+    def _ids(self, doc: Document) -> np.ndarray | None:
+        data = _safe_read(self._read_fn, doc)
+        if data is None:
+            return None
+        try:
+            return self.vocab.encode(data)
+        except UndecodableDocument as e:
+            logger.warning("skipping document %r: %s", doc.path, e)
+            return None
+
+    def documents(self, epoch: int, index: int) -> Iterator[tuple[int, int, np.ndarray | None]]:
+        n = self.num_docs
+        while True:
+            order = epoch_order(n, self.seed, epoch, self.shuffle)
+            usable = False
+            for i in range(index, n):
+                ids = self._ids(self.docs[order[i]])
+                usable = usable or (ids is not None and len(ids) > 0)
+                yield epoch, i, ids
+            if not self.repeat:
+                return
+            if index == 0 and not usable:
+                raise CorpusError(f"shard {self.shard_index} of {self.num_shards}: none of its {n} documents "
+                                  "is readable and non-empty")
+            epoch, index = epoch + 1, 0
+
+
+SourceFn = Callable[[int, int], "DocumentSource"]  # (shard_index, num_shards) -> this process's source
+
+
+def file_source_fn(docs: Sequence[Document], vocab: Vocab | None = None) -> SourceFn:
+    """An evaluation source over `docs` (every one once, in order) for each process's shard."""
+    return lambda shard_index, num_shards: FileSource(docs, vocab=vocab, shuffle=False, repeat=False,
+                                                      shard_index=shard_index, num_shards=num_shards)
+
+
+def check_vocab_fits(vocab: Vocab, model_vocab_size: int) -> None:
+    """One-line CorpusError when the model has fewer ids than the data's vocabulary."""
+    if vocab.size > model_vocab_size:
+        raise CorpusError(f"the vocabulary {vocab.name} has {vocab.size} ids but model.vocab_size is "
+                          f"{model_vocab_size}: set --config.model.vocab_size={vocab.size}")
+
+
+def file_documents(data_cfg, split: str, max_docs: int = 0) -> list[Document]:
+    """The documents of `split` of `data.corpus` (a directory, glob, file or "stdlib")."""
+    docs = split_documents(list_documents(data_cfg.corpus), split, data_cfg.split_fractions)
+    return docs[:max_docs] if max_docs else docs
+
+
+def open_source(data_cfg, split: str, *, train: bool, shard_index: int = 0, num_shards: int = 1,
+                max_docs: int = 0) -> DocumentSource:
+    """The source a config names: `data.task` (a seqio task, see memtx/data/tasks.py) or, when it
+    is empty, the files of `data.corpus`. Training sources shuffle with `data.seed` and repeat;
+    evaluation sources read every document once, in order. Raises CorpusError (one line)."""
+    vocab = load_vocab(data_cfg.vocab)
+    if data_cfg.task:
+        from memtx.data.seqio_source import SeqioSource  # TensorFlow is imported only here
+
+        return SeqioSource.from_config(data_cfg, split, vocab=vocab, train=train, shard_index=shard_index,
+                                       num_shards=num_shards, max_docs=max_docs)
+    return FileSource(file_documents(data_cfg, split, max_docs), vocab=vocab, shuffle=train, repeat=train,
+                      seed=data_cfg.seed, shard_index=shard_index, num_shards=num_shards)
