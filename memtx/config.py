@@ -93,6 +93,13 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     corpus: str = "stdlib"  # "stdlib", a directory, a glob of text files, or one file
+    # A seqio task (memtx/data/tasks.py: pg19, wikitext103, enwik8, text8, files, stdlib or
+    # tfds:NAME) instead of reading data.corpus directly; needs TensorFlow (requirements-data.txt).
+    task: str = ""
+    data_dir: str = ""  # the task's data: a TFDS data dir (local or gs://) or a directory of files
+    text_key: str = "text"  # the text feature of a tfds:NAME task
+    shuffle_buffer: int = 256  # documents held to shuffle a seqio task in training (files: exact)
+    vocab: str = "byte"  # "byte" or a SentencePiece .model file (python -m memtx.data.train_sentencepiece)
     split_fractions: tuple[int, ...] = (98, 1, 1)  # train / validation / test hash buckets
     seq_len: int = 128  # segment length N
     batch_size: int = 8  # global number of rows, each streaming one document
@@ -401,6 +408,9 @@ def validate(cfg: Config, num_devices: int) -> tuple[int, ...]:
         raise ConfigError(f"config key 'data.split_fractions' must be 3 non-negative ints (train > 0), got {d.split_fractions}")
     if d.eval_split not in ("train", "validation", "test"):
         raise ConfigError(f"config key 'data.eval_split' must be train, validation or test, got '{d.eval_split}'")
+    positive("data.shuffle_buffer", d.shuffle_buffer)
+    if d.vocab != "byte" and not d.vocab.endswith(".model"):
+        raise ConfigError(f"config key 'data.vocab' must be byte or a SentencePiece .model file, got '{d.vocab}'")
     positive("optim.learning_rate", o.learning_rate)
     if o.warmup_steps < 0:
         raise ConfigError(f"config key 'optim.warmup_steps' must be >= 0, got {o.warmup_steps}")

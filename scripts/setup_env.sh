@@ -1,19 +1,20 @@
 #!/usr/bin/env bash
-# Creates ./.venv with the pinned requirements and memtx installed in editable mode, if it is
-# missing or requirements.txt / pyproject.toml changed since it was made. PYTHON picks the
-# interpreter (default: python3). pip's output goes to .venv-setup.log (shown on failure).
+# Creates ./.venv with the pinned requirements (requirements-data.txt: the core ones plus seqio and
+# TensorFlow for the data tasks) and memtx installed in editable mode, if it is missing or the
+# requirements / pyproject.toml changed since it was made. PYTHON picks the interpreter (default:
+# python3). pip's output goes to .venv-setup.log (shown on failure).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
-want=$(cat requirements.txt pyproject.toml | sha256sum | cut -d' ' -f1)
+want=$(cat requirements.txt requirements-data.txt pyproject.toml | sha256sum | cut -d' ' -f1)
 if [ -x .venv/bin/python ] && [ "$(cat .venv/.memtx-requirements 2>/dev/null)" = "$want" ]; then
   exit 0
 fi
-echo "setting up .venv with $($PYTHON --version 2>&1) (one-time, about a minute; log: .venv-setup.log)"
+echo "setting up .venv with $($PYTHON --version 2>&1) (one-time, about 2 minutes; log: .venv-setup.log)"
 rm -rf .venv
 log=.venv-setup.log
 if ! { "$PYTHON" -m venv .venv &&
-       .venv/bin/python -m pip install --disable-pip-version-check -r requirements.txt &&
+       .venv/bin/python -m pip install --disable-pip-version-check -r requirements-data.txt &&
        .venv/bin/python -m pip install --disable-pip-version-check --no-deps -e . ; } >"$log" 2>&1; then
   tail -20 "$log" >&2
   echo "error: setting up .venv failed; full log in $log" >&2
