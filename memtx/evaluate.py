@@ -23,24 +23,27 @@ from memtx import state as state_lib
 from memtx.checkpoint import Checkpointer
 from memtx.cli import ArgumentParser, UsageError, parse_int_list, resolve_config, run_cli
 from memtx.config import Config
-from memtx.data import DocumentStream, count_tokens, list_documents, split_documents
+from memtx.data import DocumentStream, check_vocab_fits, open_source
+from memtx.data.sources import SourceFn
 from memtx.metrics import Progress, format_duration
 from memtx.step import make_eval_step
 
 
-def stream_documents(setup: state_lib.Setup, params, docs, step_fn, *, log_every: int = 50, verbose: bool = True,
-                     label: str = "") -> dict:
-    """Streams `docs` in a fixed order, one per row (memory carried inside a document, reset
-    between documents), through `step_fn(params, memory, batch) -> (memory, sums)`; returns the
-    sums added over all segments, as float64 numpy values. Evaluation and the studies share it."""
+def stream_documents(setup: state_lib.Setup, params, source_fn: SourceFn, step_fn, *, log_every: int = 50,
+                     verbose: bool = True, label: str = "") -> dict:
+    """Streams the documents of `source_fn(process_index, process_count)` (an evaluation source:
+    every document once, in a fixed order), one per row, memory carried inside a document and
+    reset between documents, through `step_fn(params, memory, batch) -> (memory, sums)`; returns
+    the sums added over all segments as float64 numpy values, with "documents" (how many were
+    read) and "skipped_documents". Evaluation and the studies share it."""
     cfg = setup.cfg
     B, N = cfg.data.eval_batch_size, cfg.data.seq_len
     rows = B // jax.process_count()
-    stream = DocumentStream(docs, rows, N, shuffle=False, repeat=False,
-                            shard_index=jax.process_index(), num_shards=jax.process_count())
+    source = source_fn(jax.process_index(), jax.process_count())
+    stream = DocumentStream(source, rows, N)
     memory = state_lib.init_memory_sharded(setup, B)
-    total_tokens, tokens, segments = count_tokens(docs), 0, 0
-    progress = Progress(total_tokens, unit="tokens")
+    segments = 0
+    progress = Progress(source.num_docs or 0, unit="documents")
     sums, pending = {}, []
 
     def accumulate():
@@ -58,8 +61,7 @@ def stream_documents(setup: state_lib.Setup, params, docs, step_fn, *, log_every
             any_left = bool(multihost_utils.process_allgather(np.array(any_left)).any())
         if not any_left:
             break
-        batch = idle_batch(rows, N) if batch is None else batch
-        tokens += int(batch["weights"].sum()) * jax.process_count()  # approximate on several hosts
+        batch = idle_batch(rows, N, source.vocab.pad_id) if batch is None else batch
         memory, step_sums = step_fn(params, memory, state_lib.device_batch(setup, batch))
         pending.append(step_sums)
         segments += 1
@@ -67,22 +69,32 @@ def stream_documents(setup: state_lib.Setup, params, docs, step_fn, *, log_every
             n_new = len(pending)
             accumulate()
             if verbose:
-                progress.report(tokens, n_new * B * N, f"({tokens / max(total_tokens, 1):.0%}) {label}".rstrip())
+                progress.report(stream.documents_started, n_new * B * N, label)
     accumulate()
+    counts = np.array([stream.documents_started, stream.skipped], np.float64)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        counts = multihost_utils.process_allgather(counts).sum(axis=0)
+    sums["documents"], sums["skipped_documents"] = counts
     return sums
 
 
-def evaluate(setup: state_lib.Setup, params, docs, *, log_every: int = 50, verbose: bool = True) -> dict:
-    """Streams `docs` through the model; returns NLL sum, token count, perplexity, bits/byte."""
+def evaluate(setup: state_lib.Setup, params, source_fn: SourceFn, *, log_every: int = 50,
+             verbose: bool = True) -> dict:
+    """Streams `source_fn`'s documents through the model; returns NLL sum, token count,
+    perplexity and bits per byte (byte vocabulary) or per token."""
     cfg = setup.cfg
     t0 = time.perf_counter()
-    sums = stream_documents(setup, params, docs, make_eval_step(setup), log_every=log_every, verbose=verbose)
+    sums = stream_documents(setup, params, source_fn, make_eval_step(setup), log_every=log_every, verbose=verbose)
     seconds = time.perf_counter() - t0
     nll_sum, tokens = float(sums.get("nll", 0.0)), float(sums.get("tokens", 0.0))
-    result = {"nll_sum": nll_sum, "tokens": int(tokens), "documents": len(docs),
+    result = {"nll_sum": nll_sum, "tokens": int(tokens), "documents": int(sums["documents"]),
+              "skipped_documents": int(sums["skipped_documents"]),
               "perplexity": math.exp(nll_sum / max(tokens, 1)),
-              "bits_per_byte": nll_sum / (math.log(2) * max(tokens, 1)),  # byte vocabulary: token = byte
-              "seconds": seconds}
+              "bits_per_token": nll_sum / (math.log(2) * max(tokens, 1)),
+              # with the byte vocabulary a token is a byte (BOS is an input, never a target)
+              "bits_per_byte": nll_sum / (math.log(2) * max(tokens, 1)) if cfg.data.vocab == "byte" else None,
+              "vocab": cfg.data.vocab, "seconds": seconds}
     if cfg.model.knn.enabled and cfg.model.knn.size:
         result["knn_fill"] = float(sums["fill_sum"]) / max(tokens, 1)
         result["knn_top1_score"] = float(sums["top1_sum"]) / max(float(sums["top1_count"]), 1)
@@ -91,9 +103,8 @@ def evaluate(setup: state_lib.Setup, params, docs, *, log_every: int = 50, verbo
     return result
 
 
-def idle_batch(rows: int, seq_len: int) -> dict:
-    from memtx.data.tokenizer import PAD_ID
-    return {"inputs": np.full((rows, seq_len), PAD_ID, np.int32), "targets": np.full((rows, seq_len), PAD_ID, np.int32),
+def idle_batch(rows: int, seq_len: int, pad_id: int) -> dict:
+    return {"inputs": np.full((rows, seq_len), pad_id, np.int32), "targets": np.full((rows, seq_len), pad_id, np.int32),
             "weights": np.zeros((rows, seq_len), np.float32), "reset": np.zeros((rows,), bool)}
 
 
@@ -103,7 +114,7 @@ def format_table(rows: list[dict]) -> str:
     memory = lambda r: f"{'LaMemo' if r.get('memory_type') == 'lamemo' else 'XL'} {r['mem_len']}" if r["mem_len"] else "none"
     lines = [[r["run"], r["split"], memory(r), str(r["knn_size"]) if r["knn_size"] is not None else "-",
               str(r["seq_len"]), str(r["documents"]), f"{r['tokens']:,}", f"{r['perplexity']:.3f}",
-              f"{r['bits_per_byte']:.4f}", f"{r['knn_fill']:.1%}" if "knn_fill" in r else "-",
+              f"{r['bits_per_byte']:.4f}" if r.get("bits_per_byte") is not None else "-", f"{r['knn_fill']:.1%}" if "knn_fill" in r else "-",
               f"{r['knn_top1_score']:.3f}" if "knn_top1_score" in r else "-", format_duration(r["seconds"])]
              for r in rows]
     widths = [max(len(h), *(len(l[i]) for l in lines)) for i, h in enumerate(header)]
@@ -167,17 +178,20 @@ def evaluate_run(workdir: str, args: argparse.Namespace, rest: list[str], sizes:
     if step is None or step not in ckpt.all_steps():
         raise UsageError(f"no checkpoint{'' if step is None else f' at step {step}'} in {ckpt.directory}")
     params = ckpt.restore_params(step, setups[0].abstract_state["params"])  # the same for every size
-    docs = split_documents(list_documents(cfg.data.corpus), cfg.data.eval_split, cfg.data.split_fractions)
-    if cfg.data.eval_max_docs:
-        docs = docs[:cfg.data.eval_max_docs]
+    source_fn = lambda shard_index, num_shards: open_source(  # noqa: E731
+        cfg.data, cfg.data.eval_split, train=False, max_docs=cfg.data.eval_max_docs, shard_index=shard_index,
+        num_shards=num_shards)
+    probe = source_fn(0, 1)  # one-line errors (missing data, vocabulary too large) before any compilation
+    check_vocab_fits(probe.vocab, cfg.model.vocab_size)
+    where = f"{cfg.data.task} task" if cfg.data.task else f"corpus {cfg.data.corpus}"
     rows = []
     for setup in setups:
         m = setup.cfg.model
         knn_size = m.knn.size if m.knn.enabled else None
-        print(f"{workdir}: evaluating step {step} on {len(docs)} {cfg.data.eval_split} documents, "
+        print(f"{workdir}: evaluating step {step} on {probe.num_docs or 'all'} {cfg.data.eval_split} documents of the {where}, "
               f"{'LaMemo' if m.memory_type == 'lamemo' else 'XL'} memory {m.mem_len}, kNN memory {knn_size if knn_size is not None else 'none'}, segment {cfg.data.seq_len}",
               flush=True)
-        result = evaluate(setup, params, docs)
+        result = evaluate(setup, params, source_fn)
         result.update(run=os.path.basename(os.path.normpath(workdir)), split=cfg.data.eval_split, mem_len=m.mem_len,
                       memory_type=m.memory_type,
                       knn_size=knn_size, seq_len=cfg.data.seq_len, step=step)

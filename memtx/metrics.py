@@ -73,14 +73,20 @@ class Progress:
         self.last_count, self.tokens = done, 0
 
     def report(self, done: int, tokens: int, extra: str = "", stream=sys.stdout) -> float:
+        """Prints `done/total`, tokens/s since the last report and an ETA (when `total` is known
+        and `done` moved); `total` 0 means unknown."""
         now = time.perf_counter()
         self.tokens += tokens
-        if done <= self.last_count:  # nothing timed yet (e.g. the compiling first step)
-            print(f"{self.unit} {done}/{self.total} {extra}", file=stream, flush=True)
+        count = f"{self.unit} {done}/{self.total}" if self.total else f"{self.unit} {done}"
+        if done <= self.last_count and (not self.tokens or self.unit == "step"):  # nothing timed yet
+            print(f"{count} {extra}".rstrip(), file=stream, flush=True)
             return 0.0
         rate = self.tokens / max(now - self.last_time, 1e-9)
-        eta = (now - self.last_time) / (done - self.last_count) * (self.total - done)
-        print(f"{self.unit} {done}/{self.total} {extra} | {rate:,.0f} tok/s | ETA {format_duration(eta)}",
-              file=stream, flush=True)
-        self.last_time, self.last_count, self.tokens = now, done, 0
+        eta = ""
+        if self.total and done > self.last_count:
+            eta = f" | ETA {format_duration((now - self.last_time) / (done - self.last_count) * (self.total - done))}"
+        print(f"{count} {extra} | {rate:,.0f} tok/s{eta}".replace("  |", " |"), file=stream, flush=True)
+        self.last_time, self.tokens = now, 0
+        if done > self.last_count:
+            self.last_count = done
         return rate

@@ -18,7 +18,7 @@ from memtx import state as state_lib
 from memtx.checkpoint import Checkpointer
 from memtx.cli import ArgumentParser, resolve_config, run_cli
 from memtx.config import Config, ConfigError, load_json, save_json, to_dict
-from memtx.data import DocumentStream, list_documents, split_documents
+from memtx.data import DocumentStream, check_vocab_fits, open_source
 from memtx.metrics import MetricsWriter, Progress, format_duration
 from memtx.step import make_train_step
 
@@ -28,7 +28,8 @@ class NonFiniteLoss(RuntimeError):
 
 
 # What a checkpoint's continuation depends on; other fields (steps, logging, mesh) may change.
-RESUME_KEYS = ("model", "data.corpus", "data.split_fractions", "data.seq_len", "data.batch_size", "data.seed")
+RESUME_KEYS = ("model", "data.corpus", "data.task", "data.text_key", "data.vocab", "data.shuffle_buffer",
+               "data.split_fractions", "data.seq_len", "data.batch_size", "data.seed")
 
 
 def check_resumable(saved: Config, cfg: Config, workdir: str) -> None:
@@ -48,10 +49,11 @@ def check_resumable(saved: Config, cfg: Config, workdir: str) -> None:
 def train(cfg: Config, workdir: str) -> dict:
     """Runs (or continues) training; returns a summary. Checkpoints and metrics go to `workdir`."""
     setup = state_lib.build(cfg)  # validates the config and the mesh before any compilation
-    docs = split_documents(list_documents(cfg.data.corpus), "train", cfg.data.split_fractions)
-    rows = cfg.data.batch_size // jax.process_count()
-    stream = DocumentStream(docs, rows, cfg.data.seq_len, shuffle=True, repeat=True, seed=cfg.data.seed,
-                            shard_index=jax.process_index(), num_shards=jax.process_count())
+    # This process's share of the documents, in a seeded order, filling its rows of the batch.
+    source = open_source(cfg.data, "train", train=True, shard_index=jax.process_index(),
+                         num_shards=jax.process_count())
+    check_vocab_fits(source.vocab, cfg.model.vocab_size)
+    stream = DocumentStream(source, cfg.data.batch_size // jax.process_count(), cfg.data.seq_len)
     os.makedirs(workdir, exist_ok=True)
     config_path = os.path.join(workdir, "config.json")
     if os.path.exists(config_path):
@@ -63,7 +65,10 @@ def train(cfg: Config, workdir: str) -> dict:
     if start:
         state, memory, data_state = ckpt.restore(start, setup.abstract_state,
                                                  state_lib.abstract_memory(setup, cfg.data.batch_size))
-        stream.restore(data_state)
+        try:
+            stream.restore(data_state)
+        except ValueError as e:
+            raise ConfigError(f"cannot resume the data stream of step {start} in {workdir}: {e}") from None
         print(f"resumed from step {start} in {ckpt.directory}", flush=True)
     else:
         state = state_lib.init_state(setup, cfg.train.seed)
@@ -71,7 +76,9 @@ def train(cfg: Config, workdir: str) -> dict:
     n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(setup.abstract_state["params"]))
     print(f"model: {n_params / 1e6:.2f}M parameters, {cfg.model.num_layers} layers, d {cfg.model.d_model}, "
           f"memory {cfg.model.mem_len}, segment {cfg.data.seq_len}, batch {cfg.data.batch_size}; "
-          f"{len(docs)} training documents; mesh {dict(setup.mesh.shape)}", flush=True)
+          f"{source.num_docs or 'streamed'} training documents{' per process' if jax.process_count() > 1 else ''} "
+          f"({cfg.data.task + ' task' if cfg.data.task else cfg.data.corpus}, vocabulary {source.vocab.name}); "
+          f"mesh {dict(setup.mesh.shape)}", flush=True)
 
     train_step = make_train_step(setup)
     writer = MetricsWriter(workdir, resume_step=start)
@@ -94,6 +101,7 @@ def train(cfg: Config, workdir: str) -> dict:
                 ckpt.wait()
                 raise NonFiniteLoss(f"non-finite {' and '.join(bad)} at step {s}; kept the last good checkpoint "
                                     f"(step {ckpt.latest_step() or 'none'}) in {ckpt.directory}")
+            values["skipped_documents"] = stream.skipped  # unreadable or corrupt, so far (this process)
             writer.write(s, values)
             last, total = values, total + values["loss"]
         mean_loss = total / max(len(pending), 1)
@@ -118,7 +126,8 @@ def train(cfg: Config, workdir: str) -> dict:
                 loss = flush_metrics()
                 progress.report(step, n_new * tokens_per_step,
                                 f"loss {loss:.4f} ({loss / math.log(2):.3f} bits/token) "
-                                f"lr {last['lr']:.2e} gnorm {last['grad_norm']:.2f}")
+                                f"lr {last['lr']:.2e} gnorm {last['grad_norm']:.2f}"
+                                + (f" skipped docs {stream.skipped}" if stream.skipped else ""))
             if save_now:
                 ckpt.save(step, state, memory, stream.state())
             if preempted:

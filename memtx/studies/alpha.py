@@ -47,12 +47,12 @@ def study_run(run: common.Run, max_docs: int | None) -> dict:
     setup = state_lib.build(run.cfg)
     params = run.restore_params(setup)
     docs = run.documents(max_docs)
-    print(f"{run.name}: step {run.step}, {len(docs)} {run.split} documents, memory {run.cfg.model.mem_len}", flush=True)
+    print(f"{run.name}: step {run.step}, {run.split} documents, memory {run.cfg.model.mem_len}", flush=True)
     step_fn = common.make_segment_step(setup, alpha_reduce(run.cfg.model.num_layers))
     sums = stream_documents(setup, params, docs, step_fn, label=run.name)
     alpha_LM = common.safe_mean(sums["alpha_LM"], sums["count_M"][None, :])
     return {"workdir": run.workdir, "step": run.step, "mem_len": run.cfg.model.mem_len,
-            "seq_len": run.cfg.data.seq_len, "documents": len(docs), "alpha_LM": alpha_LM,
+            "seq_len": run.cfg.data.seq_len, "documents": int(sums["documents"]), "alpha_LM": alpha_LM,
             "count_M": sums["count_M"],
             "mean_alpha_L": common.safe_mean(sums["alpha_LM"].sum(-1), sums["count_M"].sum())}
 

@@ -66,7 +66,7 @@ def study_run(run: common.Run, max_docs: int | None) -> dict:
     params = run.restore_params(setup)
     docs = run.documents(max_docs)
     m = run.cfg.model
-    print(f"{run.name}: step {run.step}, {len(docs)} {run.split} documents, {m.memory_type} memory {m.mem_len}, "
+    print(f"{run.name}: step {run.step}, {run.split} documents, {m.memory_type} memory {m.mem_len}, "
           f"segment {run.cfg.data.seq_len}", flush=True)
     step_fn = common.make_segment_step(setup, distance_reduce(m.num_layers))
     sums = stream_documents(setup, params, docs, step_fn, label=run.name)
@@ -74,7 +74,7 @@ def study_run(run: common.Run, max_docs: int | None) -> dict:
     mass_LD = common.safe_mean(sums["mass_LD"], queries)
     distance_D = np.arange(mass_LD.shape[1])
     return {"workdir": run.workdir, "step": run.step, "memory_type": m.memory_type, "mem_len": m.mem_len,
-            "seq_len": run.cfg.data.seq_len, "documents": len(docs), "queries": queries,
+            "seq_len": run.cfg.data.seq_len, "documents": int(sums["documents"]), "queries": queries,
             "mass_D": mass_LD.mean(0), "mass_LD": mass_LD,
             "visible_fraction_D": common.safe_mean(sums["visible_D"], queries),
             "memory_fraction_L": common.safe_mean(sums["memory_L"], queries),

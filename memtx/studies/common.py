@@ -19,7 +19,8 @@ from memtx import sharding
 from memtx.checkpoint import Checkpointer
 from memtx.cli import ArgumentParser, UsageError, resolve_config
 from memtx.config import Config
-from memtx.data import list_documents, split_documents
+from memtx.data import open_source
+from memtx.data.sources import SourceFn
 from memtx.memory import model_memory
 from memtx.model import segment_nll
 from memtx.state import Setup, batch_shardings, memory_shardings
@@ -50,10 +51,11 @@ class Run:
         ckpt = Checkpointer(os.path.join(self.workdir, "checkpoints"), async_save=False)
         return ckpt.restore_params(self.step, setup.abstract_state["params"])
 
-    def documents(self, max_docs: int | None) -> list:
-        docs = split_documents(list_documents(self.cfg.data.corpus), self.split, self.cfg.data.split_fractions)
+    def documents(self, max_docs: int | None) -> SourceFn:
+        """The split's documents (at most `max_docs`; None: data.eval_max_docs), per process."""
         limit = self.cfg.data.eval_max_docs if max_docs is None else max_docs
-        return docs[:limit] if limit else docs
+        return lambda shard_index, num_shards: open_source(self.cfg.data, self.split, train=False, max_docs=limit,
+                                                           shard_index=shard_index, num_shards=num_shards)
 
 
 def find_runs(args: argparse.Namespace, rest: list[str]) -> list[Run]:

@@ -35,7 +35,7 @@ def study_run(run: common.Run, multiples: list[int], max_docs: int | None) -> li
     docs = run.documents(max_docs)
     points = []
     for m, setup in zip(multiples, setups):
-        print(f"{run.name}: step {run.step}, {len(docs)} {run.split} documents, memory {m} x {N} = {m * N}",
+        print(f"{run.name}: step {run.step}, {run.split} documents, memory {m} x {N} = {m * N}",
               flush=True)
         result = evaluate(setup, params, docs)
         points.append({"multiple": m, "mem_len": m * N, "perplexity": result["perplexity"],
