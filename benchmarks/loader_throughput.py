@@ -3,6 +3,8 @@ what the train step consumes, for the default config and for a TPU-scale batch.
 
     python benchmarks/loader_throughput.py [--config configs/txl.py:cpu] [--seconds 5] [--hosts 1]
         [--config.KEY=VALUE ...]
+    python benchmarks/loader_throughput.py --config.data.task=stdlib   # the same corpus through seqio
+    python benchmarks/loader_throughput.py --config.data.vocab=vocab/stdlib8k.model   # SentencePiece
 
 Rows: the config's batch, then 256 rows of 512-token segments (2^17 tokens per step, the scale of
 the papers' TPU runs) over the same corpus. With `--hosts H` each measurement is one host's share
@@ -21,15 +23,15 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from memtx.cli import ArgumentParser, UsageError, resolve_config, run_cli
-from memtx.data import DocumentStream, list_documents, split_documents
+from memtx.data import DocumentStream, open_source
 
 TPU_ROWS, TPU_SEQ_LEN = 256, 512  # 2^17 tokens per step
 
 
-def loader_rate(docs, rows: int, seq_len: int, seconds: float, shard_index: int, num_shards: int) -> dict:
+def loader_rate(data_cfg, rows: int, seq_len: int, seconds: float, shard_index: int, num_shards: int) -> dict:
     """Batches and tokens per second of one host's stream, after one warm-up batch."""
-    stream = DocumentStream(docs, rows, seq_len, shuffle=True, repeat=True, seed=0,
-                            shard_index=shard_index, num_shards=num_shards)
+    source = open_source(data_cfg, "train", train=True, shard_index=shard_index, num_shards=num_shards)
+    stream = DocumentStream(source, rows, seq_len)
     stream.next_batch()
     batches, tokens, t0 = 0, 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
@@ -44,11 +46,13 @@ def main(args, rest) -> int:
     if args.hosts < 1 or args.seconds <= 0:
         raise UsageError("--hosts must be >= 1 and --seconds > 0")
     cfg = resolve_config(args.config, None, rest)
-    docs = split_documents(list_documents(cfg.data.corpus), "train", cfg.data.split_fractions)
     B, N = cfg.data.batch_size, cfg.data.seq_len
     if B % args.hosts or TPU_ROWS % args.hosts:
         raise UsageError(f"--hosts {args.hosts} must divide the batch ({B}) and {TPU_ROWS}")
-    print(f"corpus '{cfg.data.corpus}': {len(docs)} training documents; one host of {args.hosts}", flush=True)
+    source = open_source(cfg.data, "train", train=True, shard_index=0, num_shards=args.hosts)  # errors first
+    where = f"seqio task '{cfg.data.task}'" if cfg.data.task else f"corpus '{cfg.data.corpus}' (files)"
+    print(f"{where}: {source.num_docs or 'streamed'} training documents per host, vocabulary {source.vocab.name}; "
+          f"one host of {args.hosts}", flush=True)
     step_tokens_per_s = None
     if not args.skip_step:
         from benchmarks.step_time import measure  # imports JAX only when timing the step
@@ -58,7 +62,7 @@ def main(args, rest) -> int:
     print("|---|---:|---:|---:|---:|---:|---:|")
     for name, rows, seq_len, step_rate in ((f"{args.config} ({B} x {N})", B, N, step_tokens_per_s),
                                            (f"TPU scale ({TPU_ROWS} x {TPU_SEQ_LEN})", TPU_ROWS, TPU_SEQ_LEN, None)):
-        r = loader_rate(docs, rows // args.hosts, seq_len, args.seconds, 0, args.hosts)
+        r = loader_rate(cfg.data, rows // args.hosts, seq_len, args.seconds, 0, args.hosts)
         step = f"{step_rate:,.0f}" if step_rate else "-"
         ratio = f"{r['tokens_per_s'] / step_rate:,.0f}x" if step_rate else "-"
         print(f"| {name} | {rows // args.hosts} | {seq_len} | {r['batches_per_s']:,.1f} | {r['tokens_per_s']:,.0f} "
