@@ -26,6 +26,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from memtx.data.corpus import CorpusError
+from memtx.data.sources import epochs
 from memtx.data.tasks import ByteVocabulary, get_task, seqio, task_spec, tf
 from memtx.data.vocab import Vocab
 
@@ -146,14 +147,5 @@ class SeqioSource:
                 yield epoch, index, None if text is None else self._tokenize(text)
 
     def documents(self, epoch: int, index: int) -> Iterator[tuple[int, int, np.ndarray | None]]:
-        while True:
-            usable = False
-            for item in self._epoch(epoch, index):
-                usable = usable or (item[2] is not None and len(item[2]) > 0)
-                yield item
-            if not self.repeat:
-                return
-            if index == 0 and not usable:
-                raise CorpusError(f"{self.task.name} split {self.split}, shard {self.shard_index} of "
-                                  f"{self.num_shards}: no readable non-empty document in a whole epoch")
-            epoch, index = epoch + 1, 0
+        return epochs(self._epoch, epoch, index, self.repeat,
+                      f"{self.task.name} split {self.split}, shard {self.shard_index} of {self.num_shards}")

@@ -62,6 +62,23 @@ def count_tokens(docs: Sequence[Document], read_fn: ReadFn = read_document) -> i
     return sum(len(_safe_read(read_fn, doc) or b"") for doc in docs)
 
 
+def epochs(read_epoch: Callable[[int, int], Iterator], epoch: int, index: int, repeat: bool,
+           what: str) -> Iterator[tuple[int, int, np.ndarray | None]]:
+    """`read_epoch(e, start)`'s documents from position (epoch, index) on, then (when repeating)
+    every following epoch from its start. A whole epoch with no readable non-empty document is a
+    CorpusError rather than an endless search."""
+    while True:
+        usable = False
+        for item in read_epoch(epoch, index):
+            usable = usable or (item[2] is not None and len(item[2]) > 0)
+            yield item
+        if not repeat:
+            return
+        if index == 0 and not usable:
+            raise CorpusError(f"{what}: no readable non-empty document in a whole epoch")
+        epoch, index = epoch + 1, 0
+
+
 class FileSource:
     """Files as documents: this shard's are those at `i % num_shards == shard_index` in `docs`.
 
@@ -100,21 +117,14 @@ class FileSource:
             logger.warning("skipping document %r: %s", doc.path, e)
             return None
 
+    def _epoch(self, epoch: int, start: int) -> Iterator[tuple[int, int, np.ndarray | None]]:
+        order = epoch_order(self.num_docs, self.seed, epoch, self.shuffle)
+        for i in range(start, self.num_docs):
+            yield epoch, i, self._ids(self.docs[order[i]])
+
     def documents(self, epoch: int, index: int) -> Iterator[tuple[int, int, np.ndarray | None]]:
-        n = self.num_docs
-        while True:
-            order = epoch_order(n, self.seed, epoch, self.shuffle)
-            usable = False
-            for i in range(index, n):
-                ids = self._ids(self.docs[order[i]])
-                usable = usable or (ids is not None and len(ids) > 0)
-                yield epoch, i, ids
-            if not self.repeat:
-                return
-            if index == 0 and not usable:
-                raise CorpusError(f"shard {self.shard_index} of {self.num_shards}: none of its {n} documents "
-                                  "is readable and non-empty")
-            epoch, index = epoch + 1, 0
+        return epochs(self._epoch, epoch, index, self.repeat,
+                      f"shard {self.shard_index} of {self.num_shards} ({self.num_docs} documents)")
 
 
 SourceFn = Callable[[int, int], "DocumentSource"]  # (shard_index, num_shards) -> this process's source
