@@ -6,17 +6,20 @@ Items of one checkpoint step:
   memory     the carried memory state of every row, flattened to {path: array}; zero-size
              leaves (an XL cache of length 0, an empty kNN store) are left out, since orbax
              cannot write them, and come back as zeros of their abstract shape
-  data       the document streams' positions (JSON), one entry per process
+  data       the document streams' positions (JSON): {"shards": {shard index: stream state}},
+             gathered from every process (each restores its own shards)
 Saves are asynchronous; restore targets are abstract trees carrying shardings.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
 from memtx.config import ConfigError
@@ -36,9 +39,27 @@ def _fill_empty(restored: dict, abstract_tree):
     return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
+def gather_json(local: dict) -> dict:
+    """Every process's dict merged into one, on every process (a no-op with one process)."""
+    if jax.process_count() == 1:
+        return dict(local)
+    from jax.experimental import multihost_utils
+
+    data = np.frombuffer(json.dumps(local).encode(), np.uint8)
+    lengths = np.asarray(multihost_utils.process_allgather(np.array([data.size], np.int64))).ravel()
+    padded = np.zeros(int(lengths.max()), np.uint8)
+    padded[:data.size] = data
+    rows = np.asarray(multihost_utils.process_allgather(padded))
+    merged = {}
+    for row, n in zip(rows, lengths):
+        merged.update(json.loads(row[:n].tobytes()))
+    return merged
+
+
 class Checkpointer:
     def __init__(self, directory: str, keep: int = 2, async_save: bool = True):
-        self.directory = os.path.abspath(directory)
+        # Local, shared (NFS) or object-store paths (gs://...): orbax writes all of them.
+        self.directory = directory if "://" in directory else os.path.abspath(directory)
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
@@ -51,7 +72,8 @@ class Checkpointer:
         return sorted(self.manager.all_steps())
 
     def save(self, step: int, state: dict, memory: dict, data_state: dict) -> None:
-        data = {str(jax.process_index()): data_state}  # each host's stream position
+        """Every process calls this; `data_state` is this process's {shard: stream state}."""
+        data = {"shards": gather_json(data_state)}
         self.manager.save(step, args=ocp.args.Composite(
             params=ocp.args.StandardSave(state["params"]),
             train=ocp.args.StandardSave({"step": state["step"], "opt_state": state["opt_state"]}),
@@ -59,7 +81,7 @@ class Checkpointer:
             data=ocp.args.JsonSave(data)))
 
     def restore(self, step: int, abstract_state: dict, abstract_memory: dict) -> tuple[dict, dict, dict]:
-        """-> (state, memory, this process's data-stream state)."""
+        """-> (state, memory, every shard's data-stream state {shard: state})."""
         train_target = {"step": abstract_state["step"], "opt_state": abstract_state["opt_state"]}
         out = self.manager.restore(step, args=ocp.args.Composite(
             params=ocp.args.StandardRestore(abstract_state["params"]),
@@ -67,7 +89,7 @@ class Checkpointer:
             memory=ocp.args.StandardRestore(_non_empty(abstract_memory)),
             data=ocp.args.JsonRestore()))
         state = {"step": out.train["step"], "params": out.params, "opt_state": out.train["opt_state"]}
-        return state, _fill_empty(out.memory, abstract_memory), out.data[str(jax.process_index())]
+        return state, _fill_empty(out.memory, abstract_memory), out.data.get("shards", {})
 
     def restore_params(self, step: int, abstract_params: dict) -> dict:
         """The parameters `abstract_params` names; saved ones it does not name are skipped, so a
@@ -88,3 +110,8 @@ class Checkpointer:
 
     def close(self) -> None:
         self.manager.close()
+
+
+def run_checkpointer(cfg, workdir: str, **kwargs) -> Checkpointer:
+    """The checkpoints of a run: `train.checkpoint_dir` (shared or gs://) or WORKDIR/checkpoints."""
+    return Checkpointer(cfg.train.checkpoint_dir or os.path.join(workdir, "checkpoints"), **kwargs)

@@ -100,6 +100,9 @@ class DataConfig:
     text_key: str = "text"  # the text feature of a tfds:NAME task
     shuffle_buffer: int = 256  # documents held to shuffle a seqio task in training (files: exact)
     vocab: str = "byte"  # "byte" or a SentencePiece .model file (python -m memtx.data.train_sentencepiece)
+    # Document shards of a training batch (0: one per process). A fixed count makes the batches
+    # independent of how many processes read them, so a run resumes on another process count.
+    shards: int = 0
     split_fractions: tuple[int, ...] = (98, 1, 1)  # train / validation / test hash buckets
     seq_len: int = 128  # segment length N
     batch_size: int = 8  # global number of rows, each streaming one document
@@ -128,6 +131,7 @@ class TrainConfig:
     checkpoint_every: int = 200
     keep_checkpoints: int = 2
     stop_after: int = 0  # stop this run after this many steps (resumable); 0: run to `steps`
+    checkpoint_dir: str = ""  # default WORKDIR/checkpoints; with several hosts a shared path or gs://
 
 
 @dataclass
@@ -409,6 +413,9 @@ def validate(cfg: Config, num_devices: int) -> tuple[int, ...]:
     if d.eval_split not in ("train", "validation", "test"):
         raise ConfigError(f"config key 'data.eval_split' must be train, validation or test, got '{d.eval_split}'")
     positive("data.shuffle_buffer", d.shuffle_buffer)
+    if d.shards < 0 or (d.shards and d.batch_size % d.shards):
+        raise ConfigError(f"config key 'data.shards' must be 0 (one per process) or divide data.batch_size "
+                          f"({d.batch_size}), got {d.shards}")
     if d.vocab != "byte" and not d.vocab.endswith(".model"):
         raise ConfigError(f"config key 'data.vocab' must be byte or a SentencePiece .model file, got '{d.vocab}'")
     positive("optim.learning_rate", o.learning_rate)

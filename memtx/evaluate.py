@@ -20,11 +20,12 @@ import jax
 import numpy as np
 
 from memtx import state as state_lib
-from memtx.checkpoint import Checkpointer
+from memtx.checkpoint import run_checkpointer
 from memtx.cli import ArgumentParser, UsageError, parse_int_list, resolve_config, run_cli
 from memtx.config import Config
 from memtx.data import DocumentStream, check_vocab_fits, open_source
 from memtx.data.sources import SourceFn
+from memtx.distributed import initialize_from_env, is_main_process
 from memtx.metrics import Progress, format_duration
 from memtx.step import make_eval_step
 
@@ -162,6 +163,7 @@ def plot_memory_scaling(rows: list[dict], path: str, title: str) -> bool:
 
 def evaluate_run(workdir: str, args: argparse.Namespace, rest: list[str], sizes: list[int] | None) -> list[dict]:
     """Evaluates one work directory's checkpoint, at each kNN memory size if it has a kNN memory."""
+    log = print if is_main_process() else (lambda *a, **k: None)
     if not os.path.isdir(workdir):
         raise UsageError(f"work directory '{workdir}' does not exist")
     cfg: Config = resolve_config(args.config, workdir, rest)
@@ -173,7 +175,7 @@ def evaluate_run(workdir: str, args: argparse.Namespace, rest: list[str], sizes:
         if size is not None:
             c.model.knn.size = size
         setups.append(state_lib.build(c))  # validates every size (k <= size, bytes that fit) first
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
+    ckpt = run_checkpointer(cfg, workdir, async_save=False)
     step = args.step if args.step is not None else ckpt.latest_step()
     if step is None or step not in ckpt.all_steps():
         raise UsageError(f"no checkpoint{'' if step is None else f' at step {step}'} in {ckpt.directory}")
@@ -188,25 +190,29 @@ def evaluate_run(workdir: str, args: argparse.Namespace, rest: list[str], sizes:
     for setup in setups:
         m = setup.cfg.model
         knn_size = m.knn.size if m.knn.enabled else None
-        print(f"{workdir}: evaluating step {step} on {probe.num_docs or 'all'} {cfg.data.eval_split} documents of the {where}, "
+        log(f"{workdir}: evaluating step {step} on {probe.num_docs or 'all'} {cfg.data.eval_split} documents of the {where}, "
               f"{'LaMemo' if m.memory_type == 'lamemo' else 'XL'} memory {m.mem_len}, kNN memory {knn_size if knn_size is not None else 'none'}, segment {cfg.data.seq_len}",
               flush=True)
-        result = evaluate(setup, params, source_fn)
+        result = evaluate(setup, params, source_fn, verbose=is_main_process())
         result.update(run=os.path.basename(os.path.normpath(workdir)), split=cfg.data.eval_split, mem_len=m.mem_len,
                       memory_type=m.memory_type,
                       knn_size=knn_size, seq_len=cfg.data.seq_len, step=step)
         name = f"eval_{cfg.data.eval_split}_mem{m.mem_len}" + (f"_knn{knn_size}" if knn_size is not None else "")
-        with open(os.path.join(workdir, f"{name}_step{step}.json"), "w") as f:
-            json.dump(result, f, indent=2)
+        if is_main_process():
+            with open(os.path.join(workdir, f"{name}_step{step}.json"), "w") as f:
+                json.dump(result, f, indent=2)
         rows.append(result)
     return rows
 
 
 def main(args: argparse.Namespace, rest: list[str]) -> int:
+    initialize_from_env()  # several processes: before JAX touches a device
     sizes = parse_int_list("--knn-sizes", args.knn_sizes) if args.knn_sizes else None
     rows = [row for workdir in args.workdir for row in evaluate_run(workdir, args, rest, sizes)]
     if sizes and not any(r["knn_size"] is not None for r in rows):
         raise UsageError("--knn-sizes needs a run with a kNN memory (model.knn.enabled)")
+    if not is_main_process():
+        return 0
     print(format_table(rows))
     gates_by_run = {r["run"]: r["knn_gate"] for r in rows if r.get("knn_gate")}  # parameters: one per run
     for run, gates in gates_by_run.items():

@@ -47,9 +47,11 @@ def dummy_inputs(cfg: Config, batch_size: int):
             jnp.zeros((batch_size,), jnp.int32))
 
 
-def build(cfg: Config, mesh=None) -> Setup:
+def build(cfg: Config, mesh=None, check_fit: bool = True) -> Setup:
+    """`mesh` may be abstract (jax.sharding.AbstractMesh) for sizes without devices (memtx.fit)."""
     mesh = sharding.make_mesh(cfg) if mesh is None else mesh
-    check_memory_fits(cfg, mesh, max(cfg.data.batch_size, cfg.data.eval_batch_size))
+    if check_fit:
+        check_memory_fits(cfg, mesh, max(cfg.data.batch_size, cfg.data.eval_batch_size))
     model = TransformerLM(cfg.model)
     tx = make_optimizer(cfg.optim, cfg.train.steps)
     def init_boxed(rng):  # a batch of 1 row: parameter shapes do not depend on it
@@ -80,12 +82,13 @@ def memory_shardings(setup: Setup) -> dict:
                         is_leaf=lambda x: isinstance(x, tuple))
 
 
-def abstract_memory(setup: Setup, batch_size: int) -> dict:
+def abstract_memory(setup: Setup, batch_size: int, check_fit: bool = True) -> dict:
     shapes = jax.eval_shape(lambda: init_memory(setup.cfg.model, batch_size))
     shardings = memory_shardings(setup)
     abstract = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s), shapes, shardings)
     sharding.check_divisible(abstract, shardings, "memory")
-    check_memory_fits(setup.cfg, setup.mesh, batch_size)
+    if check_fit:
+        check_memory_fits(setup.cfg, setup.mesh, batch_size)
     return abstract
 
 
@@ -93,7 +96,7 @@ def check_memory_fits(cfg: Config, mesh, batch_size: int) -> None:
     """One-line error when the memory state alone would not fit on the devices."""
     total = model_memory.state_bytes(cfg.model, batch_size)
     per_device = total / mesh.size  # best case: spread over every device
-    device = mesh.devices.flat[0]
+    device = jax.local_devices()[0]  # memory_stats() answers only for this process's devices
     stats = device.memory_stats() if hasattr(device, "memory_stats") else None
     limit = (stats or {}).get("bytes_limit") or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     if per_device > 0.9 * limit:

@@ -15,10 +15,12 @@ import time
 import jax
 
 from memtx import state as state_lib
-from memtx.checkpoint import Checkpointer
+from memtx.checkpoint import run_checkpointer
 from memtx.cli import ArgumentParser, resolve_config, run_cli
 from memtx.config import Config, ConfigError, load_json, save_json, to_dict
-from memtx.data import DocumentStream, check_vocab_fits, open_source
+from memtx.data import check_vocab_fits, open_source
+from memtx.data.stream import ShardedStream
+from memtx.distributed import initialize_from_env, is_main_process
 from memtx.metrics import MetricsWriter, Progress, format_duration
 from memtx.step import make_train_step
 
@@ -47,20 +49,33 @@ def check_resumable(saved: Config, cfg: Config, workdir: str) -> None:
 
 
 def train(cfg: Config, workdir: str) -> dict:
-    """Runs (or continues) training; returns a summary. Checkpoints and metrics go to `workdir`."""
+    """Runs (or continues) training; returns a summary. Checkpoints and metrics go to `workdir`.
+
+    With several processes each runs this same function: every process streams its shards of
+    the documents and takes part in every step and checkpoint; process 0 alone prints, writes
+    metrics and config.json. Checkpoints go to `train.checkpoint_dir` (default
+    WORKDIR/checkpoints), which every process must reach: a shared file system or gs://."""
     setup = state_lib.build(cfg)  # validates the config and the mesh before any compilation
-    # This process's share of the documents, in a seeded order, filling its rows of the batch.
-    source = open_source(cfg.data, "train", train=True, shard_index=jax.process_index(),
-                         num_shards=jax.process_count())
-    check_vocab_fits(source.vocab, cfg.model.vocab_size)
-    stream = DocumentStream(source, cfg.data.batch_size // jax.process_count(), cfg.data.seq_len)
+    main = is_main_process()
+    log = print if main else (lambda *a, **k: None)
+    # This process's document shards, each in a seeded order, filling its rows of the batch.
+    num_shards = cfg.data.shards or jax.process_count()
+    if num_shards % jax.process_count():
+        raise ConfigError(f"config key 'data.shards' ({num_shards}) must be a multiple of the number of processes "
+                          f"({jax.process_count()})")
+    stream = ShardedStream(
+        lambda shard, n: open_source(cfg.data, "train", train=True, shard_index=shard, num_shards=n),
+        cfg.data.batch_size, cfg.data.seq_len, num_shards=num_shards,
+        process_index=jax.process_index(), process_count=jax.process_count())
+    check_vocab_fits(stream.source.vocab, cfg.model.vocab_size)
     os.makedirs(workdir, exist_ok=True)
     config_path = os.path.join(workdir, "config.json")
     if os.path.exists(config_path):
         check_resumable(load_json(config_path), cfg, workdir)
-    save_json(cfg, config_path)
+    if main:
+        save_json(cfg, config_path)
 
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=cfg.train.keep_checkpoints)
+    ckpt = run_checkpointer(cfg, workdir, keep=cfg.train.keep_checkpoints)
     start = ckpt.latest_step() or 0
     if start:
         state, memory, data_state = ckpt.restore(start, setup.abstract_state,
@@ -68,20 +83,22 @@ def train(cfg: Config, workdir: str) -> dict:
         try:
             stream.restore(data_state)
         except ValueError as e:
-            raise ConfigError(f"cannot resume the data stream of step {start} in {workdir}: {e}") from None
-        print(f"resumed from step {start} in {ckpt.directory}", flush=True)
+            raise ConfigError(f"cannot resume the data stream of step {start} in {ckpt.directory}: {e}") from None
+        log(f"resumed from step {start} in {ckpt.directory}", flush=True)
     else:
         state = state_lib.init_state(setup, cfg.train.seed)
         memory = state_lib.init_memory_sharded(setup, cfg.data.batch_size)
     n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(setup.abstract_state["params"]))
-    print(f"model: {n_params / 1e6:.2f}M parameters, {cfg.model.num_layers} layers, d {cfg.model.d_model}, "
-          f"memory {cfg.model.mem_len}, segment {cfg.data.seq_len}, batch {cfg.data.batch_size}; "
-          f"{source.num_docs or 'streamed'} training documents{' per process' if jax.process_count() > 1 else ''} "
-          f"({cfg.data.task + ' task' if cfg.data.task else cfg.data.corpus}, vocabulary {source.vocab.name}); "
-          f"mesh {dict(setup.mesh.shape)}", flush=True)
+    source = stream.source
+    log(f"model: {n_params / 1e6:.2f}M parameters, {cfg.model.num_layers} layers, d {cfg.model.d_model}, "
+        f"memory {cfg.model.mem_len}, segment {cfg.data.seq_len}, batch {cfg.data.batch_size}; "
+        f"{source.num_docs or 'streamed'} training documents per shard, {num_shards} shard(s) over "
+        f"{jax.process_count()} process(es) "
+        f"({cfg.data.task + ' task' if cfg.data.task else cfg.data.corpus}, vocabulary {source.vocab.name}); "
+        f"mesh {dict(setup.mesh.shape)}", flush=True)
 
     train_step = make_train_step(setup)
-    writer = MetricsWriter(workdir, resume_step=start)
+    writer = MetricsWriter(workdir, resume_step=start) if main else None
     stop_at = min(cfg.train.steps, start + cfg.train.stop_after) if cfg.train.stop_after else cfg.train.steps
     tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
     progress = None  # started after the first (compiling) step
@@ -102,11 +119,13 @@ def train(cfg: Config, workdir: str) -> dict:
                 raise NonFiniteLoss(f"non-finite {' and '.join(bad)} at step {s}; kept the last good checkpoint "
                                     f"(step {ckpt.latest_step() or 'none'}) in {ckpt.directory}")
             values["skipped_documents"] = stream.skipped  # unreadable or corrupt, so far (this process)
-            writer.write(s, values)
+            if writer:
+                writer.write(s, values)
             last, total = values, total + values["loss"]
         mean_loss = total / max(len(pending), 1)
         pending.clear()
-        writer.flush()
+        if writer:
+            writer.flush()
         return mean_loss
 
     step, t0 = start, time.perf_counter()
@@ -118,33 +137,35 @@ def train(cfg: Config, workdir: str) -> dict:
             pending.append((step, metrics))
             if step == start + 1:
                 jax.block_until_ready(metrics)
-                print(f"first step (compilation included) took {time.perf_counter() - t0:.1f}s", flush=True)
+                log(f"first step (compilation included) took {time.perf_counter() - t0:.1f}s", flush=True)
                 progress = Progress(cfg.train.steps, done=step)
             save_now = step % cfg.train.checkpoint_every == 0 or step == stop_at or preempted
             if step % cfg.train.log_every == 0 or save_now:
                 n_new = len(pending)
                 loss = flush_metrics()
-                progress.report(step, n_new * tokens_per_step,
-                                f"loss {loss:.4f} ({loss / math.log(2):.3f} bits/token) "
-                                f"lr {last['lr']:.2e} gnorm {last['grad_norm']:.2f}"
-                                + (f" skipped docs {stream.skipped}" if stream.skipped else ""))
+                if main:
+                    progress.report(step, n_new * tokens_per_step,
+                                    f"loss {loss:.4f} ({loss / math.log(2):.3f} bits/token) "
+                                    f"lr {last['lr']:.2e} gnorm {last['grad_norm']:.2f}"
+                                    + (f" skipped docs {stream.skipped}" if stream.skipped else ""))
             if save_now:
                 ckpt.save(step, state, memory, stream.state())
             if preempted:
-                print(f"SIGTERM: saved step {step}; rerun the same command to resume", flush=True)
+                log(f"SIGTERM: saved step {step}; rerun the same command to resume", flush=True)
                 break
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
         ckpt.wait()
         ckpt.close()
-        writer.close()
+        if writer:
+            writer.close()
     elapsed = time.perf_counter() - t0
-    print(f"trained steps {start}..{step} in {format_duration(elapsed)}; checkpoints in {ckpt.directory}",
-          flush=True)
+    log(f"trained steps {start}..{step} in {format_duration(elapsed)}; checkpoints in {ckpt.directory}", flush=True)
     return {"start_step": start, "end_step": step, "seconds": elapsed, "last": last}
 
 
 def main(args: argparse.Namespace, rest: list[str]) -> int:
+    initialize_from_env()  # several processes (TPU pod, GPU cluster): before JAX touches a device
     cfg = resolve_config(args.config, args.workdir, rest)
     try:
         train(cfg, args.workdir)

@@ -481,7 +481,7 @@ def test_train_writes_the_resolved_config_before_compiling(tmp_path, monkeypatch
     def stop(*args, **kwargs):
         raise Stop  # the checkpointer is made right after the config is saved, before initialisation
 
-    monkeypatch.setattr(train_lib, "Checkpointer", stop)
+    monkeypatch.setattr(train_lib, "run_checkpointer", stop)
     monkeypatch.setattr(jax, "jit", lambda *a, **k: pytest.fail("jax.jit called before config.json was written"))
     with pytest.raises(Stop):
         train_lib.train(cfg, str(workdir))

@@ -212,3 +212,50 @@ class DocumentStream:
 def _position(value) -> Position:
     epoch, index = value
     return int(epoch), int(index)
+
+
+class ShardedStream:
+    """One process's rows of the global batch, from `num_shards` disjoint document shards.
+
+    Shard s streams source `source_fn(s, num_shards)` into `batch_size / num_shards` rows;
+    process p of n owns shards p*k .. p*k+k-1 (k = num_shards / n) and concatenates their
+    batches row-wise, which is its block of the global batch. The global batches depend on
+    `num_shards`, not on the number of processes: one process with 2 shards streams exactly
+    what 2 processes with 1 shard each do, and a checkpoint resumes on any process count that
+    divides `num_shards`.
+    """
+
+    def __init__(self, source_fn, batch_size: int, seq_len: int, *, num_shards: int, process_index: int = 0,
+                 process_count: int = 1) -> None:
+        if num_shards % process_count or batch_size % num_shards:
+            raise ValueError(f"{num_shards} data shards must be a multiple of the {process_count} processes and "
+                             f"divide the batch of {batch_size} rows")
+        k = num_shards // process_count
+        self.shards = list(range(process_index * k, (process_index + 1) * k))
+        self.num_shards = num_shards
+        self.streams = [DocumentStream(source_fn(s, num_shards), batch_size // num_shards, seq_len)
+                        for s in self.shards]
+
+    @property
+    def skipped(self) -> int:
+        return sum(s.skipped for s in self.streams)
+
+    @property
+    def source(self):
+        return self.streams[0].source
+
+    def next_batch(self) -> Batch:
+        batches = [s.next_batch() for s in self.streams]  # training sources repeat: never None
+        return {key: np.concatenate([b[key] for b in batches]) for key in batches[0]}
+
+    def state(self) -> dict[str, Any]:
+        """{shard index (str): that shard's stream state} for this process's shards."""
+        return {str(s): stream.state() for s, stream in zip(self.shards, self.streams)}
+
+    def restore(self, states: dict[str, Any]) -> None:
+        """Resume from the states of all shards (every process's `state()`, merged)."""
+        if len(states) != self.num_shards:
+            raise ValueError(f"the saved data stream has {len(states)} shards and this run {self.num_shards}: set "
+                             f"data.shards={len(states)} to resume it on a different number of processes")
+        for s, stream in zip(self.shards, self.streams):
+            stream.restore(states[str(s)])

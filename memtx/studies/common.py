@@ -16,7 +16,7 @@ import jax
 import numpy as np
 
 from memtx import sharding
-from memtx.checkpoint import Checkpointer
+from memtx.checkpoint import run_checkpointer
 from memtx.cli import ArgumentParser, UsageError, resolve_config
 from memtx.config import Config
 from memtx.data import open_source
@@ -48,7 +48,7 @@ class Run:
     split: str
 
     def restore_params(self, setup: Setup):
-        ckpt = Checkpointer(os.path.join(self.workdir, "checkpoints"), async_save=False)
+        ckpt = run_checkpointer(self.cfg, self.workdir, async_save=False)
         return ckpt.restore_params(self.step, setup.abstract_state["params"])
 
     def documents(self, max_docs: int | None) -> SourceFn:
@@ -68,7 +68,7 @@ def find_runs(args: argparse.Namespace, rest: list[str]) -> list[Run]:
         if not os.path.isdir(workdir):
             raise UsageError(f"work directory '{workdir}' does not exist")
         cfg = resolve_config(None, workdir, rest)
-        ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
+        ckpt = run_checkpointer(cfg, workdir, async_save=False)
         step = args.step if args.step is not None else ckpt.latest_step()
         if step is None or step not in ckpt.all_steps():
             raise UsageError(f"no checkpoint{'' if step is None else f' at step {step}'} in {ckpt.directory}")
