@@ -12,7 +12,7 @@
 # MEMTX_PORT (default 12355) is the coordinator's port under SLURM.
 set -euo pipefail
 if [ $# -lt 2 ]; then
-  sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//' >&2
+  sed -n '2,/^set -euo/p' "$0" | grep '^#' | sed 's/^# \{0,1\}//' >&2
   exit 2
 fi
 config=$1 workdir=$2

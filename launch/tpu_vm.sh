@@ -6,16 +6,17 @@
 #   launch/tpu_vm.sh setup    NAME ZONE                          # copy this commit, install .venv
 #   launch/tpu_vm.sh train    NAME ZONE CONFIG GS_RUN [--config.KEY=VALUE ...]
 #   launch/tpu_vm.sh logs     NAME ZONE                          # follow worker 0's log
+#   launch/tpu_vm.sh sync     NAME ZONE GS_RUN                   # worker 0's config, metrics, log -> GS_RUN
 #   launch/tpu_vm.sh delete   NAME ZONE
 #
 # GS_RUN (gs://BUCKET/runs/NAME) holds the checkpoints (train.checkpoint_dir, written by every
 # worker through orbax); each worker keeps its work directory (config.json, metrics from worker
-# 0, the log) in ~/memtx_runs/NAME. Data comes from gs:// as well, e.g.
+# 0, the log) in ~/memtx_runs/NAME, which `sync` copies to GS_RUN/workdir. Data comes from gs://:
 #   --config.data.task=pg19 --config.data.data_dir=gs://BUCKET/tensorflow_datasets
 # Rerunning `train` after a preemption resumes from the latest checkpoint in GS_RUN.
 set -euo pipefail
 cmd=${1:-}; name=${2:-}; zone=${3:-}
-usage() { sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+usage() { sed -n '2,/^set -euo/p' "$0" | grep '^#' | sed 's/^# \{0,1\}//' >&2; exit 2; }
 [ -n "$cmd" ] && [ -n "$name" ] && [ -n "$zone" ] || usage
 command -v gcloud >/dev/null || { echo "error: gcloud is not installed (https://cloud.google.com/sdk)" >&2; exit 2; }
 cd "$(dirname "$0")/.."
@@ -48,6 +49,11 @@ case "$cmd" in
     ;;
   logs)
     gcloud compute tpus tpu-vm ssh "$name" --zone "$zone" --worker=0 --command 'tail -F ~/memtx_runs/*/train.log'
+    ;;
+  sync)
+    run=${4:?gs://BUCKET/runs/NAME}
+    gcloud compute tpus tpu-vm ssh "$name" --zone "$zone" --worker=0 \
+      --command "gsutil -m rsync -r ~/memtx_runs/$(basename "$run") $run/workdir"
     ;;
   delete)
     gcloud compute tpus tpu-vm delete "$name" --zone "$zone" --quiet
