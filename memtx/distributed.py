@@ -89,3 +89,9 @@ def initialize_from_env() -> bool:
 def is_main_process() -> bool:
     """Process 0 logs, writes metrics and config.json; every process checkpoints (orbax)."""
     return jax.process_index() == 0
+
+
+def main_print(*args, **kwargs) -> None:
+    """`print` on process 0; nothing on the others."""
+    if is_main_process():
+        print(*args, **kwargs)

@@ -25,7 +25,7 @@ from memtx.cli import ArgumentParser, UsageError, parse_int_list, resolve_config
 from memtx.config import Config
 from memtx.data import DocumentStream, check_vocab_fits, open_source
 from memtx.data.sources import SourceFn
-from memtx.distributed import initialize_from_env, is_main_process
+from memtx.distributed import initialize_from_env, is_main_process, main_print
 from memtx.metrics import Progress, format_duration
 from memtx.step import make_eval_step
 
@@ -163,7 +163,6 @@ def plot_memory_scaling(rows: list[dict], path: str, title: str) -> bool:
 
 def evaluate_run(workdir: str, args: argparse.Namespace, rest: list[str], sizes: list[int] | None) -> list[dict]:
     """Evaluates one work directory's checkpoint, at each kNN memory size if it has a kNN memory."""
-    log = print if is_main_process() else (lambda *a, **k: None)
     if not os.path.isdir(workdir):
         raise UsageError(f"work directory '{workdir}' does not exist")
     cfg: Config = resolve_config(args.config, workdir, rest)
@@ -190,7 +189,7 @@ def evaluate_run(workdir: str, args: argparse.Namespace, rest: list[str], sizes:
     for setup in setups:
         m = setup.cfg.model
         knn_size = m.knn.size if m.knn.enabled else None
-        log(f"{workdir}: evaluating step {step} on {probe.num_docs or 'all'} {cfg.data.eval_split} documents of the {where}, "
+        main_print(f"{workdir}: evaluating step {step} on {probe.num_docs or 'all'} {cfg.data.eval_split} documents of the {where}, "
               f"{'LaMemo' if m.memory_type == 'lamemo' else 'XL'} memory {m.mem_len}, kNN memory {knn_size if knn_size is not None else 'none'}, segment {cfg.data.seq_len}",
               flush=True)
         result = evaluate(setup, params, source_fn, verbose=is_main_process())

@@ -41,12 +41,9 @@ ACTIVATIONS = "activations, gradients (estimate)"
 def parse_target(target: str) -> tuple[str, int, int]:
     """'v5e-16' -> ('v5e', 16 devices, bytes per device); 'cpu' -> this machine's devices."""
     if target == "cpu":
-        device = jax.local_devices()[0]
-        stats = device.memory_stats() if hasattr(device, "memory_stats") else None
-        import os
+        from memtx.state import device_memory_bytes
 
-        limit = (stats or {}).get("bytes_limit") or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        return "cpu", jax.device_count(), int(limit)
+        return "cpu", jax.device_count(), device_memory_bytes()
     m = re.fullmatch(r"(v4|v5p|v5e|v6e)-(\d+)|(h100|h200|a100)x(\d+)", target.lower())
     if not m:
         raise UsageError(f"unknown --target {target!r}; e.g. v4-32, v5p-64, v5e-16, v6e-8, h100x8, h200x16, cpu")

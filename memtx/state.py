@@ -92,13 +92,18 @@ def abstract_memory(setup: Setup, batch_size: int, check_fit: bool = True) -> di
     return abstract
 
 
+def device_memory_bytes() -> int:
+    """Memory of one of this process's devices (the host's RAM for CPU devices)."""
+    device = jax.local_devices()[0]  # memory_stats() answers only for this process's devices
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    return int((stats or {}).get("bytes_limit") or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
 def check_memory_fits(cfg: Config, mesh, batch_size: int) -> None:
     """One-line error when the memory state alone would not fit on the devices."""
     total = model_memory.state_bytes(cfg.model, batch_size)
     per_device = total / mesh.size  # best case: spread over every device
-    device = jax.local_devices()[0]  # memory_stats() answers only for this process's devices
-    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
-    limit = (stats or {}).get("bytes_limit") or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    limit = device_memory_bytes()
     if per_device > 0.9 * limit:
         raise ConfigError(
             f"the memory state needs {total / 2**30:.1f} GiB ({per_device / 2**30:.1f} GiB per device) but a "

@@ -20,7 +20,7 @@ from memtx.cli import ArgumentParser, resolve_config, run_cli
 from memtx.config import Config, ConfigError, load_json, save_json, to_dict
 from memtx.data import check_vocab_fits, open_source
 from memtx.data.stream import ShardedStream
-from memtx.distributed import initialize_from_env, is_main_process
+from memtx.distributed import initialize_from_env, is_main_process, main_print
 from memtx.metrics import MetricsWriter, Progress, format_duration
 from memtx.step import make_train_step
 
@@ -57,7 +57,6 @@ def train(cfg: Config, workdir: str) -> dict:
     WORKDIR/checkpoints), which every process must reach: a shared file system or gs://."""
     setup = state_lib.build(cfg)  # validates the config and the mesh before any compilation
     main = is_main_process()
-    log = print if main else (lambda *a, **k: None)
     # This process's document shards, each in a seeded order, filling its rows of the batch.
     num_shards = cfg.data.shards or jax.process_count()
     if num_shards % jax.process_count():
@@ -84,18 +83,18 @@ def train(cfg: Config, workdir: str) -> dict:
             stream.restore(data_state)
         except ValueError as e:
             raise ConfigError(f"cannot resume the data stream of step {start} in {ckpt.directory}: {e}") from None
-        log(f"resumed from step {start} in {ckpt.directory}", flush=True)
+        main_print(f"resumed from step {start} in {ckpt.directory}", flush=True)
     else:
         state = state_lib.init_state(setup, cfg.train.seed)
         memory = state_lib.init_memory_sharded(setup, cfg.data.batch_size)
     n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(setup.abstract_state["params"]))
     source = stream.source
-    log(f"model: {n_params / 1e6:.2f}M parameters, {cfg.model.num_layers} layers, d {cfg.model.d_model}, "
-        f"memory {cfg.model.mem_len}, segment {cfg.data.seq_len}, batch {cfg.data.batch_size}; "
-        f"{source.num_docs or 'streamed'} training documents per shard, {num_shards} shard(s) over "
-        f"{jax.process_count()} process(es) "
-        f"({cfg.data.task + ' task' if cfg.data.task else cfg.data.corpus}, vocabulary {source.vocab.name}); "
-        f"mesh {dict(setup.mesh.shape)}", flush=True)
+    main_print(f"model: {n_params / 1e6:.2f}M parameters, {cfg.model.num_layers} layers, d {cfg.model.d_model}, "
+               f"memory {cfg.model.mem_len}, segment {cfg.data.seq_len}, batch {cfg.data.batch_size}; "
+               f"{source.num_docs or 'streamed'} training documents per shard, {num_shards} shard(s) over "
+               f"{jax.process_count()} process(es) "
+               f"({cfg.data.task + ' task' if cfg.data.task else cfg.data.corpus}, vocabulary {source.vocab.name}); "
+               f"mesh {dict(setup.mesh.shape)}", flush=True)
 
     train_step = make_train_step(setup)
     writer = MetricsWriter(workdir, resume_step=start) if main else None
@@ -137,7 +136,7 @@ def train(cfg: Config, workdir: str) -> dict:
             pending.append((step, metrics))
             if step == start + 1:
                 jax.block_until_ready(metrics)
-                log(f"first step (compilation included) took {time.perf_counter() - t0:.1f}s", flush=True)
+                main_print(f"first step (compilation included) took {time.perf_counter() - t0:.1f}s", flush=True)
                 progress = Progress(cfg.train.steps, done=step)
             save_now = step % cfg.train.checkpoint_every == 0 or step == stop_at or preempted
             if step % cfg.train.log_every == 0 or save_now:
@@ -151,7 +150,7 @@ def train(cfg: Config, workdir: str) -> dict:
             if save_now:
                 ckpt.save(step, state, memory, stream.state())
             if preempted:
-                log(f"SIGTERM: saved step {step}; rerun the same command to resume", flush=True)
+                main_print(f"SIGTERM: saved step {step}; rerun the same command to resume", flush=True)
                 break
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
@@ -160,7 +159,7 @@ def train(cfg: Config, workdir: str) -> dict:
         if writer:
             writer.close()
     elapsed = time.perf_counter() - t0
-    log(f"trained steps {start}..{step} in {format_duration(elapsed)}; checkpoints in {ckpt.directory}", flush=True)
+    main_print(f"trained steps {start}..{step} in {format_duration(elapsed)}; checkpoints in {ckpt.directory}", flush=True)
     return {"start_step": start, "end_step": step, "seconds": elapsed, "last": last}
 
 

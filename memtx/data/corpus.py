@@ -159,11 +159,16 @@ def split_documents(
     return selected
 
 
+def read_bytes(doc: Document) -> bytes:
+    """The bytes of `doc`; raises OSError if the file cannot be read."""
+    with open(doc.path, "rb") as f:
+        return f.read()
+
+
 def read_document(doc: Document) -> bytes:
     """The bytes of `doc`; b"" (with one logged warning) if the file cannot be read."""
     try:
-        with open(doc.path, "rb") as f:
-            return f.read()
+        return read_bytes(doc)
     except OSError as e:
         logger.warning("cannot read document %r: %s", doc.path, e)
         return b""

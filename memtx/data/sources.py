@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import numpy as np
 
-from memtx.data.corpus import CorpusError, Document, list_documents, read_document, split_documents
+from memtx.data.corpus import CorpusError, Document, list_documents, read_bytes, read_document, split_documents
 from memtx.data.vocab import ByteVocab, UndecodableDocument, Vocab, load_vocab
 
 logger = logging.getLogger(__name__)
@@ -40,11 +40,6 @@ class DocumentSource(Protocol):
 def epoch_order(n: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
     """The draw order of one epoch of `n` documents: seeded per epoch, or the given order."""
     return np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
-
-
-def _read_file(doc: Document) -> bytes:
-    with open(doc.path, "rb") as f:
-        return f.read()
 
 
 def _safe_read(read_fn: ReadFn, doc: Document) -> bytes | None:
@@ -86,7 +81,7 @@ class FileSource:
     (for SentencePiece) is not UTF-8, is yielded as None with a logged warning."""
 
     def __init__(self, docs: Sequence[Document], *, vocab: Vocab | None = None, shuffle: bool, repeat: bool,
-                 seed: int = 0, shard_index: int = 0, num_shards: int = 1, read_fn: ReadFn = _read_file):
+                 seed: int = 0, shard_index: int = 0, num_shards: int = 1, read_fn: ReadFn = read_bytes):
         if num_shards <= 0 or not 0 <= shard_index < num_shards:
             raise ValueError(f"invalid shard {shard_index} of {num_shards} shards")
         self.vocab = vocab or ByteVocab()
