@@ -1,9 +1,9 @@
-"""Memorizing Transformer: a kNN memory in one layer (default 3/4 depth), optional XL cache.
+"""Memorizing Transformer: a kNN memory in one layer (default: the 4th layer from the top), optional XL cache.
 
 Presets mirror the structure of the paper's Table 4 (segment 512; kNN memory 1,536 / 8,192 /
 65,536 / 262,144; with or without an XL cache of 512):
   paper_SIZE, paper_SIZE_xl   the paper's model size for accelerators: 12 layers, d 1024,
-                              8 heads x 128, FFN 4096, k 32, memory at layer 9
+                              8 heads x 128, FFN 4096, k 32, memory at layer 8 (meliad: the 4th from the top)
   cpu_SIZE,   cpu_SIZE_xl     the same structure at CPU size (4 layers, d 128, segment 64)
   cpu                         (default) the small memorizing model of the default run:
                               the CPU Transformer-XL of configs/txl.py:cpu plus a 2,048-entry
@@ -25,7 +25,7 @@ def paper(size: int, xl_cache: bool) -> Config:
         name=f"knn_paper_{size}{'_xl' if xl_cache else ''}",
         model=ModelConfig(num_layers=12, d_model=1024, num_heads=8, head_dim=128, d_ff=4096,
                           mem_len=512 if xl_cache else 0, pre_norm=True, dtype="bfloat16",
-                          knn=KNNConfig(enabled=True, layers=(9,), size=size, k=32, backend="approx")),
+                          knn=KNNConfig(enabled=True, layers=(8,), size=size, k=32, backend="approx")),
         data=DataConfig(seq_len=512, batch_size=8, eval_batch_size=8),
         optim=OptimConfig(learning_rate=3e-4, warmup_steps=1000, clip_norm=0.25),
         train=TrainConfig(steps=500_000, log_every=200, checkpoint_every=5000))

@@ -49,10 +49,10 @@ def l2_normalize(x, eps: float = 1e-6):
 class RelativeAttention(nn.Module):
     """Multi-head attention of the current segment over [memory ; segment], XL positions.
 
-    With `knn_memory` (a Memorizing Transformer layer, spec §3) queries and keys are
-    L2-normalised and a learned per-head scale replaces 1/sqrt(Dh); each query also retrieves its
-    top-k entries from the kNN store, attends over them with its own softmax, and a learned
-    per-head gate mixes the two results. Returns (output, new kNN memory or None).
+    With `knn_memory` (a Memorizing Transformer layer, spec §3) or `cfg.qk_norm` queries and keys
+    are L2-normalised and a learned per-head scale replaces 1/sqrt(Dh); in a kNN layer each query
+    (the normalised q, without u) also retrieves its top-k entries from the kNN store, attends over
+    them with its own softmax, and a learned per-head gate mixes the two results. Returns (output, new kNN memory or None).
     """
 
     cfg: ModelConfig
@@ -79,11 +79,10 @@ class RelativeAttention(nn.Module):
         q_BNHD = nn.with_logical_constraint(q_BNHD, ("act_batch", "act_seq", "act_heads", "act_kv"))
         k_BKHD = nn.with_logical_constraint(k_BKHD, ("act_batch", "act_seq", "act_heads", "act_kv"))
         v_BKHD = nn.with_logical_constraint(v_BKHD, ("act_batch", "act_seq", "act_heads", "act_kv"))
-        if knn_memory is not None:
+        if knn_memory is not None or cfg.qk_norm:  # spec §3: normalised q, k and a learned per-head scale
             q_BNHD, k_BKHD = l2_normalize(q_BNHD), l2_normalize(k_BKHD)
             log_scale_H = param_with_axes(self, "log_scale", (H,), ("heads",),
                                           nn.initializers.constant(0.5 * math.log(Dh)))
-            gate_bias_H = param_with_axes(self, "gate_bias", (H,), ("heads",), nn.initializers.zeros)
             scale_H11 = jnp.exp(log_scale_H)[:, None, None]
         else:
             scale_H11 = 1.0 / jnp.sqrt(jnp.float32(Dh))
@@ -106,15 +105,25 @@ class RelativeAttention(nn.Module):
         probs_BHNK = nn.Dropout(cfg.attn_dropout)(probs_BHNK, deterministic=deterministic)
 
         out_BNHD = jnp.einsum("bhnk,bkhd->bnhd", probs_BHNK.astype(dtype), v_BKHD)
-        if knn_memory is not None and knn_memory["keys"].shape[2] > 0:  # size 0: local attention only
-            query_BHND = jnp.swapaxes(q_BNHD + u_HD.astype(dtype), 1, 2)
+        if knn_memory is not None:
+            gate_bias_H = param_with_axes(self, "gate_bias", (H,), ("heads",),
+                                          nn.initializers.constant(cfg.knn.gate_bias_init))
+            # meliad queries the store with the normalised q alone: no content bias u (the stored
+            # keys carry no position).
+            query_BHND = jnp.swapaxes(q_BNHD, 1, 2)
             out_BNHD = self.mix_in_memory(out_BNHD, query_BHND, jnp.exp(log_scale_H), gate_bias_H, knn_memory)
-            knn_memory = knn.write(knn_memory, k_BKHD[:, M:], v_BKHD[:, M:], num_valid_B)
+            if knn_memory["keys"].shape[2] > 0:  # size 0: nothing is ever stored (every read is empty)
+                knn_memory = knn.write(knn_memory, k_BKHD[:, M:], v_BKHD[:, M:], num_valid_B)
         return jnp.einsum("bnhd,hde->bne", out_BNHD, w_o), knn_memory
 
     def mix_in_memory(self, local_BNHD, query_BHND, scale_H, gate_bias_H, knn_memory):
-        """out = g * a_mem + (1 - g) * a_local per head; a_local alone where nothing is retrieved."""
+        """out = g * a_mem + (1 - g) * a_local per head, g = sigmoid(gate_bias); a query with no valid
+        entry (an empty or size-0 store) reads a_mem = 0, so out = (1 - g) * a_local (spec §3, meliad)."""
         c = self.cfg.knn
+        g_H = jax.nn.sigmoid(gate_bias_H).astype(local_BNHD.dtype)
+        local_BNHD = (1 - g_H[:, None]) * local_BNHD
+        if knn_memory["keys"].shape[2] == 0:
+            return local_BNHD
         memory = jax.tree.map(jax.lax.stop_gradient, knn_memory)  # stored entries are constants
         # The search itself is not differentiated (its backward would be another N x S matmul):
         # the k winners' scores are recomputed from their gathered keys, so the gradient reaching
@@ -124,10 +133,9 @@ class RelativeAttention(nn.Module):
         keys_BHNKD = knn.gather(memory["keys"], slots_BHNK).astype(query_BHND.dtype)
         scores_BHNK = jnp.einsum("bhnd,bhnkd->bhnk", query_BHND, keys_BHNKD, preferred_element_type=jnp.float32)
         logits = jnp.where(valid_BHNK, scores_BHNK * scale_H[None, :, None, None], NEG_INF)
-        probs_BHNK = jax.nn.softmax(logits, axis=-1)
+        probs_BHNK = jnp.where(valid_BHNK, jax.nn.softmax(logits, axis=-1), 0.0)  # all invalid: zeros, not 1/k
         values_BHNKD = knn.gather(memory["values"], slots_BHNK).astype(local_BNHD.dtype)
         a_mem_BNHD = jnp.einsum("bhnk,bhnkd->bnhd", probs_BHNK.astype(local_BNHD.dtype), values_BHNKD)
-        any_valid_BNH = jnp.swapaxes(valid_BHNK.any(-1), 1, 2)
-        g_BNH = jnp.where(any_valid_BNH, jax.nn.sigmoid(gate_bias_H), 0.0).astype(local_BNHD.dtype)
         self.sow("intermediates", "knn_top1", (scores_BHNK[..., 0], valid_BHNK[..., 0]))
-        return g_BNH[..., None] * a_mem_BNHD + (1 - g_BNH[..., None]) * local_BNHD
+        self.sow("intermediates", "knn_probs", probs_BHNK)
+        return g_H[:, None] * a_mem_BNHD + local_BNHD

@@ -30,18 +30,25 @@ class KNNConfig:
     """The Memorizing Transformer's kNN memory (spec §3); off unless `enabled`."""
 
     enabled: bool = False
-    layers: tuple[int, ...] = ()  # memory layer indices; empty: one layer at 3/4 depth
+    layers: tuple[int, ...] = ()  # memory layer indices; empty: the 4th layer from the top (L-4), as meliad
     size: int = 8192  # slots per row and head (not a parameter: any size at evaluation; 0: none)
     k: int = 32  # retrieved entries per query
     backend: str = "exact"  # exact (lax.top_k) | approx (lax.approx_max_k; TPU) | chunked
     recall_target: float = 0.95  # approx backend
     chunk_size: int = 4096  # chunked backend
     dtype: str = "float32"  # storage: float32 | bfloat16 (half the bytes)
+    gate_bias_init: float = 0.0  # initial b_h of the gate g = sigmoid(b_h) (0: g = 0.5)
 
     def layer_indices(self, num_layers: int) -> tuple[int, ...]:
         if not self.enabled:
             return ()
-        return self.layers or (3 * num_layers // 4,)
+        return self.layers or (default_knn_layer(num_layers),)
+
+
+def default_knn_layer(num_layers: int) -> int:
+    """The official implementation's (google-research/meliad) placement: the 4th layer from the
+    top, index L-4 (layer 8 of 0..11), never the top layer; layer 0 for models of 4 or fewer."""
+    return max(num_layers - 4, 0)
 
 
 @dataclass
@@ -68,6 +75,10 @@ class ModelConfig:
     clamp_len: int = 0
     memory_type: str = "xl"  # xl: Transformer-XL recurrence (spec §1) | lamemo: look-ahead memory (spec §2)
     pre_norm: bool = False  # False: post-LN as the reference; True: pre-LN (+ final LN)
+    # L2-normalised queries and keys with a learned per-head scale in every layer (meliad does this
+    # in every layer of its kNN models); the kNN layer always normalises. With it on in both, a
+    # Transformer-XL baseline differs from its kNN model in the memory alone.
+    qk_norm: bool = False
     dropout: float = 0.0  # embeddings, residual branches, FFN
     attn_dropout: float = 0.0  # attention probabilities (the papers use none)
     layer_norm_eps: float = 1e-5
@@ -222,7 +233,8 @@ def _parse_value(key: str, text: str, typ: Any) -> Any:
     if origin is tuple:
         args = typing.get_args(typ)
         try:
-            value = ast.literal_eval(text if text.strip().startswith("(") else f"({text},)")
+            body = text.strip()  # 9, or 9 or 8,9 or (8, 9); an empty text is the empty tuple
+            value = ast.literal_eval(body if body.startswith("(") else f"({body.rstrip(',')},)" if body.rstrip(",") else "()")
         except (ValueError, SyntaxError):
             if args and args[0] is str:  # unquoted names: data,fsdp,model
                 value = tuple(part.strip() for part in text.strip().strip("()").split(",") if part.strip())
@@ -387,6 +399,8 @@ def validate(cfg: Config, num_devices: int) -> tuple[int, ...]:
         for f in dataclasses.fields(LaMemoConfig):
             if getattr(m.lamemo, f.name) != getattr(LaMemoConfig(), f.name):
                 raise ConfigError(f"config key 'model.lamemo.{f.name}' applies only with model.memory_type 'lamemo'")
+    if m.qk_norm and m.memory_type == "lamemo":
+        raise ConfigError("config key 'model.qk_norm' applies only with model.memory_type 'xl' (LaMemo follows its authors' attention)")
     if m.lamemo.encoding not in ("disentangled", "xl"):
         raise ConfigError(f"config key 'model.lamemo.encoding' must be disentangled or xl, got '{m.lamemo.encoding}'")
     if knn.enabled:

@@ -120,8 +120,8 @@ def _batch(tokens, reset):
             "reset": jnp.asarray(reset)}
 
 
-def test_default_memory_layer_is_at_three_quarters_depth():
-    assert KNNConfig(enabled=True).layer_indices(12) == (9,)
+def test_default_memory_layer_is_the_fourth_from_the_top():
+    assert KNNConfig(enabled=True).layer_indices(12) == (8,)  # meliad: index L-4, never the top
     assert KNNConfig(enabled=False).layer_indices(12) == ()
     cfg, _, params = knn_model()
     assert "gate_bias" in params["layer_1"]["attn"] and "gate_bias" not in params["layer_0"]["attn"]
