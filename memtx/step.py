@@ -44,7 +44,8 @@ def make_train_step(setup: Setup):
 
 
 def make_eval_step(setup: Setup):
-    """(params, memory, batch) -> (memory, sums): NLL, tokens, and kNN retrieval statistics.
+    """(params, memory, batch) -> (memory, sums): NLL, tokens, and kNN retrieval statistics, and
+    `nll_BN`, the segment's per-token NLL (0 at padding), for per-document and per-token breakdowns.
 
     Retrieval sums (memory layers only): `top1_sum`/`top1_count` over scored tokens whose top
     entry is valid (its inner product with the query), `fill_sum` of each row's store fill
@@ -56,7 +57,7 @@ def make_eval_step(setup: Setup):
     def eval_step(params, memory, batch):
         nll_BN, memory, inter = segment_nll(model, params, memory, batch, with_intermediates=True)
         scored_BN = batch["weights"] > 0
-        sums = {"nll": jnp.sum(nll_BN), "tokens": jnp.sum(batch["weights"]),
+        sums = {"nll_BN": nll_BN, "nll": jnp.sum(nll_BN), "tokens": jnp.sum(batch["weights"]),
                 "top1_sum": jnp.float32(0), "top1_count": jnp.float32(0), "fill_sum": jnp.float32(0)}
         for layer, store in memory["knn"].items():
             if knn_cfg.size == 0:

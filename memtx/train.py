@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import signal
@@ -19,6 +20,8 @@ from memtx.checkpoint import run_checkpointer
 from memtx.cli import ArgumentParser, resolve_config, run_cli
 from memtx.config import Config, ConfigError, load_json, save_json, to_dict
 from memtx.data import check_vocab_fits, open_source
+from memtx.data.fingerprint import corpus_fingerprint
+from memtx.data.fingerprint import describe as describe_fingerprint
 from memtx.data.stream import ShardedStream
 from memtx.distributed import initialize_from_env, is_main_process, main_print
 from memtx.metrics import MetricsWriter, Progress, format_duration
@@ -48,6 +51,27 @@ def check_resumable(saved: Config, cfg: Config, workdir: str) -> None:
                               "use a new --workdir or the same config")
 
 
+def record_corpus(cfg: Config, workdir: str) -> dict:
+    """Prints the training corpus's fingerprint and keeps it in WORKDIR/run_info.json (a note when
+    it differs from the one recorded when the run started)."""
+    fp = corpus_fingerprint(cfg.data)
+    path = os.path.join(workdir, "run_info.json")
+    info = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            info = json.load(f)
+    before = info.get("corpus")
+    if before and before.get("sha256") != fp["sha256"]:
+        print(f"note: the training data changed since this run recorded it (was {describe_fingerprint(before)})",
+              flush=True)
+        info.setdefault("previous_corpus", []).append(before)
+    info["corpus"] = fp
+    with open(path, "w") as f:
+        json.dump(info, f, indent=2)
+    print(f"data: {describe_fingerprint(fp)}", flush=True)
+    return fp
+
+
 def train(cfg: Config, workdir: str) -> dict:
     """Runs (or continues) training; returns a summary. Checkpoints and metrics go to `workdir`.
 
@@ -73,6 +97,7 @@ def train(cfg: Config, workdir: str) -> dict:
         check_resumable(load_json(config_path), cfg, workdir)
     if main:
         save_json(cfg, config_path)
+        record_corpus(cfg, workdir)
 
     ckpt = run_checkpointer(cfg, workdir, keep=cfg.train.keep_checkpoints)
     start = ckpt.latest_step() or 0

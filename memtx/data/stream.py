@@ -49,6 +49,9 @@ class DocumentStream:
         self._row_doc: list[Position | None] = [None] * batch_size
         self._row_pos = [0] * batch_size
         self._row_tokens: list[np.ndarray | None] = [None] * batch_size
+        # What the last batch holds, per row: (document position, index of its first target in the
+        # document's ids, number of targets, the ids), or None for an idle row.
+        self.last_segments: list[tuple[Position, int, int, np.ndarray] | None] = [None] * batch_size
         self._iter: Iterator | None = None
         self._ended = False
         if state is not None:
@@ -105,12 +108,14 @@ class DocumentStream:
         targets = np.full((B, N), pad, dtype=np.int32)
         weights = np.zeros((B, N), dtype=np.float32)
         reset = np.zeros((B,), dtype=bool)
+        self.last_segments = [None] * B
         for row in range(B):
             tokens = self._row_tokens[row]
             if tokens is None:
                 continue
             pos = self._row_pos[row]
             m = min(N, len(tokens) - 1 - pos)
+            self.last_segments[row] = (self._row_doc[row], pos, m, tokens[1:])
             inputs[row, :m] = tokens[pos : pos + m]
             targets[row, :m] = tokens[pos + 1 : pos + 1 + m]
             weights[row, :m] = 1.0
