@@ -39,4 +39,5 @@ def describe(fp: dict) -> str:
     if fp.get("task"):
         where = f" ({fp['data_dir']})" if fp.get("data_dir") else ""
         return f"task {fp['task']}{where}, fingerprint {fp['sha256']}"
-    return f"corpus {fp['corpus']}: {fp['documents']:,} documents, {fp['bytes'] / 1e6:,.1f} MB, fingerprint {fp['sha256']}"
+    size = f"{fp['bytes'] / 1e6:,.1f} MB" if fp["bytes"] >= 1e6 else f"{fp['bytes']:,} bytes"
+    return f"corpus {fp['corpus']}: {fp['documents']:,} documents, {size}, fingerprint {fp['sha256']}"
