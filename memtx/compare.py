@@ -118,8 +118,11 @@ def check_args(args: argparse.Namespace, rest: list[str]) -> tuple[list[ConfigSp
 
 
 def train_all(specs: list[ConfigSpec], common: list[str], args: argparse.Namespace) -> dict[str, list[Config]]:
+    from memtx.state import build
     from memtx.train import train
-    cfgs = {s.label: [resolve(s, common, seed) for seed in range(args.seeds)] for s in specs}  # all checked first
+    cfgs = {s.label: [resolve(s, common, seed) for seed in range(args.seeds)] for s in specs}
+    for s in specs:
+        build(cfgs[s.label][0])  # every config checked (keys, mesh, memory) before the first is trained
     first = cfgs[specs[0].label][0]
     for s in specs[1:]:
         other = cfgs[s.label][0]
@@ -158,7 +161,8 @@ def evaluate_all(specs: list[ConfigSpec], cfgs: dict[str, list[Config]], args: a
             cfg = evaluate_lib.run_config(workdir, split=args.eval_split)
             if args.eval_max_docs is not None:
                 cfg.data.eval_max_docs = args.eval_max_docs
-            row, = evaluate_lib.evaluate_workdir(workdir, cfg, local_window=window, far_reach=far_reach, reuse=True)
+            row, = evaluate_lib.evaluate_workdir(workdir, cfg, local_window=window, far_reach=far_reach, reuse=True,
+                                                 name=f"{s.label}/seed{seed}")
             base = (results[specs[0].label] or results[s.label] or [row])[0]
             why = evaluate_lib.not_paired(base, row)
             if why:

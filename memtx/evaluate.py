@@ -330,9 +330,20 @@ def result_path(workdir: str, identity: dict) -> str:
     raise UsageError(f"999 different evaluations named {stem} in {workdir}")
 
 
+def run_names(workdirs: list[str]) -> list[str]:
+    """Each work directory's name in the tables: its last path component, or as many as make it
+    unique (runs/a/seed0 and runs/b/seed0: a/seed0, b/seed0)."""
+    parts = [os.path.normpath(os.path.abspath(w)).split(os.sep) for w in workdirs]
+    for k in range(1, max(map(len, parts)) + 1):
+        names = ["/".join(p[-k:]) for p in parts]
+        if len(set(names)) == len(set(map(tuple, parts))):
+            return names
+    return names
+
+
 def evaluate_workdir(workdir: str, cfg: Config, *, step: int | None = None, knn_sizes: list[int] | None = None,
                      local_window: int | None = None, far_reach: int = DEFAULT_FAR_REACH,
-                     copy_ngram: int = DEFAULT_NGRAM, reuse: bool = False) -> list[dict]:
+                     copy_ngram: int = DEFAULT_NGRAM, reuse: bool = False, name: str | None = None) -> list[dict]:
     """Evaluates one work directory's checkpoint (`step`, default the latest) under `cfg`, at each
     of `knn_sizes` if it has a kNN memory; writes each result's JSON (see `result_path`) and returns
     the results. `reuse`: a result already written for the same evaluation and copyability settings
@@ -378,7 +389,7 @@ def evaluate_workdir(workdir: str, cfg: Config, *, step: int | None = None, knn_
                    flush=True)
         result = evaluate(setup, params, source_fn, verbose=is_main_process(), local_window=window,
                           far_reach=far_reach, copy_ngram=copy_ngram)
-        result.update(run=os.path.basename(os.path.normpath(workdir)), split=cfg.data.eval_split, mem_len=m.mem_len,
+        result.update(run=name or os.path.basename(os.path.normpath(workdir)), split=cfg.data.eval_split, mem_len=m.mem_len,
                       memory_type=m.memory_type, knn_size=knn_size, seq_len=cfg.data.seq_len, step=step,
                       corpus=fingerprint, identity=identity)
         if is_main_process():
@@ -402,9 +413,9 @@ def main(args: argparse.Namespace, rest: list[str]) -> int:
     far_reach = args.far_reach or default_far_reach(cfgs, sizes)
     for line in dict.fromkeys(describe_fingerprint(corpus_fingerprint(c.data)) for c in cfgs):
         main_print(f"data: {line}", flush=True)
-    rows = [row for workdir, cfg in zip(args.workdir, cfgs)
+    rows = [row for workdir, cfg, name in zip(args.workdir, cfgs, run_names(args.workdir))
             for row in evaluate_workdir(workdir, cfg, step=args.step, knn_sizes=sizes, local_window=window,
-                                        far_reach=far_reach, copy_ngram=args.copy_ngram)]
+                                        far_reach=far_reach, copy_ngram=args.copy_ngram, name=name)]
     if not is_main_process():
         return 0
     print(format_table(rows))
