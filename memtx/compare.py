@@ -1,7 +1,7 @@
 """Compare configs over seeds, on the same batches: is a difference signal or noise?
 
     python -m memtx.compare --out runs/compare --seeds 3 configs/txl.py:cpu configs/lamemo.py:cpu \\
-        nokv=configs/knn.py:cpu@model.knn.size=0 [--last-steps 500] [--eval-max-docs 12] \\
+        knn0=configs/knn.py:cpu@model.knn.size=0 [--last-steps 500] [--eval-max-docs 12] \\
         [--eval-split validation] [--config.train.steps=2500 ...]
 
 Each config is trained with train.seed = 0..SEEDS-1 into OUT/LABEL/seed<S>/ (memtx.train in this
