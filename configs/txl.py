@@ -3,6 +3,7 @@
 Presets:
   cpu      (default) small byte-level model on the embedded stdlib corpus; ~3-4 min on 2 CPU cores
   cpu_rpe  the same model without memory (M = 0): Transformer+RPE, the baseline of both papers
+  cpu_qk   the same with normalised q/k in every layer: the baseline of configs/knn.py:cpu
   wt103    the LaMemo paper's WikiText-103 base baseline: 16 layers, d 410, 10 x 41, FFN 2100,
            segment = memory = 150, dropout 0.1, Adam 2.5e-4 cosine to 0, no warmup, batch 64, 250K steps
   enwik8   the LaMemo paper's enwik8/text8 baseline: 12 layers, d 512, 8 x 64, FFN 2048,
@@ -24,6 +25,14 @@ def cpu() -> Config:
 def cpu_rpe() -> Config:
     cfg = cpu()
     cfg.name, cfg.model.mem_len = "rpe_cpu", 0
+    return cfg
+
+
+def cpu_qk() -> Config:
+    """The cpu model with L2-normalised q/k and a learned scale in every layer: the baseline of
+    configs/knn.py:cpu, which differs from it in the kNN memory alone."""
+    cfg = cpu()
+    cfg.name, cfg.model.qk_norm = "txl_cpu_qk", True
     return cfg
 
 
@@ -49,7 +58,7 @@ def enwik8() -> Config:
         train=TrainConfig(steps=100_000, log_every=200, checkpoint_every=4000))
 
 
-PRESETS = {"cpu": cpu, "cpu_rpe": cpu_rpe, "wt103": wt103, "enwik8": enwik8, "text8": enwik8}
+PRESETS = {"cpu": cpu, "cpu_rpe": cpu_rpe, "cpu_qk": cpu_qk, "wt103": wt103, "enwik8": enwik8, "text8": enwik8}
 
 
 def get_config(preset: str = "cpu") -> Config:

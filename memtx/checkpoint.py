@@ -105,6 +105,32 @@ class Checkpointer:
                               "describe the model it was trained with")
         return out.params
 
+    def restore_shared_params(self, step: int, fresh_params: dict) -> tuple[dict, list[str]]:
+        """Warm start: `fresh_params` with every parameter the checkpoint also has replaced by the
+        saved one; returns (params, the names kept fresh). A saved parameter of another shape is a
+        one-line error (a different model size)."""
+        abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), fresh_params)
+        restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), abstract)
+        try:
+            out = self.manager.restore(step, args=ocp.args.Composite(params=ocp.args.PyTreeRestore(
+                item=abstract, restore_args=restore_args, partial_restore=True)))
+        except ValueError as e:  # orbax: a saved array of another shape
+            raise ConfigError(f"cannot warm-start from {self.directory}: {str(e).splitlines()[0]}") from None
+        fresh_flat, treedef = jax.tree_util.tree_flatten_with_path(fresh_params)
+        restored = {jax.tree_util.keystr(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(out.params)[0]}
+        merged, fresh = [], []
+        for path, new in fresh_flat:
+            old = restored.get(jax.tree_util.keystr(path))
+            if old is None or isinstance(old, jax.ShapeDtypeStruct):
+                merged.append(new)
+                fresh.append(jax.tree_util.keystr(path))
+            elif tuple(old.shape) != tuple(new.shape):
+                raise ConfigError(f"cannot warm-start from {self.directory}: parameter {jax.tree_util.keystr(path)} "
+                                  f"has shape {tuple(old.shape)} there and {tuple(new.shape)} here")
+            else:
+                merged.append(old)
+        return jax.tree_util.tree_unflatten(treedef, merged), fresh
+
     def wait(self) -> None:
         self.manager.wait_until_finished()
 

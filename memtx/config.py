@@ -121,6 +121,9 @@ class DataConfig:
     eval_split: str = "validation"
     eval_batch_size: int = 8
     eval_max_docs: int = 0  # 0: every document of the split
+    # Evaluation reads each document's first this many tokens (0: all of it): more documents for the
+    # same time, a tighter interval. Files only (data.task: whole documents).
+    eval_doc_tokens: int = 0
 
 
 @dataclass
@@ -143,6 +146,10 @@ class TrainConfig:
     keep_checkpoints: int = 2
     stop_after: int = 0  # stop this run after this many steps (resumable); 0: run to `steps`
     checkpoint_dir: str = ""  # default WORKDIR/checkpoints; with several hosts a shared path or gs://
+    # Warm start: a fresh run takes the parameters this model shares with another run's latest
+    # checkpoint (its work directory or checkpoint directory); the rest (e.g. a new kNN layer's
+    # gate) start from their initialisation, the optimizer and the data stream from scratch.
+    init_from: str = ""
 
 
 @dataclass
@@ -427,6 +434,11 @@ def validate(cfg: Config, num_devices: int) -> tuple[int, ...]:
     if d.eval_split not in ("train", "validation", "test"):
         raise ConfigError(f"config key 'data.eval_split' must be train, validation or test, got '{d.eval_split}'")
     positive("data.shuffle_buffer", d.shuffle_buffer)
+    if d.eval_max_docs < 0 or d.eval_doc_tokens < 0:
+        key = "eval_max_docs" if d.eval_max_docs < 0 else "eval_doc_tokens"
+        raise ConfigError(f"config key 'data.{key}' must be >= 0 (0: no limit), got {getattr(d, key)}")
+    if d.eval_doc_tokens and d.task:
+        raise ConfigError("config key 'data.eval_doc_tokens' applies to file corpora (data.corpus), not data.task")
     if d.shards < 0 or (d.shards and d.batch_size % d.shards):
         raise ConfigError(f"config key 'data.shards' must be 0 (one per process) or divide data.batch_size "
                           f"({d.batch_size}), got {d.shards}")

@@ -72,6 +72,25 @@ def record_corpus(cfg: Config, workdir: str) -> dict:
     return fp
 
 
+def warm_start(state: dict, source: str) -> dict:
+    """A fresh run's state with the parameters it shares with `source`'s latest checkpoint (a work
+    directory or a checkpoint directory): the Memorizing Transformer's recipe (§4.3) for adding a
+    kNN memory to a pretrained model. Optimizer state and step start afresh."""
+    from memtx.checkpoint import Checkpointer
+    directory = os.path.join(source, "checkpoints") if os.path.isdir(os.path.join(source, "checkpoints")) else source
+    if not os.path.isdir(directory):
+        raise ConfigError(f"config key 'train.init_from': '{source}' is neither a work directory nor a checkpoint directory")
+    ckpt = Checkpointer(directory, async_save=False)
+    step = ckpt.latest_step()
+    if step is None:
+        raise ConfigError(f"config key 'train.init_from': no checkpoint in {directory}")
+    params, fresh = ckpt.restore_shared_params(step, state["params"])
+    ckpt.close()
+    main_print(f"warm start from step {step} of {directory}; initialised afresh: {', '.join(fresh) or 'nothing'}",
+               flush=True)
+    return {**state, "params": params}
+
+
 def train(cfg: Config, workdir: str) -> dict:
     """Runs (or continues) training; returns a summary. Checkpoints and metrics go to `workdir`.
 
@@ -111,6 +130,8 @@ def train(cfg: Config, workdir: str) -> dict:
         main_print(f"resumed from step {start} in {ckpt.directory}", flush=True)
     else:
         state = state_lib.init_state(setup, cfg.train.seed)
+        if cfg.train.init_from:
+            state = warm_start(state, cfg.train.init_from)
         memory = state_lib.init_memory_sharded(setup, cfg.data.batch_size)
     n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(setup.abstract_state["params"]))
     source = stream.source

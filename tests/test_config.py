@@ -188,7 +188,7 @@ def test_setting_a_section_or_indexing_a_field_is_an_error():
     ("mesh.shape", "(2,True,2)"),
     ("mesh.shape", "'a','b'"),
     ("mesh.axes", "1,2,3"),
-    ("data.split_fractions", "98,1,"),
+    ("data.split_fractions", "98,,1"),
 ])
 def test_wrong_type_names_the_key(key, text):
     cfg = txl()

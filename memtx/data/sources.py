@@ -81,11 +81,13 @@ class FileSource:
     (for SentencePiece) is not UTF-8, is yielded as None with a logged warning."""
 
     def __init__(self, docs: Sequence[Document], *, vocab: Vocab | None = None, shuffle: bool, repeat: bool,
-                 seed: int = 0, shard_index: int = 0, num_shards: int = 1, read_fn: ReadFn = read_bytes):
+                 seed: int = 0, shard_index: int = 0, num_shards: int = 1, read_fn: ReadFn = read_bytes,
+                 max_tokens: int = 0):
         if num_shards <= 0 or not 0 <= shard_index < num_shards:
             raise ValueError(f"invalid shard {shard_index} of {num_shards} shards")
         self.vocab = vocab or ByteVocab()
         self.shuffle, self.repeat, self.seed = shuffle, repeat, seed
+        self.max_tokens = max_tokens  # > 0: each document's first max_tokens tokens only
         self.shard_index, self.num_shards = shard_index, num_shards
         self.docs: list[Document] = list(docs)[shard_index::num_shards]
         if repeat and not self.docs:
@@ -107,7 +109,8 @@ class FileSource:
         if data is None:
             return None
         try:
-            return self.vocab.encode(data)
+            ids = self.vocab.encode(data)
+            return ids[:self.max_tokens] if self.max_tokens else ids
         except UndecodableDocument as e:
             logger.warning("skipping document %r: %s", doc.path, e)
             return None
@@ -156,4 +159,5 @@ def open_source(data_cfg, split: str, *, train: bool, shard_index: int = 0, num_
         return SeqioSource.from_config(data_cfg, split, vocab=vocab, train=train, shard_index=shard_index,
                                        num_shards=num_shards, max_docs=max_docs)
     return FileSource(file_documents(data_cfg, split, max_docs), vocab=vocab, shuffle=train, repeat=train,
-                      seed=data_cfg.seed, shard_index=shard_index, num_shards=num_shards)
+                      seed=data_cfg.seed, shard_index=shard_index, num_shards=num_shards,
+                      max_tokens=0 if train else data_cfg.eval_doc_tokens)
