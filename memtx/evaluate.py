@@ -315,7 +315,8 @@ def result_path(workdir: str, identity: dict) -> str:
     fractions): a different evaluation never overwrites another."""
     knn = identity["model"]["knn"]
     stem = (f"eval_{identity['split']}_{identity['corpus']['sha256'][:8]}"
-            + (f"_max{identity['max_docs']}" if identity["max_docs"] else "") + f"_mem{identity['model']['mem_len']}"
+            + (f"_max{identity['max_docs']}" if identity["max_docs"] else "")
+            + (f"_first{identity['doc_tokens']}" if identity.get("doc_tokens") else "") + f"_mem{identity['model']['mem_len']}"
             + (f"_knn{knn['size']}" if knn["enabled"] else "") + f"_step{identity['step']}")
     for version in range(1, 1000):
         path = os.path.join(workdir, stem + (f"_v{version}" if version > 1 else "") + ".json")
@@ -372,7 +373,7 @@ def evaluate_workdir(workdir: str, cfg: Config, *, step: int | None = None, knn_
         m = setup.cfg.model
         knn_size = m.knn.size if m.knn.enabled else None
         identity = _json_ready({"split": cfg.data.eval_split, "corpus": fingerprint, "max_docs": cfg.data.eval_max_docs,
-                                "split_fractions": cfg.data.split_fractions, "vocab": cfg.data.vocab,
+                                "doc_tokens": cfg.data.eval_doc_tokens, "split_fractions": cfg.data.split_fractions, "vocab": cfg.data.vocab,
                                 "seq_len": cfg.data.seq_len, "model": to_dict(setup.cfg)["model"], "step": step})
         path = result_path(workdir, identity)
         if reuse and os.path.exists(path):

@@ -1,24 +1,32 @@
 #!/usr/bin/env bash
 # The default job: set up the environment if needed, then on the embedded corpus (this
-# interpreter's standard library source) train four models of the same size (4 layers, d 128,
-# segment 64) for the same 2,500 steps of the same batches:
-#   runs/rpe_cpu     no memory: Transformer+RPE (configs/txl.py:cpu_rpe)
-#   runs/txl_cpu     Transformer-XL, memory 64 (configs/txl.py:cpu)
-#   runs/lamemo_cpu  LaMemo's look-ahead memory, memory 64 (configs/lamemo.py:cpu)
-#   runs/knn_cpu     Transformer-XL plus a Memorizing Transformer kNN memory (configs/knn.py:cpu)
-# and evaluate them on the validation documents in one table, the kNN model at several memory
-# sizes (one checkpoint: memory size is not a parameter), with a plot in runs/knn_cpu/.
-# Rerunning resumes/reuses the work directories (RUNS=... moves them).
-# Extra arguments are config overrides for every training (--config.KEY=VALUE).
+# interpreter's standard library source; its fingerprint is printed) train four models of the same
+# size (4 layers, d 128, segment 64) with 3 seeds each (train.seed 0..2), every seed of every model
+# reading the same batches, 1,000 steps each:
+#   xl      Transformer-XL, memory 64 (configs/txl.py:cpu): the baseline of the paired differences
+#   rpe     no memory: Transformer+RPE (configs/txl.py:cpu_rpe)
+#   lamemo  LaMemo's look-ahead memory, memory 64 (configs/lamemo.py:cpu)
+#   knn     Transformer-XL plus a 2,048-entry kNN memory in layer 1, q/k normalised in every
+#           layer as meliad (configs/knn.py:cpu)
+# then, with memtx.compare, report each model's mean ± std over seeds of the training loss of the
+# last fifth of the steps (200: documents no run has seen before) and of validation perplexity (the first 3,072
+# bytes of 64 validation documents: data.split_fractions 94,5,1), and each model's paired
+# difference to Transformer-XL with a 95% interval ("within noise" when it covers 0). Last, seed 0's
+# XL and kNN checkpoints on the same documents: perplexity with bootstrap intervals, the paired
+# difference, loss by position and by copyability, and the kNN model at memory sizes 0, 256, 1,024
+# and 4,096 from its one checkpoint, plotted in $RUNS/knn/seed0/.
+# Rerunning reuses finished runs and evaluations (RUNS=... moves them). Extra arguments are
+# config overrides for every training (--config.KEY=VALUE).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
-RUNS=${RUNS:-runs}
+RUNS=${RUNS:-runs/default}
 start=$(date +%s)
-.venv/bin/python -m memtx.train --config configs/txl.py:cpu_rpe --workdir "$RUNS/rpe_cpu" "$@"
-.venv/bin/python -m memtx.train --config configs/txl.py:cpu --workdir "$RUNS/txl_cpu" "$@"
-.venv/bin/python -m memtx.train --config configs/lamemo.py:cpu --workdir "$RUNS/lamemo_cpu" "$@"
-.venv/bin/python -m memtx.train --config configs/knn.py:cpu --workdir "$RUNS/knn_cpu" "$@"
-.venv/bin/python -m memtx.evaluate --workdir "$RUNS/rpe_cpu" "$RUNS/txl_cpu" "$RUNS/lamemo_cpu" "$RUNS/knn_cpu" \
-  --knn-sizes 0,256,1024,4096
-echo "total wall time $(( $(date +%s) - start ))s; work directories in $RUNS/: rpe_cpu txl_cpu lamemo_cpu knn_cpu"
+common=(--config.data.split_fractions=94,5,1 --config.data.eval_doc_tokens=3072 --config.train.steps=1000
+        --config.optim.warmup_steps=100)
+.venv/bin/python -m memtx.compare --out "$RUNS" --seeds "${SEEDS:-3}" --eval-max-docs 64 \
+  ${MODELS:-xl=configs/txl.py:cpu rpe=configs/txl.py:cpu_rpe lamemo=configs/lamemo.py:cpu knn=configs/knn.py:cpu} \
+  "${common[@]}" "$@"
+.venv/bin/python -m memtx.evaluate --workdir "$RUNS/xl/seed0" "$RUNS/knn/seed0" --knn-sizes 0,256,1024,4096 \
+  --config.data.eval_max_docs=64
+echo "total wall time $(( $(date +%s) - start ))s; work directories in $RUNS/{xl,rpe,lamemo,knn}/seed{0,1,2}"
