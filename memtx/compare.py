@@ -142,7 +142,10 @@ def train_all(specs: list[ConfigSpec], common: list[str], args: argparse.Namespa
                 print(f"{s.label} seed {seed}: finished ({cfg.train.steps} steps) in {workdir}", flush=True)
                 continue
             print(f"{s.label} seed {seed}: training {cfg.train.steps} steps into {workdir}", flush=True)
-            train(cfg, workdir)
+            summary = train(cfg, workdir)
+            if summary["end_step"] < cfg.train.steps:  # SIGTERM (preemption): saved; stop here, rerun resumes
+                raise UsageError(f"{s.label} seed {seed} stopped at step {summary['end_step']} of {cfg.train.steps}; "
+                                 "rerun the same command to resume")
     return cfgs
 
 
