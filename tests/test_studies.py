@@ -185,7 +185,7 @@ def test_a_lamemo_checkpoint_evaluates_with_a_part_switched_off_and_a_mismatch_i
     np.testing.assert_array_equal(ablated["layer_0"]["attn"]["q"], full["layer_0"]["attn"]["q"])
     # A Transformer-XL checkpoint read as LaMemo lacks LaMemo's parameters: one line, exit code 2.
     code = run_cli(evaluate_lib.main, evaluate_lib.parser(),
-                   ["--workdir", runs["xl"], "--config.model.memory_type=lamemo"])
+                   ["--workdir", runs["xl"], "--split", "train", "--config.model.memory_type=lamemo"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "\n" not in err and "has no parameter" in err
 
