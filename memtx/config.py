@@ -79,6 +79,10 @@ class ModelConfig:
     # in every layer of its kNN models); the kNN layer always normalises. With it on in both, a
     # Transformer-XL baseline differs from its kNN model in the memory alone.
     qk_norm: bool = False
+    # Transformer-XL's global content bias u (the query-independent score term u.k, shared by all
+    # layers). False drops it: meliad's attention has no key-only term, so a kNN layer's local
+    # content logits then equal the logits it gives stored entries (its query is q alone).
+    content_bias: bool = True
     dropout: float = 0.0  # embeddings, residual branches, FFN
     attn_dropout: float = 0.0  # attention probabilities (the papers use none)
     layer_norm_eps: float = 1e-5

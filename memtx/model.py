@@ -146,7 +146,10 @@ class TransformerLM(nn.Module):
             # One-hot matmul rather than a gather: it partitions cleanly with the vocabulary sharded.
             one_hot_BNV = jax.nn.one_hot(inputs_BN, Vp, dtype=cfg.dtype)
             h_BND = jnp.einsum("bnv,vd->bnd", one_hot_BNV, embedding_VD.astype(cfg.dtype)) * jnp.sqrt(D).astype(cfg.dtype)
-        u_HD = param_with_axes(self, "u_bias", (H, Dh), ("heads", "kv"), init)  # shared by all layers
+        if cfg.content_bias:
+            u_HD = param_with_axes(self, "u_bias", (H, Dh), ("heads", "kv"), init)  # shared by all layers
+        else:  # no u.k term (meliad): a zero bias, not a parameter
+            u_HD = jnp.zeros((H, Dh), jnp.float32)
         v_HD = param_with_axes(self, "v_bias", (H, Dh), ("heads", "kv"), init)
         h_BND = nn.with_logical_constraint(h_BND, ("act_batch", "act_seq", "act_embed"))
         emb_BND = h_BND

@@ -19,9 +19,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def model_and_params(knn: bool, qk_norm: bool = False, mem_len: int = 6, size: int = 16, gate_bias: float = 0.0,
-                     layers=(1,)):
+                     layers=(1,), content_bias: bool = True):
     cfg = ModelConfig(vocab_size=40, vocab_pad_multiple=8, num_layers=2, d_model=16, num_heads=2, d_ff=32,
-                      mem_len=mem_len, qk_norm=qk_norm,
+                      mem_len=mem_len, qk_norm=qk_norm, content_bias=content_bias,
                       knn=KNNConfig(enabled=knn, layers=layers if knn else (), size=size, k=4, gate_bias_init=gate_bias))
     model = TransformerLM(cfg)
     params = model.init(jax.random.key(0), jnp.zeros((2, 6), jnp.int32), init_memory(cfg, 2),
@@ -123,6 +123,28 @@ def test_qk_norm_baseline_differs_from_the_knn_model_in_the_memory_alone():
         base_nll, base_mem = segment_nll(base_model, base_params, base_mem, b)
         np.testing.assert_allclose(nll, base_nll, rtol=1e-5, atol=1e-5)
     assert int(mem["knn"]["1"]["count"][0]) == 16  # the store was full: only the gate hid it
+
+
+def test_without_the_content_bias_the_model_is_the_one_with_u_set_to_zero():
+    """`model.content_bias=False` (meliad's attention has no key-only term u.k): no `u_bias`
+    parameter, and the model computes what the default model computes with u = 0 (a kNN model,
+    across segments and a document reset), which differs from it with its u."""
+    cfg, model, params = model_and_params(knn=True, content_bias=False)
+    _, with_u_model, with_u_params = model_and_params(knn=True)
+    assert "u_bias" not in params and "u_bias" in with_u_params
+    params = {**params, **{k: v for k, v in with_u_params.items() if k != "u_bias"}}  # same weights otherwise
+    zero_u = {**with_u_params, "u_bias": jnp.zeros_like(with_u_params["u_bias"])}
+    rng = np.random.default_rng(5)
+    mems = [init_memory(cfg, 2) for _ in range(3)]
+    differs = False
+    for s in range(4):
+        b = batch(rng.integers(0, 40, (2, 6)), [s in (0, 2), s == 0])
+        nll, mems[0] = segment_nll(model, params, mems[0], b)
+        zero_nll, mems[1] = segment_nll(with_u_model, zero_u, mems[1], b)
+        u_nll, mems[2] = segment_nll(with_u_model, with_u_params, mems[2], b)
+        np.testing.assert_allclose(nll, zero_nll, rtol=1e-5, atol=1e-5)
+        differs |= not np.allclose(nll, u_nll, atol=1e-4)
+    assert differs  # u matters when it is there: the comparison above is not vacuous
 
 
 def test_layer_syntax_default_layer_and_paper_presets():
