@@ -35,21 +35,26 @@ TASK_SPEC = recall.RecallSpec()  # 256-byte documents, one-letter keys, no fille
 
 
 def make_config(corpus: str, *, knn: bool, steps: int, seed: int = 0, seq_len: int = 32, batch_size: int = 32,
-                d_model: int = 128, knn_size: int = 256, k: int = 32, learning_rate: float = 3e-3,
-                warmup_steps: int | None = None, init_std: float = 0.1, mesh_shape=(-1, 1, 1)) -> Config:
-    """The tiny model of this task; `knn` switches the memory layer (layer 1 of 2) on or off.
-    Pre-LN, d 128 and a larger init than the LM presets: the copying circuit forms sooner (with
-    d 64 or post-LN, far recall stalled near 22-26% in our runs; see the README)."""
+                d_model: int = 128, num_heads: int = 4, num_layers: int = 2, knn_layer: int | None = None, knn_size: int = 256,
+                k: int = 32, learning_rate: float = 3e-3, warmup_steps: int | None = None,
+                final_lr_ratio: float = 0.1, init_std: float = 0.1, qk_norm: bool = False,
+                gate_bias_init: float = 0.0, content_bias: bool = True, mem_len: int = 0, clip_norm: float = 0.25, b2: float = 0.999, clamp_len: int = 0, mesh_shape=(-1, 1, 1)) -> Config:
+    """The tiny model of this task; `knn` switches the memory layer (the top layer by default)
+    on or off. Pre-LN, d 128 and a larger init than the LM presets: the copying circuit forms
+    sooner (with d 64 or post-LN, far recall stalled near 22-26% in our runs; see the README)."""
+    layer = num_layers - 1 if knn_layer is None else knn_layer
     return Config(
         name=f"recall_{'knn' if knn else 'local'}",
-        model=ModelConfig(num_layers=2, d_model=d_model, num_heads=4, d_ff=4 * d_model, mem_len=0, pre_norm=True,
-                          init_std=init_std,
-                          knn=KNNConfig(enabled=knn, layers=(1,), size=knn_size, k=k, backend="exact")),
+        model=ModelConfig(num_layers=num_layers, d_model=d_model, num_heads=num_heads, d_ff=4 * d_model, mem_len=mem_len,
+                          pre_norm=True, init_std=init_std, qk_norm=qk_norm, clamp_len=clamp_len,
+                          content_bias=content_bias,
+                          knn=KNNConfig(enabled=knn, layers=(layer,), size=knn_size, k=k, backend="exact",
+                                        gate_bias_init=gate_bias_init)),
         data=DataConfig(corpus=corpus, split_fractions=(1, 0, 0), seq_len=seq_len, batch_size=batch_size,
                         seed=seed, eval_batch_size=batch_size),
         optim=OptimConfig(learning_rate=learning_rate,
                           warmup_steps=min(100, steps // 10) if warmup_steps is None else warmup_steps,
-                          final_lr_ratio=0.1),
+                          final_lr_ratio=final_lr_ratio, clip_norm=clip_norm, b2=b2),
         train=TrainConfig(steps=steps, seed=seed, log_every=max(1, steps // 10), checkpoint_every=steps,
                           keep_checkpoints=1),
         mesh=MeshConfig(shape=mesh_shape))
@@ -64,13 +69,15 @@ def latest_params(cfg: Config, workdir: str):
     return setup, params, step
 
 
-def evaluate_run(cfg: Config, workdir: str, texts: list[bytes], knn_size: int | None = None) -> dict:
-    """Recall accuracy of the run's latest checkpoint on `texts` (optionally at another kNN size)."""
+def evaluate_run(cfg: Config, workdir: str, texts: list[bytes], knn_size: int | None = None,
+                 buckets: tuple[int, ...] = ()) -> dict:
+    """Recall accuracy of the run's latest checkpoint on `texts` (optionally at another kNN size;
+    with `buckets`, also by distance)."""
     if knn_size is not None:
         cfg = copy.deepcopy(cfg)
         cfg.model.knn.size = knn_size
     setup, params, step = latest_params(cfg, workdir)
-    result = recall.recall_accuracy(setup, params, texts)
+    result = recall.recall_accuracy(setup, params, texts, buckets=buckets)
     result["step"] = step
     return result
 

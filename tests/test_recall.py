@@ -57,11 +57,52 @@ def test_scoring_counts_only_far_values():
     assert recall.score_predictions(text, predicted, 32) == (1, 1)
 
 
+def test_spec_variants_keep_their_promises():
+    """Multi-digit values, fillers from a small lexicon, echoed keys, and far queries spread
+    log-uniformly up to far_max: every document still repeats its values and every repeat is near
+    or far; the spread reaches beyond 4x the gap."""
+    spec = recall.RecallSpec(length=2048, value_len=3, filler_prob=0.5, filler_words=2, lexicon=5, echo_key=True,
+                             far_max=1500)
+    distances = []
+    for i in range(6):
+        text = recall.make_document(7, i, spec)
+        recall.check_document(text, spec)
+        tokens = recall.value_tokens(text)
+        assert {t.index for t in tokens} == {0, 1, 2}  # three digits per value, each scored
+        assert len(set(w for w in text.split() if w.islower())) <= 5 + 26  # lexicon words and echoed keys
+        distances += [t.distance for t in tokens if t.distance is not None and t.index == 0]
+    assert max(distances) > 4 * spec.gap and min(distances) <= spec.near_max
+
+
+def test_accuracy_by_distance_buckets_add_up(monkeypatch):
+    """`recall_accuracy(..., buckets=...)` splits the far tokens by distance; with perfect
+    predictions every bucket is right, and the buckets' tokens add up to the far total."""
+    spec = recall.RecallSpec(length=1024, far_max=900)
+    texts = [recall.make_document(11, i, spec) for i in range(4)]
+    perfect = [np.frombuffer(t, np.uint8).astype(np.int32) for t in texts]
+    monkeypatch.setattr(recall, "predict_documents", lambda setup, params, texts: perfect)
+    setup = type("Setup", (), {"cfg": type("Cfg", (), {})()})()
+    result = recall.recall_accuracy(setup, None, texts, min_distance=32, buckets=(64, 256))
+    rows = result["by_distance"]
+    assert [(r["min"], r["max"]) for r in rows] == [(32, 64), (64, 256), (256, None)]
+    assert sum(r["tokens"] for r in rows) == result["recalled_tokens"] > 0
+    assert all(r["tokens"] > 0 and r["accuracy"] == 1.0 for r in rows)
+    wrong = [p.copy() for p in perfect]
+    for p in wrong:
+        p[:] = ord("x")
+    monkeypatch.setattr(recall, "predict_documents", lambda setup, params, texts: wrong)
+    assert all(r["accuracy"] == 0.0 for r in recall.recall_accuracy(setup, None, texts, 32, (64, 256))["by_distance"])
+
+
 def test_bad_specs_are_refused():
     with pytest.raises(ValueError, match="gap must exceed"):
         recall.RecallSpec(near_max=40, gap=40)
     with pytest.raises(ValueError, match="far_prob"):
         recall.RecallSpec(far_prob=1.5)
+    with pytest.raises(ValueError, match="far_max"):
+        recall.RecallSpec(far_max=20)
+    with pytest.raises(ValueError, match="invalid recall spec"):
+        recall.RecallSpec(value_len=0)
 
 
 def test_a_model_with_knn_memory_recalls_what_it_cannot_see(tmp_path):

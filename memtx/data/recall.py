@@ -34,7 +34,7 @@ import numpy as np
 KEY_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 VALUE_ALPHABET = b"0123456789"
 FILLER_ALPHABET = b"abcdefghijklmnopqrstuvwxyz"
-_ENTRY = re.compile(rb"#([A-Z]+)([0-9]+);")
+_ENTRY = re.compile(rb"#([A-Z]+)([0-9]+)[a-z]*;")
 
 
 @dataclass(frozen=True)
@@ -44,15 +44,24 @@ class RecallSpec:
 
     length: int = 256  # document length (the last entry may run a few bytes over)
     key_len: int = 1  # uppercase letters
+    value_len: int = 1  # digits
     define_prob: float = 0.2  # an entry defines a new key (else it queries one)
     far_prob: float = 0.5  # a query is far (when a far key exists; else near, else a definition)
     near_max: int = 28  # a near query's key was last seen at most this far back (not the latest entry)
     gap: int = 48  # a far query's key was last seen at least this far back (>= N + M)
-    filler_prob: float = 0.0  # a lowercase filler word precedes an entry
+    filler_prob: float = 0.0  # lowercase filler precedes an entry
+    filler_words: int = 1  # filler, when present, is 1..filler_words words (uniformly)
+    # 0: a far query repeats a random far key. > 0: the far key whose age is nearest a distance
+    # drawn log-uniformly from [gap, far_max] (distances spread over decades: the size curve).
+    far_max: int = 0
+    echo_key: bool = False  # the key follows the value in lowercase: `#KVk; `
+    lexicon: int = 0  # filler words come from a per-document list of this many words (0: fresh random words)
 
     def __post_init__(self):
-        if self.length < 1 or self.key_len < 1 or self.near_max < 1 or self.gap <= self.near_max:
+        if self.length < 1 or self.key_len < 1 or self.value_len < 1 or self.near_max < 1 or self.filler_words < 1 or self.gap <= self.near_max:
             raise ValueError(f"invalid recall spec {self} (gap must exceed near_max)")
+        if self.far_max and self.far_max < self.gap:
+            raise ValueError(f"recall spec far_max ({self.far_max}) must be 0 or >= gap ({self.gap})")
         for name in ("define_prob", "far_prob", "filler_prob"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"recall spec {name} must be in [0, 1], got {getattr(self, name)}")
@@ -70,29 +79,37 @@ def _random_bytes(rng: np.random.Generator, alphabet: bytes, n: int) -> bytes:
 def make_document(seed: int, index: int, spec: RecallSpec = RecallSpec()) -> bytes:
     """Document `index` of the corpus with `seed` (the same bytes whatever the corpus size)."""
     rng = np.random.default_rng([seed, index])
+    words = [_random_bytes(rng, FILLER_ALPHABET, int(rng.integers(3, 8))) for _ in range(spec.lexicon)]
+    filler = ((lambda: words[int(rng.integers(0, len(words)))]) if words
+              else (lambda: _random_bytes(rng, FILLER_ALPHABET, int(rng.integers(2, 8)))))
     out = bytearray()
     value: dict[bytes, bytes] = {}
     last: dict[bytes, int] = {}  # key -> offset of its latest value byte
     previous = None  # the key of the latest entry: a near query never repeats it right away
     while len(out) < spec.length:
         if rng.random() < spec.filler_prob:
-            out += _random_bytes(rng, FILLER_ALPHABET, int(rng.integers(2, 8))) + b" "
+            for _ in range(int(rng.integers(1, spec.filler_words + 1))):
+                out += filler() + b" "
         at = len(out) + 1 + spec.key_len  # the offset the next entry's value will have
         near = [k for k, o in last.items() if at - o <= spec.near_max and k != previous]
         far = [k for k, o in last.items() if at - o >= spec.gap]
         key = None
         if rng.random() >= spec.define_prob:
-            pool = far if (far and (not near or rng.random() < spec.far_prob)) else near
-            if pool:
+            use_far = bool(far) and (not near or rng.random() < spec.far_prob)
+            pool = far if use_far else near
+            if use_far and spec.far_max:
+                target = np.exp(rng.uniform(np.log(spec.gap), np.log(spec.far_max)))
+                key = min(far, key=lambda k: abs(np.log((at - last[k]) / target)))
+            elif pool:
                 key = pool[int(rng.integers(0, len(pool)))]
         if key is None and len(value) == len(KEY_ALPHABET) ** spec.key_len:  # every key is taken
-            out += _random_bytes(rng, FILLER_ALPHABET, int(rng.integers(2, 8))) + b" "  # let one age
+            out += filler() + b" "  # let one age
             continue
         if key is None:  # a definition of a new key
             while key is None or key in value:
                 key = _random_bytes(rng, KEY_ALPHABET, spec.key_len)
-            value[key] = _random_bytes(rng, VALUE_ALPHABET, 1)
-        out += b"#" + key + value[key] + b"; "
+            value[key] = _random_bytes(rng, VALUE_ALPHABET, spec.value_len)
+        out += b"#" + key + value[key] + (key.lower() if spec.echo_key else b"") + b"; "
         last[key], previous = at, key
     return bytes(out)
 
@@ -224,24 +241,37 @@ def predict_documents(setup, params, texts: list[bytes]) -> list[np.ndarray]:
     return predictions
 
 
-def recall_accuracy(setup, params, texts: list[bytes], min_distance: int | None = None) -> dict:
+def recall_accuracy(setup, params, texts: list[bytes], min_distance: int | None = None,
+                    buckets: tuple[int, ...] = ()) -> dict:
     """Accuracy of the argmax prediction on the recalled value tokens of `texts`, beside that on
     near queries (whose last entry local attention can see) and on first definitions (which no
-    model can predict: chance)."""
+    model can predict: chance). With `buckets` (increasing distances in bytes) the recalled
+    tokens are also counted by distance: [min_distance, b0), [b0, b1), ..., [b_last, inf)."""
     cfg = setup.cfg
     if min_distance is None:
         min_distance = cfg.data.seq_len + cfg.model.mem_len
     predictions = predict_documents(setup, params, texts)
     counts = {"far": [0, 0], "near": [0, 0], "first": [0, 0]}
+    edges = [min_distance, *(b for b in buckets if b > min_distance), None]
+    by_distance = [[0, 0] for _ in edges[:-1]]
     for text, pred in zip(texts, predictions):
         for t in value_tokens(text):
             kind = "first" if t.distance is None else "far" if t.distance >= min_distance else "near"
-            counts[kind][0] += int(pred[t.offset]) == t.value
+            ok = int(pred[t.offset]) == t.value
+            counts[kind][0] += ok
             counts[kind][1] += 1
+            if kind == "far":
+                i = sum(t.distance >= e for e in edges[1:-1])
+                by_distance[i][0] += ok
+                by_distance[i][1] += 1
     accuracy = {kind: c / max(n, 1) for kind, (c, n) in counts.items()}
-    return {"accuracy": accuracy["far"], "correct": counts["far"][0], "recalled_tokens": counts["far"][1],
-            "near_accuracy": accuracy["near"], "first_definition_accuracy": accuracy["first"],
-            "min_distance": min_distance, "documents": len(texts)}
+    result = {"accuracy": accuracy["far"], "correct": counts["far"][0], "recalled_tokens": counts["far"][1],
+              "near_accuracy": accuracy["near"], "first_definition_accuracy": accuracy["first"],
+              "min_distance": min_distance, "documents": len(texts)}
+    if buckets:
+        result["by_distance"] = [{"min": lo, "max": hi, "correct": c, "tokens": n, "accuracy": c / max(n, 1)}
+                                 for lo, hi, (c, n) in zip(edges[:-1], edges[1:], by_distance)]
+    return result
 
 
 def spec_dict(spec: RecallSpec) -> dict:
