@@ -1,0 +1,238 @@
+"""Continue a document with a trained model, with whatever memory it has (XL cache, kNN store,
+LaMemo):
+
+    python -m memtx.generate --workdir RUN (--prompt TEXT | --prompt-file PATH) [--max-tokens 200]
+        [--temperature 1.0] [--top-k 0] [--top-p 1.0] [--seed 0] [--greedy] [--step S] [--config.KEY=VALUE ...]
+
+The prompt is read as the model reads a document in training and evaluation: BOS, then segment
+after segment of `data.seq_len` tokens, each full segment run once and rolled into the memories
+(the kNN store is written, the XL cache and LaMemo state advance). Then tokens are sampled one at
+a time; each step runs the model over the current, partly filled segment with the memory the
+completed segments left (padding after the last token: causal attention makes the logits of the
+filled positions exactly those of the teacher-forced forward), and a segment that fills up is
+rolled into memory as in training. The same `model.apply` as training and evaluation, so the
+logits equal the teacher-forced ones (tests/test_generate.py).
+
+Cost: one forward of a whole segment per generated token (O(N) work where a key/value cache
+inside the segment would do O(1) new rows); no such cache yet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from memtx import state as state_lib
+from memtx.checkpoint import run_checkpointer
+from memtx.cli import ArgumentParser, UsageError, resolve_config, run_cli
+from memtx.config import Config
+from memtx.data import tokenizer
+from memtx.data.vocab import load_vocab
+from memtx.memory import model_memory
+from memtx.model import TransformerLM
+
+
+class Generator:
+    """One document at a time, batch 1. State: `memory` (what the completed segments of the
+    document left), `segment` (the inputs of the current segment, fewer than N) and the logits
+    that predict the token after the last input."""
+
+    def __init__(self, cfg: Config, params, pad_id: int):
+        self.cfg = cfg
+        self.model = TransformerLM(cfg.model)
+        self.pad_id = pad_id  # padded inputs after the last real one: causal attention never reads them
+        self.params = params
+        self.N = cfg.data.seq_len
+
+        def forward(params, memory, inputs_1N, num_valid_1, reset_1):
+            memory = model_memory.reset_rows(memory, reset_1)
+            logits_1NV, memory = self.model.apply({"params": params}, inputs_1N, memory, num_valid_1)
+            return logits_1NV[0].astype(jnp.float32), memory
+
+        self._forward = jax.jit(forward)
+        self.memory = model_memory.init(cfg.model, 1)
+        self.segment: list[int] = []
+        self.first_segment = True  # the next full segment starts a document: reset its row
+        self.logits = None
+
+    def _run(self, tokens: list[int]):
+        """The model over `tokens` (<= N of them, padded) with the completed segments' memory."""
+        inputs = np.full((1, self.N), self.pad_id, np.int32)
+        inputs[0, :len(tokens)] = tokens
+        # Every segment counts as full (num_valid N): the memory a partial forward would write is
+        # dropped, and LaMemo's look-ahead window depends on the segment's length (a document's
+        # shorter last segment refreshes fewer slots), which for a document still being written
+        # is the full N: the logits then equal those of the teacher-forced forward over the
+        # continued text.
+        return self._forward(self.params, self.memory, inputs, np.array([self.N], np.int32),
+                             np.array([self.first_segment]))
+
+    def start_document(self, bos_id: int) -> None:
+        """A new document: the memory row is reset when its first segment is run."""
+        self.segment, self.first_segment, self.logits = [], True, None
+        self.feed([bos_id])
+
+    def feed(self, tokens) -> None:
+        """Appends inputs; every segment that fills up runs once and is rolled into memory."""
+        tokens = [int(t) for t in tokens]
+        while tokens:
+            take = self.N - len(self.segment)
+            self.segment += tokens[:take]
+            tokens = tokens[take:]
+            if len(self.segment) == self.N:
+                logits_NV, self.memory = self._run(self.segment)
+                self.logits = logits_NV[-1]
+                self.segment, self.first_segment = [], False
+            else:
+                self.logits = None  # computed when asked for
+
+    def next_logits(self) -> np.ndarray:
+        """Logits [V] of the token after the last input."""
+        if self.logits is None:
+            if not self.segment:
+                raise ValueError("no input yet: call start_document first")
+            logits_NV, _ = self._run(self.segment)  # the memory it would write is dropped
+            self.logits = logits_NV[len(self.segment) - 1]
+        return np.asarray(self.logits)
+
+
+def sample(logits: np.ndarray, rng: np.random.Generator, *, temperature: float = 1.0, top_k: int = 0,
+           top_p: float = 1.0, greedy: bool = False, allowed: int | None = None, banned=()) -> int:
+    """A token id from `logits`: argmax when greedy (or temperature 0), else softmax(logits / T)
+    cut to the top_k most likely and to the smallest set with probability >= top_p."""
+    logits = np.array(logits, np.float64)
+    if allowed is not None:
+        logits[allowed:] = -np.inf
+    for t in banned:
+        logits[t] = -np.inf
+    if greedy or temperature == 0:
+        return int(np.argmax(logits))
+    z = logits / temperature
+    p = np.exp(z - z.max())
+    order = np.argsort(-p, kind="stable")
+    keep = np.zeros_like(p, bool)
+    kept = order[:top_k] if top_k > 0 else order
+    if top_p < 1.0:
+        cum = np.cumsum(p[kept]) / p.sum()
+        kept = kept[:int(np.searchsorted(cum, top_p)) + 1]
+    keep[kept] = True
+    p = np.where(keep, p, 0.0)
+    return int(rng.choice(len(p), p=p / p.sum()))
+
+
+def generate(gen: Generator, prompt_ids, max_tokens: int, bos_id: int, rng: np.random.Generator, *,
+             eos_id: int | None = None, on_token=None, **sampling) -> tuple[list[int], list[np.ndarray]]:
+    """Starts a document, reads the prompt, samples up to `max_tokens` tokens (stops at eos_id).
+    Returns the tokens and the logits each was drawn from."""
+    gen.start_document(bos_id)
+    gen.feed(prompt_ids)
+    out, logits = [], []
+    for _ in range(max_tokens):
+        lg = gen.next_logits()
+        token = sample(lg, rng, **sampling)
+        out.append(token)
+        logits.append(lg)
+        if on_token is not None:
+            on_token(token)
+        if eos_id is not None and token == eos_id:
+            break
+        gen.feed([token])
+    return out, logits
+
+
+def load(workdir: str, config_spec: str | None, overrides: list[str], step: int | None):
+    """(config, host parameters, step) of a run's checkpoint."""
+    if not os.path.isdir(workdir):
+        raise UsageError(f"work directory '{workdir}' does not exist")
+    cfg = resolve_config(config_spec, workdir, list(overrides))
+    setup = state_lib.build(cfg)
+    ckpt = run_checkpointer(cfg, workdir, async_save=False)
+    step = ckpt.latest_step() if step is None else step
+    if step is None or step not in ckpt.all_steps():
+        raise UsageError(f"no checkpoint{'' if step is None else f' at step {step}'} in {ckpt.directory}")
+    params = jax.device_get(ckpt.restore_params(step, setup.abstract_state["params"]))
+    return cfg, params, step
+
+
+def main(args: argparse.Namespace, rest: list[str]) -> int:
+    if (args.prompt is None) == (args.prompt_file is None):
+        raise UsageError("give exactly one of --prompt TEXT and --prompt-file PATH")
+    if args.max_tokens < 0:
+        raise UsageError(f"--max-tokens must be >= 0, got {args.max_tokens}")
+    if args.temperature < 0:
+        raise UsageError(f"--temperature must be >= 0, got {args.temperature}")
+    if args.top_k < 0:
+        raise UsageError(f"--top-k must be >= 0, got {args.top_k}")
+    if not 0 < args.top_p <= 1:
+        raise UsageError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.prompt_file is not None:
+        if not os.path.isfile(args.prompt_file):
+            raise UsageError(f"prompt file '{args.prompt_file}' does not exist")
+        with open(args.prompt_file, "rb") as f:
+            prompt = f.read()
+    else:
+        prompt = args.prompt.encode()
+    cfg, params, step = load(args.workdir, args.config, rest, args.step)
+    vocab = load_vocab(cfg.data.vocab)
+    gen = Generator(cfg, params, vocab.pad_id)
+    ids = vocab.encode(prompt)
+    m = cfg.model
+    memory = (f"XL memory {m.mem_len}" if m.memory_type == "xl" else f"LaMemo memory {m.mem_len}") + \
+        (f", kNN memory {m.knn.size}" if m.knn.enabled else "")
+    print(f"{args.workdir} step {step}: {memory}, segment {cfg.data.seq_len}; prompt {len(ids):,} tokens",
+          file=sys.stderr, flush=True)
+    # Never padding; a document start (or the byte vocabulary's reserved EOS) ends the continuation.
+    stop = {vocab.bos_id, getattr(vocab, "eos_id", None), *([tokenizer.EOS_ID] if vocab.name == "byte" else [])} - {None}
+    t0 = time.perf_counter()
+    gen.start_document(vocab.bos_id)
+    gen.feed(ids)
+    prompt_s = time.perf_counter() - t0
+    rng = np.random.default_rng(args.seed)
+    sys.stdout.buffer.write(prompt if args.echo else b"")
+    t0 = time.perf_counter()
+    count = 0
+    for _ in range(args.max_tokens):
+        token = sample(gen.next_logits(), rng, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                       greedy=args.greedy, allowed=vocab.size, banned=[vocab.pad_id])
+        count += 1
+        if token in stop:
+            break
+        sys.stdout.buffer.write(vocab.decode([token]))
+        sys.stdout.flush()
+        gen.feed([token])
+    gen_s = time.perf_counter() - t0
+    print(f"\n[prompt read in {prompt_s:.2f}s; {count} tokens generated in {gen_s:.2f}s, "
+          f"{count / max(gen_s, 1e-9):,.1f} tokens/s]", file=sys.stderr)
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workdir", required=True, help="a training work directory (config.json, checkpoints/)")
+    p.add_argument("--config", help="a config file instead of WORKDIR/config.json")
+    p.add_argument("--step", type=int, help="checkpoint step; default: the latest")
+    p.add_argument("--prompt", help="the start of the document (text)")
+    p.add_argument("--prompt-file", help="the start of the document (a file, read as bytes)")
+    p.add_argument("--max-tokens", type=int, default=200, help="tokens to generate (default 200)")
+    p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature; 0 is greedy")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus: the smallest set with this probability")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--greedy", action="store_true", help="always the most likely token")
+    p.add_argument("--echo", action="store_true", help="print the prompt before the continuation")
+    return p
+
+
+def cli() -> None:
+    sys.exit(run_cli(main, parser()))
+
+
+if __name__ == "__main__":
+    cli()
