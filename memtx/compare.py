@@ -85,7 +85,7 @@ def finished(cfg: Config, workdir: str) -> bool:
 
 def last_steps_loss(workdir: str, steps: int, k: int) -> float:
     """Mean training loss of steps steps-k+1 .. steps (metrics.jsonl)."""
-    losses = {m["step"]: m["loss"] for m in read_metrics(workdir)}
+    losses = {m["step"]: m["loss"] for m in read_metrics(workdir) if "loss" in m}  # not the eval lines
     wanted = range(steps - k + 1, steps + 1)
     missing = [s for s in wanted if s not in losses]
     if missing:

@@ -154,6 +154,11 @@ class TrainConfig:
     # checkpoint (its work directory or checkpoint directory); the rest (e.g. a new kNN layer's
     # gate) start from their initialisation, the optimizer and the data stream from scratch.
     init_from: str = ""
+    # Validation while training: every `eval_every` steps (0: never) and at the last step, the
+    # first `eval_max_docs` documents (0: all) of data.eval_split, scored as memtx.evaluate does;
+    # into metrics.jsonl (eval_* keys) and TensorBoard (eval/).
+    eval_every: int = 0
+    eval_max_docs: int = 16
 
 
 @dataclass
@@ -457,6 +462,9 @@ def validate(cfg: Config, num_devices: int) -> tuple[int, ...]:
     positive("train.log_every", t.log_every)
     positive("train.checkpoint_every", t.checkpoint_every)
     positive("train.keep_checkpoints", t.keep_checkpoints)
+    for key in ("eval_every", "eval_max_docs"):
+        if getattr(t, key) < 0:
+            raise ConfigError(f"config key 'train.{key}' must be >= 0 (0: {'never' if key == 'eval_every' else 'every document'}), got {getattr(t, key)}")
     if o.warmup_steps >= t.steps:
         raise ConfigError(f"config key 'optim.warmup_steps' ({o.warmup_steps}) must be < train.steps ({t.steps})")
 

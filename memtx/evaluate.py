@@ -114,16 +114,17 @@ def stream_documents(setup: state_lib.Setup, params, source_fn: SourceFn, step_f
 
 def evaluate(setup: state_lib.Setup, params, source_fn: SourceFn, *, log_every: int = 50, verbose: bool = True,
              local_window: int | None = None, far_reach: int = DEFAULT_FAR_REACH,
-             copy_ngram: int = DEFAULT_NGRAM) -> dict:
+             copy_ngram: int = DEFAULT_NGRAM, step_fn=None) -> dict:
     """Streams `source_fn`'s documents through the model; returns NLL sum, token count,
     perplexity with its bootstrap 95% interval over documents, bits per byte (byte vocabulary) or
     per token, per-document NLL sums, and the loss by position and copyability (local window
-    default: segment + memory length)."""
+    default: segment + memory length). `step_fn`: a `make_eval_step(setup)` to reuse (training
+    evaluates many times with one compiled step)."""
     cfg = setup.cfg
     window = cfg.data.seq_len + cfg.model.mem_len if local_window is None else local_window
     breakdown = LossBreakdown(window, far_reach, copy_ngram)
     t0 = time.perf_counter()
-    sums = stream_documents(setup, params, source_fn, make_eval_step(setup), log_every=log_every, verbose=verbose,
+    sums = stream_documents(setup, params, source_fn, step_fn or make_eval_step(setup), log_every=log_every, verbose=verbose,
                             breakdown=breakdown)
     seconds = time.perf_counter() - t0
     nll_sum, tokens = float(sums.get("nll", 0.0)), float(sums.get("tokens", 0.0))

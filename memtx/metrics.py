@@ -41,12 +41,20 @@ class MetricsWriter:
         with open(self.path, "w") as f:
             f.writelines(kept)
 
-    def write(self, step: int, values: dict) -> None:
+    def write(self, step: int, values: dict, group: str = "train") -> None:
+        """One metrics.jsonl line; in TensorBoard each number as GROUP/KEY (a key `eval_x` of the
+        group "eval" is shown as eval/x)."""
         self.file.write(json.dumps({"step": step, **values}) + "\n")
         if self.tb is not None:
             for key, value in values.items():
-                if isinstance(value, (int, float)):
-                    self.tb.add_scalar(f"train/{key}", value, step)
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                    name = key[len(group) + 1:] if key.startswith(group + "_") else key
+                    self.tb.add_scalar(f"{group}/{name}", value, step)
+
+    def write_text(self, tag: str, text: str, step: int = 0) -> None:
+        """A text panel in TensorBoard (e.g. the resolved config); nothing without TensorBoard."""
+        if self.tb is not None:
+            self.tb.add_text(tag, text, step)
 
     def flush(self) -> None:
         self.file.flush()

@@ -91,6 +91,45 @@ def warm_start(state: dict, source: str) -> dict:
     return {**state, "params": params}
 
 
+def memory_metrics(cfg: Config, params, memory) -> dict:
+    """Each kNN layer's gate per head (sigmoid of its bias) and store fill (mean over rows)."""
+    out = {}
+    if not (cfg.model.knn.enabled and cfg.model.knn.size):
+        return out
+    for layer in cfg.model.knn.layer_indices(cfg.model.num_layers):
+        gates = jax.device_get(jax.nn.sigmoid(params[f"layer_{layer}"]["attn"]["gate_bias"]))
+        out.update({f"knn_gate_l{layer}_h{h}": float(g) for h, g in enumerate(gates)})
+        count = jax.device_get(memory["knn"][str(layer)]["count"])
+        out[f"knn_fill_l{layer}"] = float(count.mean()) / cfg.model.knn.size
+    return out
+
+
+def make_validation(setup: state_lib.Setup):
+    """params -> {eval_perplexity, eval_bits_per_token, ...}: the first `train.eval_max_docs`
+    documents of `data.eval_split`, through memtx.evaluate's own code and one compiled step."""
+    from memtx.evaluate import evaluate
+    from memtx.step import make_eval_step
+    cfg = setup.cfg
+    source_fn = lambda shard_index, num_shards: open_source(  # noqa: E731
+        cfg.data, cfg.data.eval_split, train=False, max_docs=cfg.train.eval_max_docs, shard_index=shard_index,
+        num_shards=num_shards)
+    probe = source_fn(0, 1)  # a missing or empty split is a one-line error now, not at the first evaluation
+    check_vocab_fits(probe.vocab, cfg.model.vocab_size)
+    step_fn = make_eval_step(setup)
+
+    def validate(params) -> dict:
+        r = evaluate(setup, params, source_fn, verbose=False, step_fn=step_fn)
+        out = {"eval_perplexity": r["perplexity"], "eval_bits_per_token": r["bits_per_token"],
+               "eval_documents": r["documents"], "eval_tokens": r["tokens"], "eval_seconds": r["seconds"]}
+        if r["perplexity_ci95"]:
+            out["eval_perplexity_lo"], out["eval_perplexity_hi"] = r["perplexity_ci95"]
+        if r.get("bits_per_byte") is not None:
+            out["eval_bits_per_byte"] = r["bits_per_byte"]
+        return out
+
+    return validate
+
+
 def train(cfg: Config, workdir: str) -> dict:
     """Runs (or continues) training; returns a summary. Checkpoints and metrics go to `workdir`.
 
@@ -152,12 +191,16 @@ def train(cfg: Config, workdir: str) -> dict:
     pending: list[tuple[int, dict]] = []
     last = {}
 
-    def flush_metrics() -> float:
-        """Writes the pending steps' metrics; returns their mean loss (the progress line's)."""
+    def flush_metrics(extra: dict | None = None) -> float:
+        """Writes the pending steps' metrics (`extra` joins the last step's line); returns their
+        mean loss (the progress line's)."""
         nonlocal last
         total = 0.0
-        for s, m in jax.device_get(pending):
+        for i, (s, m) in enumerate(jax.device_get(pending)):
             values = {k: float(v) for k, v in m.items()}
+            values["tokens_seen"] = s * tokens_per_step
+            if extra and i == len(pending) - 1:
+                values.update(extra)
             bad = [k for k in ("loss", "grad_norm", "param_norm") if not math.isfinite(values[k])]
             if bad:  # nothing after the last good step is saved
                 ckpt.wait()
@@ -173,7 +216,11 @@ def train(cfg: Config, workdir: str) -> dict:
             writer.flush()
         return mean_loss
 
+    if writer:
+        writer.write_text("config", "```\n" + json.dumps(to_dict(cfg), indent=2) + "\n```", start)
+    validate = make_validation(setup) if cfg.train.eval_every else None
     step, t0 = start, time.perf_counter()
+    last_log = (start, t0)
     try:
         while step < stop_at:
             batch = state_lib.device_batch(setup, stream.next_batch())
@@ -185,14 +232,32 @@ def train(cfg: Config, workdir: str) -> dict:
                 main_print(f"first step (compilation included) took {time.perf_counter() - t0:.1f}s", flush=True)
                 progress = Progress(cfg.train.steps, done=step)
             save_now = step % cfg.train.checkpoint_every == 0 or step == stop_at or preempted
-            if step % cfg.train.log_every == 0 or save_now:
+            eval_now = validate is not None and (step % cfg.train.eval_every == 0 or step == stop_at)
+            if step % cfg.train.log_every == 0 or save_now or eval_now:
                 n_new = len(pending)
-                loss = flush_metrics()
+                jax.block_until_ready(metrics)
+                now = time.perf_counter()
+                timing = {} if last_log[0] == start else {  # the first window includes compilation
+                    "step_time_s": (now - last_log[1]) / (step - last_log[0]),
+                    "tokens_per_s": (step - last_log[0]) * tokens_per_step / (now - last_log[1])}
+                last_log = (step, now)
+                loss = flush_metrics({**timing, **memory_metrics(cfg, state["params"], memory)})
                 if main:
                     progress.report(step, n_new * tokens_per_step,
                                     f"loss {loss:.4f} ({loss / math.log(2):.3f} bits/token) "
                                     f"lr {last['lr']:.2e} gnorm {last['grad_norm']:.2f}"
                                     + (f" skipped docs {stream.skipped}" if stream.skipped else ""))
+            if eval_now:
+                result = validate(state["params"])
+                if writer:
+                    writer.write(step, result, group="eval")
+                    writer.flush()
+                main_print(f"step {step}: {cfg.data.eval_split} perplexity {result['eval_perplexity']:.3f} "
+                           f"on {result['eval_documents']} documents, {result['eval_tokens']:,} tokens "
+                           f"({format_duration(result['eval_seconds'])})", flush=True)
+                last_log = (step, time.perf_counter())  # evaluation time is not training time
+                if progress is not None:
+                    progress.last_time = last_log[1]
             if save_now:
                 ckpt.save(step, state, memory, stream.state())
             if preempted:
