@@ -25,7 +25,15 @@ def resolve_config(config_spec: str | None, workdir: str | None, overrides: list
         raise ConfigError("no config: pass --config configs/NAME.py[:preset] (or a --workdir holding config.json)")
     for key, text in parse_overrides(overrides):
         apply_override(cfg, key, text)
+    if PRINT_CONFIG:
+        import json
+        from memtx.config import to_dict
+        print(json.dumps(to_dict(cfg), indent=2))
+        raise SystemExit(0)
     return cfg
+
+
+PRINT_CONFIG = False  # set by run_cli for --print-config: resolve_config prints the config and exits
 
 
 def parse_int_list(option: str, text: str) -> list[int]:
@@ -42,8 +50,11 @@ def parse_int_list(option: str, text: str) -> list[int]:
 class ArgumentParser(argparse.ArgumentParser):
     """argparse with one-line errors (no usage dump) and no abbreviated options."""
 
-    def __init__(self, **kwargs):
+    def __init__(self, print_config: bool = True, **kwargs):
         super().__init__(allow_abbrev=False, **kwargs)
+        if print_config:  # every tool that resolves a config (train, evaluate, generate, compare, fit, studies, benchmarks)
+            self.add_argument("--print-config", action="store_true",
+                              help="print the resolved config (file or work directory, with overrides) as JSON and exit")
 
     def error(self, message: str):
         print(f"error: {message} (see --help)", file=sys.stderr)
@@ -55,7 +66,9 @@ def run_cli(main: Callable[[argparse.Namespace, list[str]], int], parser: argpar
     """Parses arguments and runs `main`, turning expected errors into one line and exit code 2."""
     from memtx.data.corpus import CorpusError
 
+    global PRINT_CONFIG
     args, rest = parser.parse_known_args(argv)
+    PRINT_CONFIG = bool(getattr(args, "print_config", False))
     try:
         return main(args, rest)
     except (ConfigError, CorpusError, UsageError) as e:

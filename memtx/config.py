@@ -202,11 +202,34 @@ class Config:
 # Loading and overriding
 
 
+def config_dirs() -> list[str]:
+    """Where a config named without a path is looked for: ./configs, then the configs/ beside the
+    installed memtx package (a clone or an editable install: any working directory)."""
+    here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+    return list(dict.fromkeys([os.path.abspath("configs"), here]))
+
+
+def find_config_file(path: str) -> str:
+    """`path` itself, or for a bare name (`txl`, `txl.py`) the file of that name in config_dirs()."""
+    if os.path.isfile(path):
+        return path
+    if os.sep not in path and "/" not in path:
+        name = path if path.endswith(".py") else path + ".py"
+        for directory in config_dirs():
+            if os.path.isfile(os.path.join(directory, name)):
+                return os.path.join(directory, name)
+        known = sorted({f[:-3] for d in config_dirs() if os.path.isdir(d) for f in os.listdir(d)
+                        if f.endswith(".py") and not f.startswith("_")})
+        raise ConfigError(f"no config named '{path}'" + (f" (known: {', '.join(known)})" if known else "")
+                          + "; or give a file path")
+    raise ConfigError(f"config file '{path}' does not exist")
+
+
 def load_config_file(spec: str) -> Config:
-    """Loads `path/to/file.py[:preset]` by calling its `get_config(preset)`."""
+    """Loads `path/to/file.py[:preset]` (or `NAME[:preset]`, e.g. `txl:cpu`, from config_dirs())
+    by calling its `get_config(preset)`."""
     path, _, preset = spec.partition(":")
-    if not os.path.isfile(path):
-        raise ConfigError(f"config file '{path}' does not exist")
+    path = find_config_file(path)
     module_spec = importlib.util.spec_from_file_location(f"memtx_config_{abs(hash(path))}", path)
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
@@ -215,7 +238,9 @@ def load_config_file(spec: str) -> Config:
     try:
         cfg = module.get_config(preset) if preset else module.get_config()
     except KeyError as e:
-        raise ConfigError(f"config file '{path}' has no preset {e}") from None
+        presets = getattr(module, "PRESETS", None)
+        known = f" (presets: {', '.join(presets)})" if isinstance(presets, dict) else ""
+        raise ConfigError(f"config file '{path}' has no preset {e}{known}") from None
     if not isinstance(cfg, Config):
         raise ConfigError(f"get_config() of '{path}' must return memtx.config.Config")
     return cfg

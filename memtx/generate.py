@@ -162,6 +162,8 @@ def load(workdir: str, config_spec: str | None, overrides: list[str], step: int 
 
 
 def main(args: argparse.Namespace, rest: list[str]) -> int:
+    if args.print_config:
+        resolve_config(args.config, args.workdir, rest)  # prints it and exits
     if (args.prompt is None) == (args.prompt_file is None):
         raise UsageError("give exactly one of --prompt TEXT and --prompt-file PATH")
     if args.max_tokens < 0:

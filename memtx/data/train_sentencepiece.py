@@ -72,7 +72,7 @@ def main(args: argparse.Namespace, rest: list[str]) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(print_config=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--corpus", default="stdlib", help="a directory, glob, file or 'stdlib' (default)")
     p.add_argument("--out", required=True, help="output prefix: writes OUT.model and OUT.vocab")
     p.add_argument("--vocab-size", type=int, default=8000)
