@@ -131,6 +131,15 @@ class Checkpointer:
                 merged.append(old)
         return jax.tree_util.tree_unflatten(treedef, merged), fresh
 
+    def saved_param_names(self, step: int) -> list[str]:
+        """The parameter paths (keystr) saved at `step` (empty if the metadata cannot be read)."""
+        try:
+            meta = ocp.PyTreeCheckpointer().metadata(os.path.join(self.directory, str(step), "params"))
+        except Exception:  # noqa: BLE001 - another layout or a remote store: names unknown
+            return []
+        tree = getattr(meta, "item_metadata", None) or getattr(meta, "tree", None) or meta
+        return [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
     def wait(self) -> None:
         self.manager.wait_until_finished()
 

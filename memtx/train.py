@@ -85,9 +85,11 @@ def warm_start(state: dict, source: str) -> dict:
     if step is None:
         raise ConfigError(f"config key 'train.init_from': no checkpoint in {directory}")
     params, fresh = ckpt.restore_shared_params(step, state["params"])
+    ours = {jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_flatten_with_path(state["params"])[0]}
+    dropped = [name for name in ckpt.saved_param_names(step) if name not in ours]
     ckpt.close()
-    main_print(f"warm start from step {step} of {directory}; initialised afresh: {', '.join(fresh) or 'nothing'}",
-               flush=True)
+    main_print(f"warm start from step {step} of {directory}; initialised afresh: {', '.join(fresh) or 'nothing'}; "
+               f"not used from the checkpoint: {', '.join(dropped) or 'nothing'}", flush=True)
     return {**state, "params": params}
 
 

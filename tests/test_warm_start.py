@@ -52,3 +52,21 @@ def test_bad_init_from_is_a_one_line_error(tmp_path):
     with pytest.raises(ConfigError, match="warm-start") as info:
         train(wide, str(tmp_path / "wide"))
     assert "\n" not in str(info.value)
+
+
+def test_warm_start_says_what_is_new_and_what_is_dropped(tmp_path, capsys):
+    """A kNN model without XL's content bias from an XL checkpoint: the gate (and the kNN layer's
+    scale) are new, the saved u is not used; both named in the run's output."""
+    corpus = str(make_corpus(tmp_path / "corpus"))
+    train(tiny_config(corpus, steps=3, checkpoint_every=3), str(tmp_path / "xl"))
+    knn = tiny_config(corpus, steps=3, checkpoint_every=3)
+    knn.model.content_bias = False
+    knn.model.knn = KNNConfig(enabled=True, layers=(1,), size=32, k=4)
+    knn.train.init_from = str(tmp_path / "xl")
+    capsys.readouterr()
+    train(knn, str(tmp_path / "knn"))
+    line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("warm start"))
+    new, _, dropped = line.partition("not used from the checkpoint:")
+    assert "['layer_1']['attn']['gate_bias']" in new and "['layer_1']['attn']['log_scale']" in new
+    assert "['layer_0']" not in new  # every other parameter came from the checkpoint
+    assert dropped.strip() == "['u_bias']"
