@@ -409,6 +409,14 @@ def main(args: argparse.Namespace, rest: list[str]) -> int:
     if args.far_reach is not None and args.far_reach < 1:
         raise UsageError(f"--far-reach must be >= 1, got {args.far_reach}")
     cfgs = [run_config(workdir, args.config, rest, args.split) for workdir in args.workdir]
+    if args.corpus is not None:  # every document there: one split holding them all
+        if args.split:
+            raise UsageError("--corpus evaluates every document of PATH; it takes no --split")
+        if not os.path.exists(os.path.expanduser(args.corpus)) and not any(ch in args.corpus for ch in "*?["):
+            raise UsageError(f"--corpus '{args.corpus}' does not exist")
+        for cfg in cfgs:
+            cfg.data.corpus, cfg.data.task = args.corpus, ""
+            cfg.data.split_fractions, cfg.data.eval_split = (1, 0, 0), "train"
     if sizes and not any(c.model.knn.enabled for c in cfgs):
         raise UsageError("--knn-sizes needs a run with a kNN memory (model.knn.enabled)")
     window = cfgs[0].data.seq_len + cfgs[0].model.mem_len  # the first run's: the same buckets for every run
@@ -431,7 +439,11 @@ def main(args: argparse.Namespace, rest: list[str]) -> int:
     if len(rows) > 1 and sizes:
         out = args.workdir[-1]
         plot = os.path.join(out, f"memory_scaling_{rows[0]['split']}_step{rows[-1]['step']}.png")
-        if plot_memory_scaling(rows, plot, f"{rows[0]['split']} perplexity against kNN memory size"):
+        c = cfgs[-1].data
+        where = c.task or os.path.basename(os.path.normpath(str(c.corpus))) or str(c.corpus)
+        title = (f"{rows[0]['split']} perplexity against kNN memory size\n{where}, {rows[-1].get('documents', '?')} documents, "
+                 f"step {rows[-1]['step']}")
+        if plot_memory_scaling(rows, plot, title):
             print(f"plot written to {plot}")
     return 0
 
@@ -443,6 +455,8 @@ def parser() -> argparse.ArgumentParser:
                         "and each row after the first is paired with the first")
     p.add_argument("--config", help="a config file instead of WORKDIR/config.json")
     p.add_argument("--split", choices=["validation", "test", "train"], help="default: data.eval_split")
+    p.add_argument("--corpus", help="evaluate every document of this directory, glob or file instead of the run's "
+                                    "split (reported as split 'train' of that corpus, with its fingerprint)")
     p.add_argument("--step", type=int, help="checkpoint step; default: the latest")
     p.add_argument("--knn-sizes", help="comma-separated kNN memory sizes, e.g. 0,1536,8192,65536: one checkpoint "
                                        "evaluated at each, a table and a PNG plot of perplexity against size")

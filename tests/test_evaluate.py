@@ -136,3 +136,20 @@ def test_one_checkpoint_evaluated_at_several_knn_memory_sizes(trained, tmp_path,
     assert -1.0 <= results[256]["knn_top1_score"] and np.isfinite(results[256]["knn_top1_score"])
     assert len({round(r["nll_sum"], 3) for r in results.values()}) == 3  # memory size changes the result
     assert (tmp_path / "knn" / "memory_scaling_train_step4.png").stat().st_size > 1000
+
+
+def test_cli_corpus_evaluates_every_document_there(trained, tmp_path, capsys):
+    """--corpus PATH: every document of PATH (no split), its fingerprint in the JSON; a missing path
+    is one line."""
+    _, workdir = trained
+    other = make_corpus(tmp_path / "other", num_docs=3, max_bytes=800)
+    code = run_cli(evaluate_lib.main, evaluate_lib.parser(), ["--workdir", str(workdir), "--corpus", str(other)])
+    assert code == 0, capsys.readouterr().err
+    path = next(p for p in workdir.glob("eval_*.json") if json.loads(p.read_text())["corpus"].get("corpus") == str(other))
+    result = json.loads(path.read_text())
+    assert result["documents"] == 3
+    assert result["tokens"] == sum(len(p.read_bytes()) for p in other.iterdir())
+    capsys.readouterr()
+    code = run_cli(evaluate_lib.main, evaluate_lib.parser(), ["--workdir", str(workdir), "--corpus", str(tmp_path / "nope")])
+    err = capsys.readouterr().err
+    assert code == 2 and "does not exist" in err and len(err.strip().splitlines()) == 1
