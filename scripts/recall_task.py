@@ -25,6 +25,7 @@ import jax
 
 from memtx import state as state_lib
 from memtx.checkpoint import Checkpointer
+from memtx.cli import ArgumentParser
 from memtx.config import (Config, DataConfig, KNNConfig, MeshConfig, ModelConfig, OptimConfig,
                           TrainConfig)
 from memtx.data import recall
@@ -132,7 +133,7 @@ def format_table(results: dict) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(print_config=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=3000, help="training steps of each model")
     p.add_argument("--workdir", default="runs/recall", help="corpora, both runs and recall_results.json")
     p.add_argument("--seed", type=int, default=0, help="data, parameter init and document order")
@@ -140,6 +141,9 @@ def main(argv=None) -> int:
     p.add_argument("--eval-docs", type=int, default=64)
     p.add_argument("--skip-baseline", action="store_true", help="do not train the model without memory")
     args = p.parse_args(argv)
+    for name in ("steps", "train_docs", "eval_docs"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if os.path.exists(os.path.join(args.workdir, "recall_knn", "checkpoints")):
         print(f"note: {args.workdir} holds earlier runs; they resume (or are reused) rather than restart",
               file=sys.stderr)
