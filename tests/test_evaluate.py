@@ -153,3 +153,22 @@ def test_cli_corpus_evaluates_every_document_there(trained, tmp_path, capsys):
     code = run_cli(evaluate_lib.main, evaluate_lib.parser(), ["--workdir", str(workdir), "--corpus", str(tmp_path / "nope")])
     err = capsys.readouterr().err
     assert code == 2 and "does not exist" in err and len(err.strip().splitlines()) == 1
+
+
+def test_evaluations_with_different_limits_keep_separate_files(trained, capsys):
+    """Provenance: two evaluations of one checkpoint with different document limits write two
+    files, each recording its limit, corpus fingerprint and step; repeating one rewrites its own
+    file (the same evaluation), never the other's."""
+    corpus, workdir = trained
+    before = set(workdir.glob("eval_*.json"))
+    for limit in (2, 3, 2):
+        code = run_cli(evaluate_lib.main, evaluate_lib.parser(),
+                       ["--workdir", str(workdir), "--split", "train", f"--config.data.eval_max_docs={limit}"])
+        assert code == 0, capsys.readouterr().err
+    new = sorted(set(workdir.glob("eval_*.json")) - before)
+    assert len(new) == 2
+    results = [json.loads(p.read_text()) for p in new]
+    assert sorted(r["identity"]["max_docs"] for r in results) == [2, 3]
+    assert sorted(r["documents"] for r in results) == [2, 3]
+    assert all(r["corpus"]["sha256"] == corpus_fingerprint(tiny_config(corpus).data)["sha256"] and r["step"] == 12
+               for r in results)
