@@ -99,11 +99,17 @@ def memory_metrics(cfg: Config, params, memory) -> dict:
     if not (cfg.model.knn.enabled and cfg.model.knn.size):
         return out
     for layer in cfg.model.knn.layer_indices(cfg.model.num_layers):
-        gates = jax.device_get(jax.nn.sigmoid(params[f"layer_{layer}"]["attn"]["gate_bias"]))
-        out.update({f"knn_gate_l{layer}_h{h}": float(g) for h, g in enumerate(gates)})
-        count = jax.device_get(memory["knn"][str(layer)]["count"])
-        out[f"knn_fill_l{layer}"] = float(count.mean()) / cfg.model.knn.size
+        # Reduced under jit: the results are replicated, so every process can read them even when
+        # the store's rows live on other processes' devices.
+        gates, fill = _gate_and_fill(params[f"layer_{layer}"]["attn"]["gate_bias"], memory["knn"][str(layer)]["count"])
+        out.update({f"knn_gate_l{layer}_h{h}": float(g) for h, g in enumerate(jax.device_get(gates))})
+        out[f"knn_fill_l{layer}"] = float(fill) / cfg.model.knn.size
     return out
+
+
+@jax.jit
+def _gate_and_fill(gate_bias_H, count_B):
+    return jax.nn.sigmoid(gate_bias_H), jax.numpy.mean(count_B.astype(jax.numpy.float32))
 
 
 def make_validation(setup: state_lib.Setup):
