@@ -5,8 +5,9 @@
 For each of configs/txl.py:cpu (XL cache), configs/knn.py:cpu (XL + kNN store) and
 configs/lamemo.py:cpu, with freshly initialised parameters (speed does not depend on training):
 reads a prompt of random bytes, then generates tokens by sampling, and prints the prompt's
-tokens/s (whole segments) and the generated tokens/s (one segment forward per token), after a
-warm-up that compiles.
+tokens/s (whole segments) and the generated tokens/s, with the in-segment key/value cache (one
+row per token through the layers) and without it (one whole-segment forward per token), after a
+warm-up that compiles both.
 """
 
 from __future__ import annotations
@@ -30,14 +31,15 @@ ROOT = os.path.join(os.path.dirname(__file__), "..")
 PRESETS = ["configs/txl.py:cpu", "configs/knn.py:cpu", "configs/lamemo.py:cpu"]
 
 
-def measure(cfg, prompt_len: int, tokens: int) -> dict:
-    setup = state_lib.build(cfg)
-    params = jax.device_get(state_lib.init_state(setup, seed=0)["params"])
-    gen = Generator(cfg, params, tokenizer.PAD_ID)
+def measure(cfg, params, prompt_len: int, tokens: int, kv_cache: bool) -> dict:
+    gen = Generator(cfg, params, tokenizer.PAD_ID, kv_cache=kv_cache)
     rng = np.random.default_rng(0)
     prompt = rng.integers(32, 127, prompt_len)
-    gen.start_document(tokenizer.BOS_ID)  # warm-up: compiles the one segment forward
-    gen.feed(prompt[:cfg.data.seq_len])
+    gen.start_document(tokenizer.BOS_ID)  # warm-up: compiles the segment forward and the cached step
+    gen.feed(prompt[:cfg.data.seq_len + 1])
+    for token in prompt[cfg.data.seq_len + 1:cfg.data.seq_len + 4]:
+        gen.next_logits()
+        gen.feed([token])
     gen.next_logits()
     t0 = time.perf_counter()
     gen.start_document(tokenizer.BOS_ID)
@@ -55,15 +57,21 @@ def measure(cfg, prompt_len: int, tokens: int) -> dict:
 def main(args: argparse.Namespace, rest: list[str]) -> int:
     print(f"jax {jax.__version__} on {jax.devices()[0].platform} ({len(jax.devices())} device(s)); "
           f"prompt {args.prompt} tokens, {args.tokens} generated")
-    print("| config | memory | segment | prompt tokens/s | generated tokens/s | ms/token |")
-    print("|---|---|---|---:|---:|---:|")
+    print("| config | memory | segment | prompt tokens/s | generated tokens/s (ms/token), key/value cache | "
+          "without the cache | speed-up |")
+    print("|---|---|---|---:|---:|---:|---:|")
     for preset in args.configs.split(","):
         cfg = resolve_config(os.path.join(ROOT, preset), None, rest)
         m = cfg.model
         memory = (f"{m.memory_type} {m.mem_len}") + (f" + kNN {m.knn.size}" if m.knn.enabled else "")
-        r = measure(cfg, args.prompt, args.tokens)
-        print(f"| {preset} | {memory} | {cfg.data.seq_len} | {r['prompt_tok_s']:,.0f} | {r['gen_tok_s']:,.1f} | "
-              f"{r['ms_per_token']:.2f} |", flush=True)
+        params = jax.device_get(state_lib.init_state(state_lib.build(cfg), seed=0)["params"])
+        cached = measure(cfg, params, args.prompt, args.tokens, kv_cache=True)
+        whole = measure(cfg, params, args.prompt, args.tokens, kv_cache=False)
+        note = "" if m.memory_type != "lamemo" else " (LaMemo: no cache)"
+        print(f"| {preset} | {memory} | {cfg.data.seq_len} | {cached['prompt_tok_s']:,.0f} | "
+              f"{cached['gen_tok_s']:,.1f} ({cached['ms_per_token']:.2f}){note} | "
+              f"{whole['gen_tok_s']:,.1f} ({whole['ms_per_token']:.2f}) | "
+              f"{cached['gen_tok_s'] / whole['gen_tok_s']:.2f}x |", flush=True)
     return 0
 
 

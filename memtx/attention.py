@@ -59,7 +59,12 @@ class RelativeAttention(nn.Module):
 
     @nn.compact
     def __call__(self, x_BND, mem_BMD, mem_valid_BM, u_HD, v_HD, deterministic: bool = True,
-                 knn_memory: dict | None = None, num_valid_B=None):
+                 knn_memory: dict | None = None, num_valid_B=None, cache: dict | None = None, position=None):
+        """Without `cache`: x is a whole segment (N rows). With `cache` (generation: the keys,
+        values and position vectors of [memory ; segment] that an earlier call returned), x is the
+        n rows at segment positions position..position+n-1; their keys and values are written into
+        the cache, they attend over the cached positions before them, and nothing is written to
+        the kNN store. Returns (output, new kNN memory or None, cache)."""
         cfg = self.cfg
         H, Dh, D = cfg.num_heads, cfg.dim_per_head, cfg.d_model
         dtype = jnp.dtype(cfg.dtype)
@@ -69,35 +74,50 @@ class RelativeAttention(nn.Module):
         w_o = param_with_axes(self, "out", (H, Dh, D), ("heads", "kv", "embed"), init)
         w_qkv, w_r, w_o = (w.astype(dtype) for w in (w_qkv, w_r, w_o))
 
-        B, N, _ = x_BND.shape
+        B, N, _ = x_BND.shape  # with a cache, N is the number of new rows (the segment is longer)
         M = mem_BMD.shape[1]
-        K = M + N
-        keys_in_BKD = jnp.concatenate([mem_BMD.astype(dtype), x_BND.astype(dtype)], axis=1)
+        normalised = knn_memory is not None or cfg.qk_norm  # spec §3: normalised q, k, learned scale
         q_BNHD = jnp.einsum("bnd,dhk->bnhk", x_BND.astype(dtype), w_qkv[:, 0])
-        k_BKHD = jnp.einsum("bkd,dhe->bkhe", keys_in_BKD, w_qkv[:, 1])
-        v_BKHD = jnp.einsum("bkd,dhe->bkhe", keys_in_BKD, w_qkv[:, 2])
+        if cache is None:
+            position = 0
+            K = M + N
+            keys_in_BKD = jnp.concatenate([mem_BMD.astype(dtype), x_BND.astype(dtype)], axis=1)
+            k_BKHD = jnp.einsum("bkd,dhe->bkhe", keys_in_BKD, w_qkv[:, 1])
+            v_BKHD = jnp.einsum("bkd,dhe->bkhe", keys_in_BKD, w_qkv[:, 2])
+            if normalised:
+                k_BKHD = l2_normalize(k_BKHD)
+            # Position term, once per distance d = 0..K-1, then gathered to [N, K] by d = M+i-j.
+            r_KHD = jnp.einsum("kd,dhe->khe", distance_sinusoid(jnp.arange(K), D, cfg.clamp_len).astype(dtype), w_r)
+        else:  # the new rows' keys and values join the cached ones at M + position
+            K = cache["k"].shape[1]
+            x_in_BND = x_BND.astype(dtype)
+            k_new_BNHD = jnp.einsum("bnd,dhe->bnhe", x_in_BND, w_qkv[:, 1])
+            if normalised:
+                k_new_BNHD = l2_normalize(k_new_BNHD)
+            v_new_BNHD = jnp.einsum("bnd,dhe->bnhe", x_in_BND, w_qkv[:, 2])
+            k_BKHD = jax.lax.dynamic_update_slice_in_dim(cache["k"], k_new_BNHD.astype(cache["k"].dtype), M + position, 1)
+            v_BKHD = jax.lax.dynamic_update_slice_in_dim(cache["v"], v_new_BNHD.astype(cache["v"].dtype), M + position, 1)
+            r_KHD = cache["r"]
         q_BNHD = nn.with_logical_constraint(q_BNHD, ("act_batch", "act_seq", "act_heads", "act_kv"))
         k_BKHD = nn.with_logical_constraint(k_BKHD, ("act_batch", "act_seq", "act_heads", "act_kv"))
         v_BKHD = nn.with_logical_constraint(v_BKHD, ("act_batch", "act_seq", "act_heads", "act_kv"))
-        if knn_memory is not None or cfg.qk_norm:  # spec §3: normalised q, k and a learned per-head scale
-            q_BNHD, k_BKHD = l2_normalize(q_BNHD), l2_normalize(k_BKHD)
+        if normalised:
+            q_BNHD = l2_normalize(q_BNHD)
             log_scale_H = param_with_axes(self, "log_scale", (H,), ("heads",),
                                           nn.initializers.constant(0.5 * math.log(Dh)))
             scale_H11 = jnp.exp(log_scale_H)[:, None, None]
         else:
             scale_H11 = 1.0 / jnp.sqrt(jnp.float32(Dh))
 
-        # Position term, once per distance d = 0..K-1, then gathered to [N, K] by d = M+i-j.
-        r_KHD = jnp.einsum("kd,dhe->khe", distance_sinusoid(jnp.arange(K), D, cfg.clamp_len).astype(dtype), w_r)
         ac_BHNK = jnp.einsum("bnhd,bkhd->bhnk", q_BNHD + u_HD.astype(dtype), k_BKHD,
                              preferred_element_type=jnp.float32)
         bd_BHNK_by_distance = jnp.einsum("bnhd,khd->bhnk", q_BNHD + v_HD.astype(dtype), r_KHD,
                                          preferred_element_type=jnp.float32)
-        distance_NK = M + jnp.arange(N)[:, None] - jnp.arange(K)[None, :]
+        distance_NK = M + position + jnp.arange(N)[:, None] - jnp.arange(K)[None, :]
         bd_BHNK = bd_BHNK_by_distance[:, :, jnp.arange(N)[:, None], jnp.clip(distance_NK, 0, K - 1)]
 
         scores = (ac_BHNK + bd_BHNK) * scale_H11
-        key_valid_BK = jnp.concatenate([mem_valid_BM, jnp.ones((B, N), bool)], axis=1)
+        key_valid_BK = jnp.concatenate([mem_valid_BM, jnp.ones((B, K - M), bool)], axis=1)
         mask_BHNK = (distance_NK >= 0)[None, None] & key_valid_BK[:, None, None, :]
         scores = jnp.where(mask_BHNK, scores, NEG_INF)
         probs_BHNK = jax.nn.softmax(scores, axis=-1)
@@ -112,9 +132,10 @@ class RelativeAttention(nn.Module):
             # keys carry no position).
             query_BHND = jnp.swapaxes(q_BNHD, 1, 2)
             out_BNHD = self.mix_in_memory(out_BNHD, query_BHND, jnp.exp(log_scale_H), gate_bias_H, knn_memory)
-            if knn_memory["keys"].shape[2] > 0:  # size 0: nothing is ever stored (every read is empty)
+            # size 0: nothing is ever stored (every read is empty); generation writes whole segments
+            if knn_memory["keys"].shape[2] > 0 and cache is None:
                 knn_memory = knn.write(knn_memory, k_BKHD[:, M:], v_BKHD[:, M:], num_valid_B)
-        return jnp.einsum("bnhd,hde->bne", out_BNHD, w_o), knn_memory
+        return jnp.einsum("bnhd,hde->bne", out_BNHD, w_o), knn_memory, {"k": k_BKHD, "v": v_BKHD, "r": r_KHD}
 
     def mix_in_memory(self, local_BNHD, query_BHND, scale_H, gate_bias_H, knn_memory):
         """out = g * a_mem + (1 - g) * a_local per head, g = sigmoid(gate_bias); a query with no valid

@@ -7,14 +7,17 @@ LaMemo):
 The prompt is read as the model reads a document in training and evaluation: BOS, then segment
 after segment of `data.seq_len` tokens, each full segment run once and rolled into the memories
 (the kNN store is written, the XL cache and LaMemo state advance). Then tokens are sampled one at
-a time; each step runs the model over the current, partly filled segment with the memory the
-completed segments left (padding after the last token: causal attention makes the logits of the
-filled positions exactly those of the teacher-forced forward), and a segment that fills up is
-rolled into memory as in training. The same `model.apply` as training and evaluation, so the
-logits equal the teacher-forced ones (tests/test_generate.py).
+a time. Inside a segment, XL, kNN and RPE models keep a key/value cache: the segment's first
+forward (over the partly filled segment, padded: causal attention makes the filled positions'
+logits exactly the teacher-forced ones) returns every layer's keys and values of [memory ;
+segment], and each new token then runs one row through the layers, attending over the cached
+positions before it and searching the kNN store, without writing anything. A segment that fills
+up is run whole once more and rolled into memory as in training, so the memories are written by
+the same `model.apply` as training and evaluation and the logits equal the teacher-forced ones
+(tests/test_generate.py).
 
-Cost: one forward of a whole segment per generated token (O(N) work where a key/value cache
-inside the segment would do O(1) new rows); no such cache yet.
+LaMemo has no such cache: its memory is refreshed by looking ahead at the whole segment, so each
+token runs one forward of the whole (padded) segment, O(N) work per token.
 """
 
 from __future__ import annotations
@@ -44,28 +47,44 @@ class Generator:
     document left), `segment` (the inputs of the current segment, fewer than N) and the logits
     that predict the token after the last input."""
 
-    def __init__(self, cfg: Config, params, pad_id: int):
+    def __init__(self, cfg: Config, params, pad_id: int, kv_cache: bool = True):
         self.cfg = cfg
         self.model = TransformerLM(cfg.model)
         self.pad_id = pad_id  # padded inputs after the last real one: causal attention never reads them
         self.params = params
         self.N = cfg.data.seq_len
 
+        # In-segment key/value cache: every kind but LaMemo (whose memory is refreshed by the
+        # whole segment, so each of its tokens runs the whole segment).
+        # `kv_cache=False`: every token runs the whole segment (for comparisons).
+        self.cached = kv_cache and cfg.model.memory_type != "lamemo"
+
         def forward(params, memory, inputs_1N, num_valid_1, reset_1):
             memory = model_memory.reset_rows(memory, reset_1)
-            logits_1NV, memory = self.model.apply({"params": params}, inputs_1N, memory, num_valid_1)
-            return logits_1NV[0].astype(jnp.float32), memory
+            out = self.model.apply({"params": params}, inputs_1N, memory, num_valid_1, return_cache=self.cached)
+            return out[0][0].astype(jnp.float32), out[1], (out[2] if self.cached else None)
+
+        def decode(params, memory, cache, token_11, position, reset_1):
+            memory = model_memory.reset_rows(memory, reset_1)
+            logits_11V, _, cache = self.model.apply({"params": params}, token_11, memory, None, cache=cache,
+                                                    position=position)
+            return logits_11V[0, 0].astype(jnp.float32), cache
 
         self._forward = jax.jit(forward)
+        self._decode = jax.jit(decode, donate_argnums=2)
         self.memory = model_memory.init(cfg.model, 1)
         self.segment: list[int] = []
         self.first_segment = True  # the next full segment starts a document: reset its row
         self.logits = None
+        self.cache, self.cached_len = None, 0  # the current segment's attention cache, its filled length
+        self.forwards = self.decodes = 0  # whole-segment forwards and one-token cached steps run
 
     def _run(self, tokens: list[int]):
-        """The model over `tokens` (<= N of them, padded) with the completed segments' memory."""
+        """The model over `tokens` (<= N of them, padded) with the completed segments' memory:
+        (logits [N, V], the memory it writes, the attention cache or None)."""
         inputs = np.full((1, self.N), self.pad_id, np.int32)
         inputs[0, :len(tokens)] = tokens
+        self.forwards += 1
         # Every segment counts as full (num_valid N): the memory a partial forward would write is
         # dropped, and LaMemo's look-ahead window depends on the segment's length (a document's
         # shorter last segment refreshes fewer slots), which for a document still being written
@@ -77,6 +96,7 @@ class Generator:
     def start_document(self, bos_id: int) -> None:
         """A new document: the memory row is reset when its first segment is run."""
         self.segment, self.first_segment, self.logits = [], True, None
+        self.cache, self.cached_len = None, 0
         self.feed([bos_id])
 
     def feed(self, tokens) -> None:
@@ -87,19 +107,28 @@ class Generator:
             self.segment += tokens[:take]
             tokens = tokens[take:]
             if len(self.segment) == self.N:
-                logits_NV, self.memory = self._run(self.segment)
+                logits_NV, self.memory, _ = self._run(self.segment)
                 self.logits = logits_NV[-1]
                 self.segment, self.first_segment = [], False
+                self.cache, self.cached_len = None, 0
             else:
                 self.logits = None  # computed when asked for
 
     def next_logits(self) -> np.ndarray:
         """Logits [V] of the token after the last input."""
         if self.logits is None:
-            if not self.segment:
+            n = len(self.segment)
+            if not n:
                 raise ValueError("no input yet: call start_document first")
-            logits_NV, _ = self._run(self.segment)  # the memory it would write is dropped
-            self.logits = logits_NV[len(self.segment) - 1]
+            if self.cache is not None and self.cached_len == n - 1:  # one new token: a cached step
+                self.logits, self.cache = self._decode(
+                    self.params, self.memory, self.cache, np.array([[self.segment[-1]]], np.int32),
+                    np.int32(n - 1), np.array([self.first_segment]))
+                self.decodes += 1
+            else:  # the segment's first forward (the memory it would write is dropped)
+                logits_NV, _, self.cache = self._run(self.segment)
+                self.logits = logits_NV[n - 1]
+            self.cached_len = n
         return np.asarray(self.logits)
 
 

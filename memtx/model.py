@@ -61,7 +61,9 @@ class XLLayer(nn.Module):
 
     @nn.compact
     def __call__(self, h_BND, mem_BMD, mem_valid_BM, u_HD, v_HD, deterministic: bool = True,
-                 knn_memory=None, num_valid_B=None):
+                 knn_memory=None, num_valid_B=None, cache=None, position=None):
+        """Returns (output, new kNN memory or None, attention cache); see RelativeAttention for
+        `cache` / `position` (generation inside a segment)."""
         cfg = self.cfg
         attn = RelativeAttention(cfg, name="attn")
         ffn = FeedForward(cfg, name="ffn")
@@ -69,18 +71,20 @@ class XLLayer(nn.Module):
         ffn_norm = LayerNorm(cfg.layer_norm_eps, name="ffn_norm")
         drop = nn.Dropout(cfg.dropout)
         if cfg.pre_norm:
-            a, knn_memory = attn(attn_norm(h_BND), attn_norm(mem_BMD), mem_valid_BM, u_HD, v_HD, deterministic,
-                                 knn_memory, num_valid_B)
+            mem_in_BMD = attn_norm(mem_BMD) if cache is None else mem_BMD  # cached: keys already computed
+            a, knn_memory, cache = attn(attn_norm(h_BND), mem_in_BMD, mem_valid_BM, u_HD, v_HD, deterministic,
+                                        knn_memory, num_valid_B, cache, position)
             h_BND = h_BND + drop(a, deterministic=deterministic)
             f = ffn(ffn_norm(h_BND), deterministic)
             h_BND = h_BND + drop(f, deterministic=deterministic)
         else:
-            a, knn_memory = attn(h_BND, mem_BMD, mem_valid_BM, u_HD, v_HD, deterministic, knn_memory, num_valid_B)
+            a, knn_memory, cache = attn(h_BND, mem_BMD, mem_valid_BM, u_HD, v_HD, deterministic, knn_memory,
+                                        num_valid_B, cache, position)
             h_BND = attn_norm(h_BND + drop(a, deterministic=deterministic))
             f = ffn(h_BND, deterministic)
             h_BND = ffn_norm(h_BND + drop(f, deterministic=deterministic))
         self.sow("intermediates", "out", h_BND)
-        return nn.with_logical_constraint(h_BND, ("act_batch", "act_seq", "act_embed")), knn_memory
+        return nn.with_logical_constraint(h_BND, ("act_batch", "act_seq", "act_embed")), knn_memory, cache
 
 
 class LaMemoLayer(nn.Module):
@@ -132,8 +136,16 @@ class TransformerLM(nn.Module):
     last_memory_output: bool = False
 
     @nn.compact
-    def __call__(self, inputs_BN, memory: dict, num_valid_B, deterministic: bool = True):
+    def __call__(self, inputs_BN, memory: dict, num_valid_B, deterministic: bool = True, *,
+                 cache=None, position=None, return_cache: bool = False):
+        """(logits, new memory) of a segment. Generation inside a segment (XL / kNN / RPE models):
+        `return_cache=True` also returns each layer's attention cache ({"k", "v": [B, M+N, H, Dh],
+        "r": [M+N, H, Dh]}); called with that `cache` and `position` p, `inputs_BN` are the n new
+        tokens at segment positions p..p+n-1, the logits are theirs, the memory is returned
+        unchanged (a segment is written when it is run whole) and the cache comes back updated."""
         cfg = self.cfg
+        if (cache is not None or return_cache) and cfg.memory_type == "lamemo":
+            raise ValueError("LaMemo has no attention cache: its memory is refreshed by the whole segment")
         V, Vp, D = cfg.vocab_size, cfg.padded_vocab_size, cfg.d_model
         H, Dh = cfg.num_heads, cfg.dim_per_head
         init = nn.initializers.normal(cfg.init_std)
@@ -156,8 +168,10 @@ class TransformerLM(nn.Module):
         h_BND = nn.Dropout(cfg.dropout)(h_BND, deterministic=deterministic)
         if cfg.memory_type == "lamemo":
             h_BND, new_memory = self.lamemo_layers(h_BND, emb_BND, memory, num_valid_B, u_HD, v_HD, deterministic)
+            new_cache = None
         else:
-            h_BND, new_memory = self.xl_layers(h_BND, memory, num_valid_B, u_HD, v_HD, deterministic)
+            h_BND, new_memory, new_cache = self.xl_layers(h_BND, memory, num_valid_B, u_HD, v_HD, deterministic,
+                                                          cache, position)
         if cfg.pre_norm:
             h_BND = LayerNorm(cfg.layer_norm_eps, name="final_norm")(h_BND)
         h_BND = nn.Dropout(cfg.dropout)(h_BND, deterministic=deterministic)
@@ -165,28 +179,31 @@ class TransformerLM(nn.Module):
         if cfg.adaptive_cutoffs:
             # Normalised log-probabilities [B, N, V] (float32) serve as the logits: log_softmax of
             # them (segment_nll, sampling) leaves them unchanged.
-            logp_BNV = adaptive.log_probs(h_BND)
-            return nn.with_logical_constraint(logp_BNV, ("act_batch", "act_seq", "act_vocab")), new_memory
+            logits_BNV = nn.with_logical_constraint(adaptive.log_probs(h_BND), ("act_batch", "act_seq", "act_vocab"))
+            return (logits_BNV, new_memory, new_cache) if cache is not None or return_cache else (logits_BNV, new_memory)
         logits_BNV = jnp.einsum("bnd,vd->bnv", h_BND, embedding_VD.astype(h_BND.dtype),
                                 preferred_element_type=jnp.float32) + out_bias_V
         if Vp != V:  # padded rows of the embedding exist only for sharding; never predicted
             logits_BNV = jnp.where(jnp.arange(Vp) < V, logits_BNV, -1e30)
         logits_BNV = nn.with_logical_constraint(logits_BNV, ("act_batch", "act_seq", "act_vocab"))
-        return logits_BNV, new_memory
+        return (logits_BNV, new_memory, new_cache) if cache is not None or return_cache else (logits_BNV, new_memory)
 
-    def xl_layers(self, h_BND, memory, num_valid_B, u_HD, v_HD, deterministic):
+    def xl_layers(self, h_BND, memory, num_valid_B, u_HD, v_HD, deterministic, cache=None, position=None):
         cfg = self.cfg
         xl_memory, knn_memory = memory["xl"], dict(memory["knn"])
         mem_valid_BM = xl.valid_mask(xl_memory)
-        layer_inputs = []
+        layer_inputs, new_cache = [], []
         for layer in range(cfg.num_layers):
             layer_inputs.append(h_BND)
-            h_BND, new_knn = XLLayer(cfg, name=f"layer_{layer}")(
+            h_BND, new_knn, layer_cache = XLLayer(cfg, name=f"layer_{layer}")(
                 h_BND, xl_memory["hidden"][layer], mem_valid_BM, u_HD, v_HD, deterministic,
-                knn_memory.get(str(layer)), num_valid_B)
+                knn_memory.get(str(layer)), num_valid_B, None if cache is None else cache[layer], position)
+            new_cache.append(layer_cache)
             if new_knn is not None:
                 knn_memory[str(layer)] = new_knn
-        return h_BND, {"xl": xl.write(xl_memory, jnp.stack(layer_inputs), num_valid_B), "knn": knn_memory}
+        if cache is not None:  # generation inside a segment: the memories are written by whole segments
+            return h_BND, memory, new_cache
+        return h_BND, {"xl": xl.write(xl_memory, jnp.stack(layer_inputs), num_valid_B), "knn": knn_memory}, new_cache
 
     def lamemo_layers(self, h_BND, emb_BND, memory, num_valid_B, u_HD, v_HD, deterministic):
         """Layer l reads memory rows m (E_mem for l = 0, else layer l-1's refreshed o_mem) and x."""

@@ -30,6 +30,7 @@ KINDS = {
     "knn": dict(mem_len=4, knn=KNNConfig(enabled=True, layers=(1,), size=16, k=4, gate_bias_init=1.0)),
     "lamemo": dict(mem_len=5, memory_type="lamemo"),
     "rpe": dict(mem_len=0),
+    "xl_prenorm_qknorm": dict(mem_len=5, pre_norm=True, qk_norm=True),
 }
 
 
@@ -90,6 +91,10 @@ def test_greedy_logits_equal_the_teacher_forced_forward(kind):
         assert tokens == [int(np.argmax(r[:30])) for r in ref_gen]
     # The two documents' continuations are not trivially alike (the check above can fail).
     assert all_logits[0][1] != all_logits[1][1][:len(all_logits[0][1])]
+    if kind == "lamemo":  # no in-segment cache: a whole-segment forward per token
+        assert gen.decodes == 0
+    else:  # most tokens went through the key/value cache, not a whole-segment forward
+        assert gen.decodes >= 10 and gen.forwards < gen.decodes
 
 
 def test_the_second_document_does_not_see_the_first():

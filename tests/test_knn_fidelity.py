@@ -91,7 +91,7 @@ def test_retrieval_uses_the_normalised_q_and_ignores_the_content_bias_u():
     params = layer.init(jax.random.key(0), x, *empty_mem, u, v, True, store, jnp.array([5]))["params"]
     params = nn.meta.unbox(params)
     for bias in (u, u + 5.0):
-        (_, _), state = layer.apply({"params": params}, x, *empty_mem, bias, v, True, store, jnp.array([5]),
+        (_, _, _), state = layer.apply({"params": params}, x, *empty_mem, bias, v, True, store, jnp.array([5]),
                                     mutable=["intermediates"])
         probs, = state["intermediates"]["knn_probs"]
         q = l2_normalize(jnp.einsum("bnd,dhk->bhnk", x, params["qkv"][:, 0]))  # [B, H, N, D]
