@@ -64,10 +64,15 @@ def stream_documents(setup: state_lib.Setup, params, source_fn: SourceFn, step_f
     first_row = jax.process_index() * rows  # this process's block of the global batch
     source = source_fn(jax.process_index(), jax.process_count())
     shard, num_shards = getattr(source, "shard_index", 0), getattr(source, "num_shards", 1)
-    stream = DocumentStream(source, rows, N)
+    stream = DocumentStream(source, rows, N, count_bytes=True)
     memory = state_lib.init_memory_sharded(setup, B)
-    segments = 0
-    progress = Progress(source.num_docs or 0, unit="documents")
+    segments = scored = scored_reported = 0
+    # Progress in tokens scored (this process's shard) where the source can tell how many there
+    # will be: documents differ in length by orders of magnitude, so documents started say little.
+    expected_tokens = getattr(source, "expected_tokens", lambda: None)
+    by_tokens = hasattr(source, "expected_tokens")
+    progress = Progress(expected_tokens() or 0, unit="tokens") if by_tokens else \
+        Progress(source.num_docs or 0, unit="documents")
     sums, pending, pending_rows = {}, [], []
 
     def accumulate():
@@ -92,21 +97,27 @@ def stream_documents(setup: state_lib.Setup, params, source_fn: SourceFn, step_f
         row_segments = [None] * rows if batch is None else [
             None if seg is None else Segment(seg[0][1] * num_shards + shard, *seg[1:]) for seg in stream.last_segments]
         batch = idle_batch(rows, N, source.vocab.pad_id) if batch is None else batch
+        scored += int(np.count_nonzero(batch["weights"]))
         memory, step_sums = step_fn(params, memory, state_lib.device_batch(setup, batch))
         pending.append(step_sums)
         pending_rows.append(row_segments)
         segments += 1
         if segments % log_every == 0:
-            n_new = len(pending)
             accumulate()
             if verbose:
-                progress.report(stream.documents_started, n_new * B * N, label)
+                new_tokens, scored_reported = scored - scored_reported, scored
+                if by_tokens:
+                    progress.total = expected_tokens() or 0  # a better estimate as documents are read
+                    docs = f"documents {stream.documents_started}" + (f"/{source.num_docs}" if source.num_docs else "")
+                    progress.report(scored, new_tokens, f"{docs} {label}".rstrip())
+                else:
+                    progress.report(stream.documents_started, new_tokens, label)
     accumulate()
-    counts = np.array([stream.documents_started, stream.skipped], np.float64)
+    counts = np.array([stream.documents_started, stream.skipped, stream.bytes_drawn], np.float64)
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
         counts = multihost_utils.process_allgather(counts).sum(axis=0)
-    sums["documents"], sums["skipped_documents"] = counts
+    sums["documents"], sums["skipped_documents"], sums["bytes"] = counts
     if breakdown is not None:
         breakdown.gather()
     return sums
@@ -116,8 +127,8 @@ def evaluate(setup: state_lib.Setup, params, source_fn: SourceFn, *, log_every: 
              local_window: int | None = None, far_reach: int = DEFAULT_FAR_REACH,
              copy_ngram: int = DEFAULT_NGRAM, step_fn=None) -> dict:
     """Streams `source_fn`'s documents through the model; returns NLL sum, token count,
-    perplexity with its bootstrap 95% interval over documents, bits per byte (byte vocabulary) or
-    per token, per-document NLL sums, and the loss by position and copyability (local window
+    perplexity with its bootstrap 95% interval over documents, bits per token and per byte (the
+    bytes the scored tokens decode to, for any vocabulary), per-document NLL sums, and the loss by position and copyability (local window
     default: segment + memory length). `step_fn`: a `make_eval_step(setup)` to reuse (training
     evaluates many times with one compiled step)."""
     cfg = setup.cfg
@@ -132,8 +143,10 @@ def evaluate(setup: state_lib.Setup, params, source_fn: SourceFn, *, log_every: 
               "skipped_documents": int(sums["skipped_documents"]),
               "perplexity": math.exp(nll_sum / max(tokens, 1)),
               "bits_per_token": nll_sum / (math.log(2) * max(tokens, 1)),
-              # with the byte vocabulary a token is a byte (BOS is an input, never a target)
-              "bits_per_byte": nll_sum / (math.log(2) * max(tokens, 1)) if cfg.data.vocab == "byte" else None,
+              # over the bytes of the text the scored tokens stand for (the vocabulary decodes
+              # them): a byte per token with the byte vocabulary (BOS is an input, never a target)
+              "bits_per_byte": nll_sum / (math.log(2) * float(sums["bytes"])) if sums.get("bytes") else None,
+              "bytes": int(sums.get("bytes", 0)),
               "vocab": cfg.data.vocab, "seconds": seconds}
     result.update(breakdown.result())
     docs = result["documents_nll"]

@@ -80,19 +80,23 @@ class Progress:
         self.last_time = time.perf_counter()
         self.last_count, self.tokens = done, 0
 
-    def report(self, done: int, tokens: int, extra: str = "", stream=sys.stdout) -> float:
+    def report(self, done: int, tokens: int, extra: str = "", stream=None) -> float:
         """Prints `done/total`, tokens/s since the last report and an ETA (when `total` is known
-        and `done` moved); `total` 0 means unknown."""
+        and `done` moved); `total` 0 means unknown. `stream`: default sys.stdout at the call."""
+        stream = sys.stdout if stream is None else stream
         now = time.perf_counter()
         self.tokens += tokens
-        count = f"{self.unit} {done}/{self.total}" if self.total else f"{self.unit} {done}"
+        if self.unit == "tokens":
+            count = f"tokens {done:,}" + (f"/{self.total:,} ({min(done / self.total, 1):.0%})" if self.total else "")
+        else:
+            count = f"{self.unit} {done}/{self.total}" if self.total else f"{self.unit} {done}"
         if done <= self.last_count and (not self.tokens or self.unit == "step"):  # nothing timed yet
             print(f"{count} {extra}".rstrip(), file=stream, flush=True)
             return 0.0
         rate = self.tokens / max(now - self.last_time, 1e-9)
         eta = ""
         if self.total and done > self.last_count:
-            eta = f" | ETA {format_duration((now - self.last_time) / (done - self.last_count) * (self.total - done))}"
+            eta = f" | ETA {format_duration((now - self.last_time) / (done - self.last_count) * max(self.total - done, 0))}"
         print(f"{count} {extra} | {rate:,.0f} tok/s{eta}".replace("  |", " |"), file=stream, flush=True)
         self.last_time, self.tokens = now, 0
         if done > self.last_count:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import numpy as np
@@ -94,6 +95,7 @@ class FileSource:
             raise CorpusError(f"shard {shard_index} of {num_shards} has no documents")
         self.num_docs = len(self.docs)
         self._read_fn = read_fn
+        self._bytes_read = self._ids_read = 0  # for expected_tokens with a vocabulary of many bytes per id
         digest = hashlib.sha1()
         for doc in self.docs:
             digest.update(doc.relpath.encode("utf-8", "surrogateescape") + b"\0")
@@ -110,10 +112,28 @@ class FileSource:
             return None
         try:
             ids = self.vocab.encode(data)
+            self._bytes_read, self._ids_read = self._bytes_read + len(data), self._ids_read + len(ids)
             return ids[:self.max_tokens] if self.max_tokens else ids
         except UndecodableDocument as e:
             logger.warning("skipping document %r: %s", doc.path, e)
             return None
+
+    def expected_tokens(self) -> int | None:
+        """Tokens this shard's documents hold in one epoch (after `max_tokens`), from the files'
+        sizes: exact for the byte vocabulary, else estimated with the ids per byte of the
+        documents read so far (None before the first). For progress and ETA only."""
+        ratio = 1.0 if isinstance(self.vocab, ByteVocab) else (self._ids_read / self._bytes_read if self._bytes_read else None)
+        if ratio is None:
+            return None
+        if not hasattr(self, "_sizes"):
+            self._sizes = []
+            for doc in self.docs:
+                try:
+                    self._sizes.append(os.path.getsize(doc.path))
+                except OSError:
+                    self._sizes.append(0)
+        return int(sum(min(round(size * ratio), self.max_tokens) if self.max_tokens else round(size * ratio)
+                       for size in self._sizes))
 
     def _epoch(self, epoch: int, start: int) -> Iterator[tuple[int, int, np.ndarray | None]]:
         order = epoch_order(self.num_docs, self.seed, epoch, self.shuffle)

@@ -37,7 +37,7 @@ class DocumentStream:
     """
 
     def __init__(self, source: DocumentSource, batch_size: int, seq_len: int, *,
-                 state: dict[str, Any] | None = None) -> None:
+                 state: dict[str, Any] | None = None, count_bytes: bool = False) -> None:
         if batch_size <= 0 or seq_len <= 0:
             raise ValueError(f"batch_size ({batch_size}) and seq_len ({seq_len}) must be positive")
         self.source = source
@@ -45,6 +45,10 @@ class DocumentStream:
         self.seq_len = seq_len
         self.skipped = 0  # documents skipped as unreadable, corrupt or undecodable
         self.documents_started = 0
+        self.tokens_drawn = 0  # targets of the documents drawn (their ids; BOS is an input only)
+        # count_bytes: bytes of the text those ids stand for (the vocabulary decodes them; for
+        # bits per byte with any vocabulary). Off in training: decoding costs time there.
+        self.count_bytes, self.bytes_drawn = count_bytes, 0
         self._next: Position = (0, 0)  # draw position of the next document
         self._row_doc: list[Position | None] = [None] * batch_size
         self._row_pos = [0] * batch_size
@@ -83,6 +87,9 @@ class DocumentStream:
                 self.skipped += 1
             elif len(ids):
                 self.documents_started += 1
+                self.tokens_drawn += len(ids)
+                if self.count_bytes:
+                    self.bytes_drawn += len(self.source.vocab.decode(ids))
                 return (epoch, index), self._with_bos(ids)
         self._ended = True
         return None, None
