@@ -41,6 +41,13 @@ def _cli(module, argv, out):
     return run_cli(module.main, module.parser(), [*argv, "--split", "train", "--out", str(out)])
 
 
+def _output(out, stem, ext):
+    """OUT/STEM_HASH.EXT, the one study output of that name."""
+    paths = sorted(out.glob(f"{stem}_*.{ext}"))
+    assert len(paths) == 1, paths
+    return paths[0]
+
+
 def _restore(workdir, cfg=None):
     cfg = load_json(os.path.join(workdir, "config.json")) if cfg is None else cfg
     setup = state_lib.build(cfg)
@@ -49,11 +56,11 @@ def _restore(workdir, cfg=None):
 
 
 def test_extrapolation_at_one_segment_is_the_evaluation_perplexity(runs, tmp_path, capsys):
-    code = _cli(extrapolation, ["--workdir", runs["lamemo"], "--multiples", "2,1", "--max-docs", "1"], tmp_path)
+    code = _cli(extrapolation, ["--workdir", runs["lamemo"], "--multiples", "2,1", "--config.data.eval_max_docs=1"], tmp_path)
     out = capsys.readouterr().out
     assert code == 0 and "| m | memory M |" in out
-    result = json.loads((tmp_path / "extrapolation_train.json").read_text())
-    assert (tmp_path / "extrapolation_train.png").stat().st_size > 1000
+    result = json.loads(_output(tmp_path, "extrapolation_train", "json").read_text())
+    assert _output(tmp_path, "extrapolation_train", "png").stat().st_size > 1000
     assert result["multiples"] == [1, 2]
     points = result["runs"]["lamemo"]["points"]
     assert [p["mem_len"] for p in points] == [N, 2 * N]
@@ -65,14 +72,23 @@ def test_extrapolation_at_one_segment_is_the_evaluation_perplexity(runs, tmp_pat
     assert points[0]["tokens"] == points[1]["tokens"] == expected["tokens"]
     # A longer memory is a different computation on documents longer than two segments.
     assert points[0]["perplexity"] != points[1]["perplexity"]
+    # Provenance: what was evaluated is recorded, and a rerun over other documents keeps its own files.
+    prov = result["provenance"]["runs"]["lamemo"]
+    assert (prov["step"], prov["max_docs"], prov["split"]) == (3, 1, "train") and prov["corpus"]["documents"] == 3
+    assert _cli(extrapolation, ["--workdir", runs["lamemo"], "--multiples", "1", "--config.data.eval_max_docs=2"],
+                tmp_path) == 0
+    outputs = sorted(tmp_path.glob("extrapolation_train_*.json"))
+    assert len(outputs) == 2 and len(list(tmp_path.glob("extrapolation_train_*.png"))) == 2
+    limits = sorted(json.loads(p.read_text())["provenance"]["runs"]["lamemo"]["max_docs"] for p in outputs)
+    assert limits == [1, 2]
 
 
 def test_alpha_curves_per_layer_over_memory_slots(runs, tmp_path, capsys):
-    code = _cli(alpha, ["--workdir", runs["xl"], runs["lamemo"], "--max-docs", "2"], tmp_path)
+    code = _cli(alpha, ["--workdir", runs["xl"], runs["lamemo"], "--config.data.eval_max_docs=2"], tmp_path)
     out = capsys.readouterr().out
     assert code == 0 and "xl: not a LaMemo run" in out and "newest slot" in out
-    assert (tmp_path / "alpha_train.png").stat().st_size > 1000
-    result = json.loads((tmp_path / "alpha_train.json").read_text())
+    assert _output(tmp_path, "alpha_train", "png").stat().st_size > 1000
+    result = json.loads(_output(tmp_path, "alpha_train", "json").read_text())
     assert list(result["runs"]) == ["lamemo"]
     alpha_LM = np.array(result["runs"]["lamemo"]["alpha_LM"], float)
     assert alpha_LM.shape == (2, M) and np.all((alpha_LM >= 0) & (alpha_LM <= 1))
@@ -129,11 +145,11 @@ def test_distance_sums_match_a_loop():
 
 
 def test_attention_distance_mass_over_distances(runs, tmp_path, capsys):
-    code = _cli(attention_distance, ["--workdir", runs["xl"], runs["lamemo"], "--max-docs", "2"], tmp_path)
+    code = _cli(attention_distance, ["--workdir", runs["xl"], runs["lamemo"], "--config.data.eval_max_docs=2"], tmp_path)
     out = capsys.readouterr().out
     assert code == 0 and "mass on memory" in out
-    assert (tmp_path / "attention_distance_train.png").stat().st_size > 1000
-    result = json.loads((tmp_path / "attention_distance_train.json").read_text())
+    assert _output(tmp_path, "attention_distance_train", "png").stat().st_size > 1000
+    result = json.loads(_output(tmp_path, "attention_distance_train", "json").read_text())
     for run in result["runs"].values():
         mass_LD = np.array(run["mass_LD"], float)
         visible_D = np.array(run["visible_fraction_D"], float)
@@ -147,10 +163,10 @@ def test_attention_distance_mass_over_distances(runs, tmp_path, capsys):
         assert np.all(mass_LD[:, N:].sum(-1) <= memory_L + 1e-6)
 
     # The same Transformer-XL checkpoint without memory: nothing beyond the segment, no memory mass.
-    code = _cli(attention_distance, ["--workdir", runs["xl"], "--max-docs", "2", "--config.model.mem_len=0"],
+    code = _cli(attention_distance, ["--workdir", runs["xl"], "--config.data.eval_max_docs=2", "--config.model.mem_len=0"],
                 tmp_path / "no_memory")
     assert code == 0
-    run = json.loads((tmp_path / "no_memory" / "attention_distance_train.json").read_text())["runs"]["xl"]
+    run = json.loads(_output(tmp_path / "no_memory", "attention_distance_train", "json").read_text())["runs"]["xl"]
     assert run["mem_len"] == 0 and len(run["mass_D"]) == N and run["memory_fraction_L"] == [0.0, 0.0]
 
 
@@ -163,7 +179,7 @@ def test_bad_inputs_are_one_line_errors(module, runs, tmp_path, capsys):
     assert _cli(module, ["--workdir", runs["lamemo"], str(tmp_path)], tmp_path) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: no checkpoint") and err.count("\n") == 1
-    assert not (tmp_path / f"{module.__name__.rsplit('.', 1)[1]}_train.json").exists()
+    assert not list(tmp_path.glob(f"{module.__name__.rsplit('.', 1)[1]}_train*.json"))
 
 
 def test_alpha_needs_a_lamemo_run_and_modules_run_as_commands(runs, tmp_path):

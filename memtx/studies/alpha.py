@@ -2,7 +2,7 @@
 alpha = S / (S + Z' + 1e-6) per layer against the memory index (0 = the oldest slot ... M-1 =
 the newest), one line per layer.
 
-    python -m memtx.studies.alpha --workdir runs/lamemo_cpu [--out runs/studies] [--max-docs N]
+    python -m memtx.studies.alpha --workdir runs/default/lamemo/seed0 [--out runs/studies] [--config.data.eval_max_docs=N]
 
 alpha is the weight a memory slot keeps on its carried attention output C when the look-ahead
 at the current segment refreshes it; 1 - alpha goes to the new look-ahead result. S is the
@@ -43,10 +43,10 @@ def alpha_reduce(num_layers: int):
     return reduce
 
 
-def study_run(run: common.Run, max_docs: int | None) -> dict:
+def study_run(run: common.Run) -> dict:
     setup = state_lib.build(run.cfg)
     params = run.restore_params(setup)
-    docs = run.documents(max_docs)
+    docs = run.documents()
     print(f"{run.name}: step {run.step}, {run.split} documents, memory {run.cfg.model.mem_len}", flush=True)
     step_fn = common.make_segment_step(setup, alpha_reduce(run.cfg.model.num_layers))
     sums = stream_documents(setup, params, docs, step_fn, label=run.name)
@@ -68,7 +68,8 @@ def plot(result: dict, path: str) -> bool:
             ax.plot(np.arange(len(alpha_M)), alpha_M, label=f"layer {layer}")
         ax.set_xlabel("memory index (0 = oldest)")
         ax.set_ylabel("mean alpha")
-        ax.set_title(f"{name}: memorizing coefficient ({result['split']})")
+        ax.set_title(f"{name}: memorizing coefficient ({result['split']})\n"
+                     f"{common.title_note(result['provenance'], run['documents'])}", fontsize="medium")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize="small")
     fig.tight_layout()
@@ -99,10 +100,12 @@ def main(args: argparse.Namespace, rest: list[str]) -> int:
     for r in lamemo_runs:
         if r.cfg.model.mem_len == 0:
             raise UsageError(f"{r.name}: the alpha study needs a memory (model.mem_len > 0)")
-    result = {"study": "alpha", "split": lamemo_runs[0].split,
-              "runs": {r.name: study_run(r, args.max_docs) for r in lamemo_runs}}
+    prov = common.provenance(lamemo_runs, rest)
+    result = {"study": "alpha", "split": lamemo_runs[0].split, "provenance": prov,
+              "runs": {r.name: study_run(r) for r in lamemo_runs}}
     print(format_table(result))
-    common.write_outputs(args.out, f"alpha_{result['split']}", result, lambda path: plot(result, path))
+    common.write_outputs(args.out, common.output_stem(f"alpha_{result['split']}", prov), result,
+                         lambda path: plot(result, path))
     return 0
 
 

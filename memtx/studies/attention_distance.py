@@ -1,8 +1,8 @@
 r"""Attention over context distance (LaMemo paper, Figure 1): how much attention mass the current
 queries put on keys d tokens back when predicting a token, LaMemo beside Transformer-XL.
 
-    python -m memtx.studies.attention_distance --workdir runs/txl_cpu runs/lamemo_cpu \
-        [--out runs/studies] [--max-docs N] [--split validation] [--config.model.mem_len=0]
+    python -m memtx.studies.attention_distance --workdir runs/default/xl/seed0 runs/default/lamemo/seed0 \
+        [--out runs/studies] [--config.data.eval_max_docs=N] [--split validation] [--config.model.mem_len=0]
 
 Query i of a segment sits at position M+i of [memory ; segment] (K = M+N keys, memory first);
 key j is at distance d = M+i-j. The figure shows the mean attention probability at each
@@ -61,10 +61,10 @@ def distance_reduce(num_layers: int):
     return reduce
 
 
-def study_run(run: common.Run, max_docs: int | None) -> dict:
+def study_run(run: common.Run) -> dict:
     setup = state_lib.build(run.cfg)
     params = run.restore_params(setup)
-    docs = run.documents(max_docs)
+    docs = run.documents()
     m = run.cfg.model
     print(f"{run.name}: step {run.step}, {run.split} documents, {m.memory_type} memory {m.mem_len}, "
           f"segment {run.cfg.data.seq_len}", flush=True)
@@ -99,7 +99,10 @@ def plot(result: dict, path: str) -> bool:
         ax.grid(True, alpha=0.3)
         if len(segments) == 1:  # beyond this distance every key is a memory key
             ax.axvline(next(iter(segments)), ls=":", color="gray")
-    axes[0, 0].set_title(f"mean over layers ({result['split']})")
+    documents = {run["documents"] for run in runs.values()}
+    axes[0, 0].set_title(f"mean over layers ({result['split']})\n"
+                         f"{common.title_note(result['provenance'], documents.pop() if len(documents) == 1 else None)}",
+                         fontsize="medium")
     axes[0, 0].legend(fontsize="small")
     for ax, (name, run) in zip(axes[0, 1:], runs.items()):
         for layer, mass_D in enumerate(run["mass_LD"]):
@@ -124,10 +127,12 @@ def format_table(result: dict) -> str:
 
 def main(args: argparse.Namespace, rest: list[str]) -> int:
     runs = common.find_runs(args, rest)
-    result = {"study": "attention_distance", "split": runs[0].split,
-              "runs": {r.name: study_run(r, args.max_docs) for r in runs}}
+    prov = common.provenance(runs, rest)
+    result = {"study": "attention_distance", "split": runs[0].split, "provenance": prov,
+              "runs": {r.name: study_run(r) for r in runs}}
     print(format_table(result))
-    common.write_outputs(args.out, f"attention_distance_{result['split']}", result, lambda path: plot(result, path))
+    common.write_outputs(args.out, common.output_stem(f"attention_distance_{result['split']}", prov), result,
+                         lambda path: plot(result, path))
     return 0
 
 

@@ -5,6 +5,7 @@ table, JSON and plot."""
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -18,8 +19,9 @@ import numpy as np
 from memtx import sharding
 from memtx.checkpoint import run_checkpointer
 from memtx.cli import ArgumentParser, UsageError, resolve_config
-from memtx.config import Config
+from memtx.config import Config, to_dict
 from memtx.data import open_source
+from memtx.data.fingerprint import corpus_fingerprint
 from memtx.data.sources import SourceFn
 from memtx.memory import model_memory
 from memtx.model import segment_nll
@@ -34,8 +36,9 @@ def parser(doc: str) -> argparse.ArgumentParser:
     p.add_argument("--workdir", required=True, nargs="+", help="training work directories (config.json, checkpoints/)")
     p.add_argument("--out", default=DEFAULT_OUT, help=f"where the JSON and PNG go (default: {DEFAULT_OUT})")
     p.add_argument("--split", choices=["validation", "test", "train"], help="default: data.eval_split")
-    p.add_argument("--max-docs", type=int, help="at most this many documents; default: data.eval_max_docs (0: all)")
     p.add_argument("--step", type=int, help="checkpoint step; default: the latest")
+    p.epilog = ("Documents as memtx.evaluate reads them: --config.data.eval_max_docs=N (0: all), "
+                "--config.data.eval_doc_tokens=T, and any other --config.KEY=VALUE override.")
     return p
 
 
@@ -51,18 +54,16 @@ class Run:
         ckpt = run_checkpointer(self.cfg, self.workdir, async_save=False)
         return ckpt.restore_params(self.step, setup.abstract_state["params"])
 
-    def documents(self, max_docs: int | None) -> SourceFn:
-        """The split's documents (at most `max_docs`; None: data.eval_max_docs), per process."""
-        limit = self.cfg.data.eval_max_docs if max_docs is None else max_docs
-        return lambda shard_index, num_shards: open_source(self.cfg.data, self.split, train=False, max_docs=limit,
+    def documents(self) -> SourceFn:
+        """The split's documents (at most data.eval_max_docs; 0: all), per process."""
+        return lambda shard_index, num_shards: open_source(self.cfg.data, self.split, train=False,
+                                                           max_docs=self.cfg.data.eval_max_docs,
                                                            shard_index=shard_index, num_shards=num_shards)
 
 
 def find_runs(args: argparse.Namespace, rest: list[str]) -> list[Run]:
     """Each work directory's config (+ `--config.X=V` overrides) and checkpoint step, checked
     before anything is compiled."""
-    if args.max_docs is not None and args.max_docs < 0:
-        raise UsageError(f"--max-docs must be >= 0, got {args.max_docs}")
     runs = []
     for workdir in args.workdir:
         if not os.path.isdir(workdir):
@@ -79,6 +80,39 @@ def find_runs(args: argparse.Namespace, rest: list[str]) -> list[Run]:
         if names.count(r.name) > 1:
             r.name = os.path.normpath(r.workdir)
     return runs
+
+
+def provenance(runs: list[Run], overrides: list[str], **study_args) -> dict:
+    """What a study's numbers depend on: per run its work directory, checkpoint step, corpus
+    fingerprint, split, document limits and a hash of the resolved config; the overrides and the
+    study's own arguments. Recorded in the JSON; its hash names the output files."""
+    per_run = {}
+    for r in runs:
+        config_json = json.dumps(to_dict(r.cfg), sort_keys=True, default=str)
+        per_run[r.name] = {"workdir": os.path.abspath(r.workdir), "step": r.step, "split": r.split,
+                           "corpus": corpus_fingerprint(r.cfg.data), "max_docs": r.cfg.data.eval_max_docs,
+                           "doc_tokens": r.cfg.data.eval_doc_tokens,
+                           "config_sha256": hashlib.sha256(config_json.encode()).hexdigest()[:12]}
+    return to_json({"runs": per_run, "overrides": list(overrides), **study_args})
+
+
+def output_stem(base: str, prov: dict) -> str:
+    """BASE_HASH: a study rerun over other checkpoints, documents or settings never overwrites
+    another's files; the same study over the same inputs writes the same names."""
+    digest = hashlib.sha256(json.dumps(prov, sort_keys=True).encode()).hexdigest()[:8]
+    return f"{base}_{digest}"
+
+
+def title_note(prov: dict, documents: int | None = None) -> str:
+    """'step 1000, corpus stdlib 1a2b3c4d, 12 documents' for plot titles (steps and corpora
+    joined when the runs differ)."""
+    runs = list(prov["runs"].values())
+    steps = sorted({r["step"] for r in runs})
+    corpora = sorted({f"{r['corpus'].get('corpus') or r['corpus'].get('task')} {(r['corpus'].get('sha256') or '')[:8]}".strip()
+                      for r in runs})
+    docs = f", {documents:,} documents" if documents else \
+        (f", first {runs[0]['max_docs']:,} documents" if runs[0]["max_docs"] else "")
+    return f"step {'/'.join(map(str, steps))}, {' + '.join(corpora)}{docs}"
 
 
 def make_segment_step(setup: Setup, reduce: Callable):

@@ -1,8 +1,8 @@
 r"""Memory-length extrapolation (LaMemo paper, Figure 5): perplexity against the memory length
 M = m x segment length used at evaluation, one curve per run (LaMemo beside Transformer-XL).
 
-    python -m memtx.studies.extrapolation --workdir runs/txl_cpu runs/lamemo_cpu \
-        [--multiples 1,2,4,8] [--out runs/studies] [--max-docs N] [--split validation]
+    python -m memtx.studies.extrapolation --workdir runs/default/xl/seed0 runs/default/lamemo/seed0 \
+        [--multiples 1,2,4,8] [--out runs/studies] [--config.data.eval_max_docs=N] [--split validation]
 
 The segment length stays the trained `data.seq_len`; each run's one checkpoint (parameters do
 not depend on M) is evaluated at every M. A model that extrapolates keeps improving, or at
@@ -23,7 +23,7 @@ from memtx.evaluate import evaluate
 from memtx.studies import common
 
 
-def study_run(run: common.Run, multiples: list[int], max_docs: int | None) -> list[dict]:
+def study_run(run: common.Run, multiples: list[int]) -> list[dict]:
     """Perplexity of one run's checkpoint at M = m * seq_len for each m."""
     N = run.cfg.data.seq_len
     setups = []
@@ -32,7 +32,7 @@ def study_run(run: common.Run, multiples: list[int], max_docs: int | None) -> li
         cfg.model.mem_len = m * N
         setups.append(state_lib.build(cfg))  # validates every M before anything runs
     params = run.restore_params(setups[0])
-    docs = run.documents(max_docs)
+    docs = run.documents()
     points = []
     for m, setup in zip(multiples, setups):
         print(f"{run.name}: step {run.step}, {run.split} documents, memory {m} x {N} = {m * N}",
@@ -40,6 +40,7 @@ def study_run(run: common.Run, multiples: list[int], max_docs: int | None) -> li
         result = evaluate(setup, params, docs)
         points.append({"multiple": m, "mem_len": m * N, "perplexity": result["perplexity"],
                        "bits_per_byte": result["bits_per_byte"], "tokens": result["tokens"],
+                       "documents": result["documents"],
                        "seconds": result["seconds"]})
     return points
 
@@ -58,8 +59,16 @@ def plot(result: dict, path: str) -> bool:
     if values and max(values) > 3 * min(values):  # one run blows up: keep the others readable
         ax.set_yscale("log")
     ax.set_xlabel("memory length / segment length")
+    ax.set_xticks(sorted({p["multiple"] for run in result["runs"].values() for p in run["points"]}))  # integers
     ax.set_ylabel("perplexity")
-    ax.set_title(f"{result['split']} perplexity against memory length")
+    clamps = sorted({run["clamp_len"] for run in result["runs"].values() if run.get("clamp_len")})
+    documents = {p.get("documents") for run in result["runs"].values() for p in run["points"]}
+    note = ""
+    if "provenance" in result:  # (a result written before provenance was recorded has none)
+        note = "\n" + common.title_note(result["provenance"], documents.pop() if len(documents) == 1 else None)
+    ax.set_title(f"{result['split']} perplexity against memory length"
+                 + (f", distances clamped at {'/'.join(map(str, clamps))}" if clamps else ", distances not clamped")
+                 + note, fontsize="medium")
     if ax.get_yscale() == "linear":
         ax.ticklabel_format(axis="y", useOffset=False, style="plain")
     ax.grid(True, alpha=0.3)
@@ -82,14 +91,16 @@ def format_table(result: dict) -> str:
 def main(args: argparse.Namespace, rest: list[str]) -> int:
     multiples = sorted(set(parse_int_list("--multiples", args.multiples)))
     runs = common.find_runs(args, rest)
-    result = {"study": "extrapolation", "split": runs[0].split, "multiples": multiples, "runs": {}}
+    prov = common.provenance(runs, rest, multiples=multiples)
+    result = {"study": "extrapolation", "split": runs[0].split, "multiples": multiples, "provenance": prov, "runs": {}}
     for run in runs:
         result["runs"][run.name] = {"workdir": run.workdir, "step": run.step, "memory_type": run.cfg.model.memory_type,
                                     "seq_len": run.cfg.data.seq_len, "trained_mem_len": run.cfg.model.mem_len,
                                     "clamp_len": run.cfg.model.clamp_len,
-                                    "points": study_run(run, multiples, args.max_docs)}
+                                    "points": study_run(run, multiples)}
     print(format_table(result))
-    common.write_outputs(args.out, f"extrapolation_{result['split']}", result, lambda path: plot(result, path))
+    common.write_outputs(args.out, common.output_stem(f"extrapolation_{result['split']}", prov), result,
+                         lambda path: plot(result, path))
     return 0
 
 
