@@ -203,10 +203,17 @@ class Config:
 
 
 def config_dirs() -> list[str]:
-    """Where a config named without a path is looked for: ./configs, then the configs/ beside the
-    installed memtx package (a clone or an editable install: any working directory)."""
-    here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
-    return list(dict.fromkeys([os.path.abspath("configs"), here]))
+    """Where a config named without a path is looked for: ./configs, then the package's own
+    configs (memtx/configs: in a clone a link to the top-level configs/, in an installed wheel a
+    copy of them), from any working directory."""
+    package = os.path.dirname(os.path.abspath(__file__))
+    candidates = [os.path.abspath("configs"), os.path.join(package, "configs"),
+                  os.path.join(os.path.dirname(package), "configs")]
+    dirs = {}
+    for d in candidates:
+        if os.path.isdir(d):
+            dirs.setdefault(os.path.realpath(d), d)
+    return list(dirs.values())
 
 
 def find_config_file(path: str) -> str:

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -35,3 +37,26 @@ def test_unknown_names_and_presets_list_the_valid_ones(tmp_path):
     out = run("memtx.train", "--config", "txll", "--workdir", str(tmp_path / "run"), cwd=tmp_path)
     assert out.returncode == 2 and "no config named 'txll'" in out.stderr and "lamemo" in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_configs_resolve_from_an_installed_wheel(tmp_path):
+    """The config files are package data: installed from a wheel (not this clone), `txl:cpu`
+    resolves to the copy inside the installed package, from any working directory."""
+    pytest.importorskip("setuptools", reason="building the wheel offline needs setuptools in the environment")
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                            "-w", str(tmp_path / "wheel"), str(ROOT)], capture_output=True, text=True, timeout=300,
+                           cwd=tmp_path)
+    assert build.returncode == 0, build.stderr[-1500:]
+    wheel, = (tmp_path / "wheel").glob("memtx-*.whl")
+    site = tmp_path / "site"
+    install = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "-q", "--target",
+                              str(site), str(wheel)], capture_output=True, text=True, timeout=300)
+    assert install.returncode == 0, install.stderr[-1500:]
+    code = ("import memtx.config as c; print(c.__file__); print(c.find_config_file('txl')); "
+            "print(c.load_config_file('knn:cpu').name)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(site)},
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-1500:]
+    module_file, config_file, name = out.stdout.split()
+    assert module_file.startswith(str(site)) and config_file.startswith(str(site / "memtx" / "configs"))
+    assert name == "knn_cpu"
