@@ -35,9 +35,10 @@ def measure(cfg, params, prompt_len: int, tokens: int, kv_cache: bool) -> dict:
     gen = Generator(cfg, params, tokenizer.PAD_ID, kv_cache=kv_cache)
     rng = np.random.default_rng(0)
     prompt = rng.integers(32, 127, prompt_len)
+    warm = rng.integers(32, 127, cfg.data.seq_len + 4)
     gen.start_document(tokenizer.BOS_ID)  # warm-up: compiles the segment forward and the cached step
-    gen.feed(prompt[:cfg.data.seq_len + 1])
-    for token in prompt[cfg.data.seq_len + 1:cfg.data.seq_len + 4]:
+    gen.feed(warm[:cfg.data.seq_len + 1])
+    for token in warm[cfg.data.seq_len + 1:]:
         gen.next_logits()
         gen.feed([token])
     gen.next_logits()
@@ -61,7 +62,8 @@ def main(args: argparse.Namespace, rest: list[str]) -> int:
           "without the cache | speed-up |")
     print("|---|---|---|---:|---:|---:|---:|")
     for preset in args.configs.split(","):
-        cfg = resolve_config(os.path.join(ROOT, preset), None, rest)
+        in_repo = os.path.join(ROOT, preset)  # a path relative to the repository, or a name (txl:cpu)
+        cfg = resolve_config(in_repo if os.path.isfile(in_repo.partition(":")[0]) else preset, None, rest)
         m = cfg.model
         memory = (f"{m.memory_type} {m.mem_len}") + (f" + kNN {m.knn.size}" if m.knn.enabled else "")
         params = jax.device_get(state_lib.init_state(state_lib.build(cfg), seed=0)["params"])
@@ -79,7 +81,7 @@ def parser() -> argparse.ArgumentParser:
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokens", type=int, default=256, help="tokens to generate (default 256)")
     p.add_argument("--prompt", type=int, default=512, help="prompt length in tokens (default 512)")
-    p.add_argument("--configs", default=",".join(PRESETS), help="comma-separated config specs, relative to the repository")
+    p.add_argument("--configs", default=",".join(PRESETS), help="comma-separated config specs: paths relative to the repository or names (txl:cpu)")
     return p
 
 

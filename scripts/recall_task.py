@@ -5,11 +5,14 @@ a kNN memory in its last layer and once without, then measures how often each pr
 byte of a key whose definition lies farther back than the segment plus the XL cache:
 
     PYTHONPATH=. python scripts/recall_task.py [--steps 3000] [--workdir runs/recall] [--seed 0]
+        [--config.KEY=VALUE ...] [--print-config]
 
 Prints a table and writes WORKDIR/recall_results.json. The model with memory is also evaluated
 with its memory emptied (knn.size=0), which should bring it back to chance. `--skip-baseline`
 trains only the model with memory (the emptied-memory row is then the comparison): the test
-suite's quick version.
+suite's quick version. `--config.KEY=VALUE` overrides apply to both models' configs (e.g.
+`--config.model.knn.gate_bias_init=3`), as in every memtx tool; `--print-config` prints the
+memory model's resolved config and exits.
 """
 
 from __future__ import annotations
@@ -25,9 +28,9 @@ import jax
 
 from memtx import state as state_lib
 from memtx.checkpoint import Checkpointer
-from memtx.cli import ArgumentParser
+from memtx.cli import ArgumentParser, run_cli
 from memtx.config import (Config, DataConfig, KNNConfig, MeshConfig, ModelConfig, OptimConfig,
-                          TrainConfig)
+                          TrainConfig, apply_override, parse_overrides, to_dict)
 from memtx.data import recall
 from memtx.train import train
 
@@ -84,8 +87,10 @@ def evaluate_run(cfg: Config, workdir: str, texts: list[bytes], knn_size: int | 
 
 
 def run(steps: int, workdir: str, seed: int = 0, train_docs: int = 2000, eval_docs: int = 64,
-        spec: recall.RecallSpec | None = None, verbose: bool = True, baseline: bool = True, **model) -> dict:
-    """Generates the corpora, trains both models, evaluates them; returns the results."""
+        spec: recall.RecallSpec | None = None, verbose: bool = True, baseline: bool = True,
+        overrides: list[str] = (), **model) -> dict:
+    """Generates the corpora, trains both models, evaluates them; returns the results.
+    `overrides`: `--config.KEY=VALUE` strings applied to both models' configs."""
     spec = spec or TASK_SPEC
     os.makedirs(workdir, exist_ok=True)
     train_dir, eval_dir = os.path.join(workdir, "corpus_train"), os.path.join(workdir, "corpus_eval")
@@ -96,6 +101,8 @@ def run(steps: int, workdir: str, seed: int = 0, train_docs: int = 2000, eval_do
                "eval_docs": eval_docs, "device": str(jax.devices()[0].device_kind), "runs": []}
     for knn in (True, False) if baseline else (True,):
         cfg = make_config(train_dir, knn=knn, steps=steps, seed=seed, **model)
+        for key, text in parse_overrides(list(overrides)):
+            apply_override(cfg, key, text)
         n, m = cfg.data.seq_len, cfg.model.mem_len
         if spec.gap < n + m:
             raise ValueError(f"spec.gap ({spec.gap}) must be >= seq_len + mem_len ({n + m})")
@@ -132,24 +139,24 @@ def format_table(results: dict) -> str:
     return "\n".join([fmt(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(fmt, lines)])
 
 
-def main(argv=None) -> int:
-    p = ArgumentParser(print_config=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=3000, help="training steps of each model")
-    p.add_argument("--workdir", default="runs/recall", help="corpora, both runs and recall_results.json")
-    p.add_argument("--seed", type=int, default=0, help="data, parameter init and document order")
-    p.add_argument("--train-docs", type=int, default=2000)
-    p.add_argument("--eval-docs", type=int, default=64)
-    p.add_argument("--skip-baseline", action="store_true", help="do not train the model without memory")
-    args = p.parse_args(argv)
+def main(args: argparse.Namespace, overrides: list[str]) -> int:
+    p = parser()
     for name in ("steps", "train_docs", "eval_docs"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    cfg = make_config(os.path.join(args.workdir, "corpus_train"), knn=True, steps=args.steps, seed=args.seed)
+    for key, text in parse_overrides(overrides):  # one-line errors before anything is generated
+        apply_override(cfg, key, text)
+    if args.print_config:
+        print(json.dumps(to_dict(cfg), indent=2))
+        return 0
     if os.path.exists(os.path.join(args.workdir, "recall_knn", "checkpoints")):
         print(f"note: {args.workdir} holds earlier runs; they resume (or are reused) rather than restart",
               file=sys.stderr)
     t0 = time.perf_counter()
     results = run(args.steps, args.workdir, args.seed, args.train_docs, args.eval_docs,
-                  baseline=not args.skip_baseline)
+                  baseline=not args.skip_baseline, overrides=overrides)
+    results["overrides"] = list(overrides)
     results["wall_seconds"] = time.perf_counter() - t0
     print(format_table(results))
     print(f"recalled tokens: value bytes whose key was last seen >= {results['runs'][0]['min_distance']} bytes "
@@ -162,5 +169,16 @@ def main(argv=None) -> int:
     return 0
 
 
+def parser() -> argparse.ArgumentParser:
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=3000, help="training steps of each model")
+    p.add_argument("--workdir", default="runs/recall", help="corpora, both runs and recall_results.json")
+    p.add_argument("--seed", type=int, default=0, help="data, parameter init and document order")
+    p.add_argument("--train-docs", type=int, default=2000)
+    p.add_argument("--eval-docs", type=int, default=64)
+    p.add_argument("--skip-baseline", action="store_true", help="do not train the model without memory")
+    return p
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main, parser()))

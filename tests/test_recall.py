@@ -121,3 +121,16 @@ def test_a_model_with_knn_memory_recalls_what_it_cannot_see(tmp_path):
     assert emptied["accuracy"] < chance + 0.06, results
     assert with_memory["accuracy"] > emptied["accuracy"] + 0.05, results
     assert with_memory["accuracy"] > chance + 0.05, results
+
+
+def test_recall_task_takes_config_overrides_and_prints_its_config(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "scripts/recall_task.py", "--workdir", str(tmp_path / "r"), "--steps", "50"]
+    out = subprocess.run([*cmd, "--config.model.knn.gate_bias_init=3", "--print-config"], env=env, cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    cfg = json.loads(out.stdout)
+    assert cfg["model"]["knn"]["gate_bias_init"] == 3.0 and cfg["train"]["steps"] == 50
+    assert not (tmp_path / "r").exists()  # printing generates and trains nothing
+    bad = subprocess.run([*cmd, "--config.model.nope=1"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "unknown config key 'model.nope'" in bad.stderr
