@@ -14,6 +14,7 @@ Saves are asynchronous; restore targets are abstract trees carrying shardings.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 
@@ -133,10 +134,15 @@ class Checkpointer:
 
     def saved_param_names(self, step: int) -> list[str]:
         """The parameter paths (keystr) saved at `step` (empty if the metadata cannot be read)."""
+        absl = logging.getLogger("absl")  # orbax warns that the step's metadata sits a level up
+        level = absl.level
+        absl.setLevel(logging.ERROR)
         try:
             meta = ocp.PyTreeCheckpointer().metadata(os.path.join(self.directory, str(step), "params"))
         except Exception:  # noqa: BLE001 - another layout or a remote store: names unknown
             return []
+        finally:
+            absl.setLevel(level)
         tree = getattr(meta, "item_metadata", None) or getattr(meta, "tree", None) or meta
         return [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
