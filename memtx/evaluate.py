@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import math
 import os
@@ -324,25 +325,18 @@ def _json_ready(x):
 
 
 def result_path(workdir: str, identity: dict) -> str:
-    """WORKDIR/eval_SPLIT_CORPUSHASH[_maxN]_memM[_knnK]_stepS.json, or with _v2, _v3, ... when that
-    file holds an evaluation of something else (another model config, segment, vocabulary, split
-    fractions): a different evaluation never overwrites another."""
+    """WORKDIR/eval_SPLIT_CORPUSHASH[_maxN][_firstT]_memM[_knnK]_stepS_IDHASH.json: the readable
+    part says what a reader looks for, IDHASH (8 hex digits of the whole identity: corpus, split,
+    limits, vocabulary, model config, step) tells apart what it does not (clamped distances,
+    another segment...): a different evaluation never overwrites another, the same one rewrites
+    its own file."""
     knn = identity["model"]["knn"]
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:8]
     stem = (f"eval_{identity['split']}_{identity['corpus']['sha256'][:8]}"
             + (f"_max{identity['max_docs']}" if identity["max_docs"] else "")
             + (f"_first{identity['doc_tokens']}" if identity.get("doc_tokens") else "") + f"_mem{identity['model']['mem_len']}"
-            + (f"_knn{knn['size']}" if knn["enabled"] else "") + f"_step{identity['step']}")
-    for version in range(1, 1000):
-        path = os.path.join(workdir, stem + (f"_v{version}" if version > 1 else "") + ".json")
-        if not os.path.exists(path):
-            return path
-        with open(path) as f:
-            try:
-                if json.load(f).get("identity") == identity:
-                    return path
-            except json.JSONDecodeError:
-                pass
-    raise UsageError(f"999 different evaluations named {stem} in {workdir}")
+            + (f"_knn{knn['size']}" if knn["enabled"] else "") + f"_step{identity['step']}_{digest}")
+    return os.path.join(workdir, stem + ".json")
 
 
 def run_names(workdirs: list[str]) -> list[str]:
@@ -358,7 +352,8 @@ def run_names(workdirs: list[str]) -> list[str]:
 
 def evaluate_workdir(workdir: str, cfg: Config, *, step: int | None = None, knn_sizes: list[int] | None = None,
                      local_window: int | None = None, far_reach: int = DEFAULT_FAR_REACH,
-                     copy_ngram: int = DEFAULT_NGRAM, reuse: bool = False, name: str | None = None) -> list[dict]:
+                     copy_ngram: int = DEFAULT_NGRAM, reuse: bool = False, name: str | None = None,
+                     overrides: list[str] = ()) -> list[dict]:
     """Evaluates one work directory's checkpoint (`step`, default the latest) under `cfg`, at each
     of `knn_sizes` if it has a kNN memory; writes each result's JSON (see `result_path`) and returns
     the results. `reuse`: a result already written for the same evaluation and copyability settings
@@ -406,7 +401,9 @@ def evaluate_workdir(workdir: str, cfg: Config, *, step: int | None = None, knn_
                           far_reach=far_reach, copy_ngram=copy_ngram)
         result.update(run=name or os.path.basename(os.path.normpath(workdir)), split=cfg.data.eval_split, mem_len=m.mem_len,
                       memory_type=m.memory_type, knn_size=knn_size, seq_len=cfg.data.seq_len, step=step,
-                      corpus=fingerprint, identity=identity)
+                      corpus=fingerprint, identity=identity, overrides=list(overrides),
+                      config_sha256=hashlib.sha256(json.dumps(to_dict(setup.cfg), sort_keys=True,
+                                                              default=str).encode()).hexdigest()[:12])
         if is_main_process():
             with open(path, "w") as f:
                 json.dump(result, f, indent=2)
@@ -438,7 +435,7 @@ def main(args: argparse.Namespace, rest: list[str]) -> int:
         main_print(f"data: {line}", flush=True)
     rows = [row for workdir, cfg, name in zip(args.workdir, cfgs, run_names(args.workdir))
             for row in evaluate_workdir(workdir, cfg, step=args.step, knn_sizes=sizes, local_window=window,
-                                        far_reach=far_reach, copy_ngram=args.copy_ngram, name=name)]
+                                        far_reach=far_reach, copy_ngram=args.copy_ngram, name=name, overrides=rest)]
     if not is_main_process():
         return 0
     print(format_table(rows))
@@ -451,7 +448,8 @@ def main(args: argparse.Namespace, rest: list[str]) -> int:
     print(format_breakdown(rows))
     if len(rows) > 1 and sizes:
         out = args.workdir[-1]
-        plot = os.path.join(out, f"memory_scaling_{rows[0]['split']}_step{rows[-1]['step']}.png")
+        what = hashlib.sha256(json.dumps([r["identity"] for r in rows], sort_keys=True).encode()).hexdigest()[:8]
+        plot = os.path.join(out, f"memory_scaling_{rows[0]['split']}_step{rows[-1]['step']}_{what}.png")
         c = cfgs[-1].data
         where = c.task or os.path.basename(os.path.normpath(str(c.corpus))) or str(c.corpus)
         title = (f"{rows[0]['split']} perplexity against kNN memory size\n{where}, {rows[-1].get('documents', '?')} documents, "

@@ -83,15 +83,17 @@ def test_cli_evaluates_a_checkpoint_with_a_longer_memory(trained, capsys):
     fingerprint = corpus_fingerprint(tiny_config(corpus).data)
     assert "perplexity [95% CI]" in out and "bits/byte" in out and out.count(fingerprint["sha256"]) == 1
     assert "by target position" in out and "local" in out
-    path = workdir / f"eval_train_{fingerprint['sha256'][:8]}_mem32_step12.json"
+    path, = workdir.glob(f"eval_train_{fingerprint['sha256'][:8]}_mem32_step12_*.json")
     result = json.loads(path.read_text())
+    assert result["overrides"] == ["--config.model.mem_len=32"] and len(result["config_sha256"]) == 12
     assert result["mem_len"] == 32 and result["step"] == 12 and result["corpus"] == fingerprint
     assert result["copyability"] == {"local_window": 16 + 32, "far_reach": 4096, "ngram": 8}
     # Another evaluation that the name does not tell apart (clamped distances) gets its own file.
     code = run_cli(evaluate_lib.main, evaluate_lib.parser(), ["--workdir", str(workdir), "--split", "train",
                                                               "--config.model.mem_len=32", "--config.model.clamp_len=4"])
     assert code == 0 and json.loads(path.read_text()) == result
-    clamped = json.loads(path.with_name(path.stem + "_v2.json").read_text())
+    other, = set(workdir.glob("eval_train_*_mem32_step12_*.json")) - {path}
+    clamped = json.loads(other.read_text())
     assert clamped["identity"]["model"]["clamp_len"] == 4 and clamped["nll_sum"] != result["nll_sum"]
     assert np.isfinite(result["perplexity"]) and 1 < result["perplexity"] < 259
     # Training lowered the loss: the trained checkpoint beats random initial parameters.
@@ -119,7 +121,7 @@ def test_one_checkpoint_evaluated_at_several_knn_memory_sizes(trained, tmp_path,
     out = capsys.readouterr().out
     assert code == 0 and "kNN gate per head, layer 1" in out
     sha = corpus_fingerprint(cfg.data)["sha256"][:8]
-    results = {size: json.loads((tmp_path / "knn" / f"eval_train_{sha}_mem16_knn{size}_step4.json").read_text())
+    results = {size: json.loads(next((tmp_path / "knn").glob(f"eval_train_{sha}_mem16_knn{size}_step4_*.json")).read_text())
                for size in (0, 8, 256)}
     # Every kNN row is paired with the first work directory's row on the same documents.
     paired = out[out.index("paired with run:"):].splitlines()
@@ -135,7 +137,8 @@ def test_one_checkpoint_evaluated_at_several_knn_memory_sizes(trained, tmp_path,
     assert 0.5 < results[8]["knn_fill"] <= 1.0 and results[256]["knn_fill"] < results[8]["knn_fill"]
     assert -1.0 <= results[256]["knn_top1_score"] and np.isfinite(results[256]["knn_top1_score"])
     assert len({round(r["nll_sum"], 3) for r in results.values()}) == 3  # memory size changes the result
-    assert (tmp_path / "knn" / "memory_scaling_train_step4.png").stat().st_size > 1000
+    plot, = (tmp_path / "knn").glob("memory_scaling_train_step4_*.png")
+    assert plot.stat().st_size > 1000
 
 
 def test_cli_corpus_evaluates_every_document_there(trained, tmp_path, capsys):
