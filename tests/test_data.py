@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -185,6 +187,19 @@ def test_symlinked_directories_are_not_followed(corpus: Path):
     assert len(docs) == expected and not any("loop" in d.relpath for d in docs)
     docs = list_documents(str(corpus) + "/**/*.txt")
     assert len(docs) == expected - 1 and not any("loop" in d.relpath for d in docs)
+
+
+def test_a_glob_over_symlink_loops_returns(tmp_path: Path):
+    """Two link loops (a directory linking to itself and to its parent): a recursive glob that
+    followed links would branch without end; it must list the one real file, promptly."""
+    (tmp_path / "d" / "sub").mkdir(parents=True)
+    (tmp_path / "d" / "a.txt").write_text("text\n")
+    os.symlink(".", tmp_path / "d" / "self")
+    os.symlink("..", tmp_path / "d" / "sub" / "up")
+    code = "import sys; from memtx.data.corpus import list_documents; print([d.relpath for d in list_documents(sys.argv[1])])"
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "d") + "/**/*.txt"], capture_output=True,
+                         text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    assert out.returncode == 0 and out.stdout.strip() == "['a.txt']", out.stderr[-1000:]
 
 
 @pytest.mark.parametrize("kind", ["missing", "empty_dir", "glob"])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import logging
 import os
@@ -63,15 +62,49 @@ def _glob_root(pattern: str) -> str:
     return root
 
 
-def _under_symlinked_dir(path: str, root: str) -> bool:
-    """Whether some directory strictly between `root` and `path` is a symlink."""
-    parts = os.path.relpath(path, root).split(os.sep)[:-1]
-    current = root
-    for part in parts:
-        current = os.path.join(current, part)
-        if os.path.islink(current):
-            return True
-    return False
+def _glob_regex(pattern: str) -> re.Pattern:
+    """A '/'-separated glob pattern (relative to its root) as a regex over relpaths: `*` and `?`
+    within one path component, `[...]` a character class, `**/` any number of directories, a
+    final `**` everything below."""
+    out, i = [], 0
+    while i < len(pattern):
+        if pattern.startswith("**/", i):
+            out.append("(?:[^/]+/)*")
+            i += 3
+        elif pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+        elif pattern[i] == "*":
+            out.append("[^/]*")
+            i += 1
+        elif pattern[i] == "?":
+            out.append("[^/]")
+            i += 1
+        elif pattern[i] == "[" and "]" in pattern[i + 2:]:
+            end = pattern.index("]", i + 2)
+            body = pattern[i + 1:end]
+            out.append("[" + ("^" + body[1:] if body.startswith("!") else body.replace("\\", "\\\\")) + "]")
+            i = end + 1
+        else:
+            out.append(re.escape(pattern[i]))
+            i += 1
+    return re.compile("".join(out) + r"\Z")
+
+
+def _glob_files(pattern: str) -> tuple[str, list[str]]:
+    """(root, files) of a glob pattern: the files under its fixed prefix, walked without ever
+    following a symlinked directory (so a link loop cannot hang it), whose relpath matches."""
+    root = _glob_root(pattern)
+    if root == "/":
+        rest = pattern[1:]
+    elif root == ".":
+        rest = pattern[2:] if pattern.startswith("./") else pattern
+    else:
+        rest = pattern[len(root):].lstrip("/")
+    regex = _glob_regex(rest)
+    if not os.path.isdir(root):
+        return root, []
+    return root, [p for p in _walk_files(root) if regex.match(_relpath(p, root))]
 
 
 def _stdlib_documents() -> tuple[str, list[str]]:
@@ -91,12 +124,7 @@ def list_documents(source: str) -> list[Document]:
     if source == "stdlib":
         root, files = _stdlib_documents()
     elif _GLOB_MAGIC.search(source):
-        root = _glob_root(source)
-        files = [
-            p
-            for p in glob.glob(source, recursive=True)
-            if os.path.isfile(p) and not _under_symlinked_dir(p, root)
-        ]
+        root, files = _glob_files(os.path.expanduser(source))
     elif os.path.isdir(source):
         root, files = source, list(_walk_files(source))
     elif os.path.isfile(source):
