@@ -159,6 +159,9 @@ class TrainConfig:
     # into metrics.jsonl (eval_* keys) and TensorBoard (eval/).
     eval_every: int = 0
     eval_max_docs: int = 16
+    # Before compiling, compare memtx.fit's per-device estimate (parameters, optimizer, memories,
+    # activations) with the devices' memory and stop in one line if it cannot fit.
+    check_memory: bool = True
 
 
 @dataclass
@@ -239,18 +242,33 @@ def load_config_file(spec: str) -> Config:
     path = find_config_file(path)
     module_spec = importlib.util.spec_from_file_location(f"memtx_config_{abs(hash(path))}", path)
     module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
+    try:
+        module_spec.loader.exec_module(module)
+    except SyntaxError as e:
+        raise ConfigError(f"config file '{path}' has a syntax error at line {e.lineno}: {e.msg}") from None
+    except Exception as e:  # noqa: BLE001 - the user's file: report it in one line
+        raise ConfigError(f"config file '{path}' failed to load: {_one_line(e)}") from None
     if not hasattr(module, "get_config"):
         raise ConfigError(f"config file '{path}' has no get_config()")
+    presets = getattr(module, "PRESETS", None)
     try:
         cfg = module.get_config(preset) if preset else module.get_config()
     except KeyError as e:
-        presets = getattr(module, "PRESETS", None)
-        known = f" (presets: {', '.join(presets)})" if isinstance(presets, dict) else ""
-        raise ConfigError(f"config file '{path}' has no preset {e}{known}") from None
+        missing = e.args[0] if e.args else None
+        if preset and isinstance(missing, str) and missing in preset:  # the preset (or its base) is unknown
+            known = f" (presets: {', '.join(presets)})" if isinstance(presets, dict) else ""
+            raise ConfigError(f"config file '{path}' has no preset '{preset}'{known}") from None
+        raise ConfigError(f"get_config({preset!r}) of '{path}' failed: {_one_line(e)}") from None
+    except Exception as e:  # noqa: BLE001
+        raise ConfigError(f"get_config({preset!r}) of '{path}' failed: {_one_line(e)}") from None
     if not isinstance(cfg, Config):
         raise ConfigError(f"get_config() of '{path}' must return memtx.config.Config")
     return cfg
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
 
 
 def _field_types(obj) -> dict[str, Any]:
@@ -348,23 +366,46 @@ def _as_tuple(value):
     return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
-def from_dict(data: dict) -> Config:
-    """Inverse of `to_dict` (for the resolved config saved in a work directory)."""
+def from_dict(data: dict, where: str = "saved config") -> Config:
+    """Inverse of `to_dict` (for the resolved config saved in a work directory). A key of the
+    wrong type or an unknown one is a one-line ConfigError naming it (`where`: the file)."""
 
-    def build(cls, values):
+    def check(key: str, typ, value):
+        if typ is bool:
+            ok = isinstance(value, bool)
+        elif typ is int:
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif typ is float:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            value = float(value) if ok else value
+        elif typ is str:
+            ok = isinstance(value, str)
+        else:
+            return value
+        if not ok:
+            raise ConfigError(f"{where}: key '{key}' must be {typ.__name__}, got {value!r}")
+        return value
+
+    def build(cls, values, prefix=""):
+        if not isinstance(values, dict):
+            raise ConfigError(f"{where}: '{prefix.rstrip('.') or 'the config'}' must be a JSON object, got {values!r:.60}")
         hints = typing.get_type_hints(cls)
         unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
-            raise ConfigError(f"saved config has unknown key(s) {sorted(unknown)} for {cls.__name__}")
+            raise ConfigError(f"{where} has unknown key(s) {sorted(prefix + k for k in unknown)}")
         kwargs = {}
         for f in dataclasses.fields(cls):
             if f.name not in values:
                 continue
             typ, value = hints[f.name], values[f.name]
             if dataclasses.is_dataclass(typ):
-                value = build(typ, value)
+                value = build(typ, value, prefix + f.name + ".")
             elif typing.get_origin(typ) is tuple:
+                if not isinstance(value, (list, tuple)):
+                    raise ConfigError(f"{where}: key '{prefix}{f.name}' must be a list, got {value!r:.60}")
                 value = _as_tuple(value)
+            else:
+                value = check(prefix + f.name, typ, value)
             kwargs[f.name] = value
         return cls(**kwargs)
 
@@ -372,13 +413,24 @@ def from_dict(data: dict) -> Config:
 
 
 def save_json(cfg: Config, path: str) -> None:
-    with open(path, "w") as f:
+    """Written to a temporary file and renamed: a kill never leaves a half-written config."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
         json.dump(to_dict(cfg), f, indent=2)
+    os.replace(tmp, path)
 
 
 def load_json(path: str) -> Config:
-    with open(path) as f:
-        return from_dict(json.load(f))
+    """A saved config; unreadable, damaged or ill-typed, a one-line ConfigError naming the file."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except OSError as e:
+        raise ConfigError(f"cannot read {path}: {e.strerror or e}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path} is damaged (not valid JSON: {str(e).splitlines()[0]}); restore it or use "
+                          "--config") from None
+    return from_dict(data, where=path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -485,7 +537,26 @@ def validate(cfg: Config, num_devices: int) -> tuple[int, ...]:
                           f"({d.batch_size}), got {d.shards}")
     if d.vocab != "byte" and not d.vocab.endswith(".model"):
         raise ConfigError(f"config key 'data.vocab' must be byte or a SentencePiece .model file, got '{d.vocab}'")
+    for key, value in (("optim.learning_rate", o.learning_rate), ("optim.final_lr_ratio", o.final_lr_ratio),
+                       ("optim.b1", o.b1), ("optim.b2", o.b2), ("optim.weight_decay", o.weight_decay),
+                       ("optim.clip_norm", o.clip_norm), ("model.init_std", m.init_std),
+                       ("model.layer_norm_eps", m.layer_norm_eps), ("model.knn.gate_bias_init", knn.gate_bias_init)):
+        if not math.isfinite(value):
+            raise ConfigError(f"config key '{key}' must be a finite number, got {value}")
     positive("optim.learning_rate", o.learning_rate)
+    positive("model.init_std", m.init_std)
+    positive("model.layer_norm_eps", m.layer_norm_eps)
+    for key in ("b1", "b2"):
+        if not 0.0 <= getattr(o, key) < 1.0:
+            raise ConfigError(f"config key 'optim.{key}' must be in [0, 1) (Adam's moment decay), got {getattr(o, key)}")
+    if o.final_lr_ratio < 0 or o.weight_decay < 0:
+        key = "final_lr_ratio" if o.final_lr_ratio < 0 else "weight_decay"
+        raise ConfigError(f"config key 'optim.{key}' must be >= 0, got {getattr(o, key)}")
+    for key, value in (("data.seed", d.seed), ("train.seed", t.seed)):
+        if not 0 <= value < 2**32:
+            raise ConfigError(f"config key '{key}' must be in 0..2**32-1, got {value}")
+    if t.stop_after < 0:
+        raise ConfigError(f"config key 'train.stop_after' must be >= 0 (0: run to train.steps), got {t.stop_after}")
     if o.warmup_steps < 0:
         raise ConfigError(f"config key 'optim.warmup_steps' must be >= 0, got {o.warmup_steps}")
     if o.clip_norm < 0:

@@ -34,10 +34,20 @@ class MetricsWriter:
                 self.tb = None
 
     def _truncate_after(self, step: int) -> None:
+        """Keeps the lines of steps up to `step`; a line cut short by a kill (or otherwise not
+        JSON) is dropped with a note, never fatal."""
         if not os.path.exists(self.path):
             return
-        with open(self.path) as f:
-            kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+        kept, damaged = [], 0
+        with open(self.path, errors="replace") as f:
+            for line in f:
+                record = _parse_line(line)
+                if record is None:
+                    damaged += bool(line.strip())
+                elif record.get("step", 0) <= step:
+                    kept.append(json.dumps(record) + "\n")
+        if damaged:
+            print(f"note: dropped {damaged} damaged line(s) of {self.path} (a run killed mid-write)", file=sys.stderr)
         with open(self.path, "w") as f:
             f.writelines(kept)
 
@@ -67,9 +77,21 @@ class MetricsWriter:
             self.tb.close()
 
 
+def _parse_line(line: str) -> dict | None:
+    """One metrics.jsonl line as a dict, or None (blank, cut short, not JSON)."""
+    if not line.endswith("\n") or not line.strip():
+        return None
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return record if isinstance(record, dict) else None
+
+
 def read_metrics(workdir: str) -> list[dict]:
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """The lines of WORKDIR/metrics.jsonl (damaged ones skipped)."""
+    with open(os.path.join(workdir, "metrics.jsonl"), errors="replace") as f:
+        return [r for r in map(_parse_line, f) if r is not None]
 
 
 class Progress:

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -16,7 +17,7 @@ import time
 import jax
 
 from memtx import state as state_lib
-from memtx.checkpoint import run_checkpointer
+from memtx.checkpoint import run_checkpointer, writable_directory
 from memtx.cli import ArgumentParser, resolve_config, run_cli
 from memtx.config import Config, ConfigError, load_json, save_json, to_dict
 from memtx.data import check_vocab_fits, open_source
@@ -24,8 +25,10 @@ from memtx.data.fingerprint import corpus_fingerprint
 from memtx.data.fingerprint import describe as describe_fingerprint
 from memtx.data.stream import ShardedStream
 from memtx.distributed import initialize_from_env, is_main_process, main_print
+from memtx.fit import SHRINK, check_fits_here, is_out_of_memory
 from memtx.metrics import MetricsWriter, Progress, format_duration
 from memtx.step import make_train_step
+from memtx.workdir_lock import WorkdirLock
 
 
 class NonFiniteLoss(RuntimeError):
@@ -81,7 +84,7 @@ def warm_start(state: dict, source: str) -> dict:
     if not os.path.isdir(directory):
         raise ConfigError(f"config key 'train.init_from': '{source}' is neither a work directory nor a checkpoint directory")
     ckpt = Checkpointer(directory, async_save=False)
-    step = ckpt.latest_step()
+    step = ckpt.latest_good_step()
     if step is None:
         raise ConfigError(f"config key 'train.init_from': no checkpoint in {directory}")
     params, fresh = ckpt.restore_shared_params(step, state["params"])
@@ -146,6 +149,7 @@ def train(cfg: Config, workdir: str) -> dict:
     metrics and config.json. Checkpoints go to `train.checkpoint_dir` (default
     WORKDIR/checkpoints), which every process must reach: a shared file system or gs://."""
     setup = state_lib.build(cfg)  # validates the config and the mesh before any compilation
+    check_fits_here(cfg)  # the whole step's memory, estimated, against the devices'
     main = is_main_process()
     # This process's document shards, each in a seeded order, filling its rows of the batch.
     num_shards = cfg.data.shards or jax.process_count()
@@ -157,19 +161,28 @@ def train(cfg: Config, workdir: str) -> dict:
         cfg.data.batch_size, cfg.data.seq_len, num_shards=num_shards,
         process_index=jax.process_index(), process_count=jax.process_count())
     check_vocab_fits(stream.source.vocab, cfg.model.vocab_size)
-    os.makedirs(workdir, exist_ok=True)
+    writable_directory(workdir, "work directory")
+    with WorkdirLock(workdir) if main else contextlib.nullcontext():  # one training per work directory
+        return _train_locked(cfg, workdir, setup, stream, num_shards)
+
+
+def _train_locked(cfg: Config, workdir: str, setup, stream, num_shards: int) -> dict:
+    main = is_main_process()
     config_path = os.path.join(workdir, "config.json")
     if os.path.exists(config_path):
         check_resumable(load_json(config_path), cfg, workdir)
+    if cfg.train.checkpoint_dir and "://" not in cfg.train.checkpoint_dir:  # a bad one: one line, nothing written
+        writable_directory(cfg.train.checkpoint_dir, "checkpoint directory")
     if main:
         save_json(cfg, config_path)
         record_corpus(cfg, workdir)
-
     ckpt = run_checkpointer(cfg, workdir, keep=cfg.train.keep_checkpoints)
-    start = ckpt.latest_step() or 0
-    if start:
-        state, memory, data_state = ckpt.restore(start, setup.abstract_state,
-                                                 state_lib.abstract_memory(setup, cfg.data.batch_size))
+
+    # The newest checkpoint that verifies and restores (a damaged one is reported and set aside).
+    restored = ckpt.restore_latest(setup.abstract_state, state_lib.abstract_memory(setup, cfg.data.batch_size))
+    start = restored[0] if restored else 0
+    if restored:
+        _, state, memory, data_state = restored
         try:
             stream.restore(data_state)
         except ValueError as e:
@@ -232,11 +245,20 @@ def train(cfg: Config, workdir: str) -> dict:
     try:
         while step < stop_at:
             batch = state_lib.device_batch(setup, stream.next_batch())
-            state, memory, metrics = train_step(state, memory, batch)
+            if step == start:  # compiles: XLA's out-of-memory becomes one line
+                try:
+                    state, memory, metrics = train_step(state, memory, batch)
+                    jax.block_until_ready(metrics)
+                except Exception as e:  # noqa: BLE001 - jaxlib's XlaRuntimeError, re-raised unless memory
+                    if not is_out_of_memory(e):
+                        raise
+                    raise ConfigError(f"the train step does not fit in the devices' memory "
+                                      f"({' '.join(str(e).split())[:160]}): {SHRINK}") from None
+            else:
+                state, memory, metrics = train_step(state, memory, batch)
             step += 1
             pending.append((step, metrics))
             if step == start + 1:
-                jax.block_until_ready(metrics)
                 main_print(f"first step (compilation included) took {time.perf_counter() - t0:.1f}s", flush=True)
                 progress = Progress(cfg.train.steps, done=step)
             save_now = step % cfg.train.checkpoint_every == 0 or step == stop_at or preempted

@@ -1,0 +1,288 @@
+"""Hostile inputs: each must end in exit code 2 with exactly one `error:` line on stderr, no
+traceback, and leave an existing run's checkpoints, metrics and config untouched.
+
+The table runs in-process (the commands' own `run_cli`), so it stays fast; the cases that need
+another process (a held lock) run in a subprocess with a timeout.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from memtx import evaluate as evaluate_lib
+from memtx import generate as generate_lib
+from memtx import train as train_lib
+from memtx.cli import run_cli
+from memtx.config import save_json
+from memtx.workdir_lock import WorkdirLock
+from tests.helpers import make_corpus, tiny_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+CONFIG = '''
+from memtx.config import Config, DataConfig, MeshConfig, ModelConfig, OptimConfig, TrainConfig
+
+def get_config(preset=None):
+    return Config(name="hostile",
+                  model=ModelConfig(num_layers=2, d_model=32, num_heads=2, d_ff=64, mem_len=16),
+                  data=DataConfig(corpus=CORPUS, seq_len=16, batch_size=4, eval_batch_size=4,
+                                  split_fractions=(1, 0, 0)),
+                  optim=OptimConfig(learning_rate=3e-3, warmup_steps=2),
+                  train=TrainConfig(steps=6, log_every=1, checkpoint_every=3),
+                  mesh=MeshConfig(shape=(2, 2, 2)))
+'''
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A corpus, a config file, and a trained run (3 of 6 steps) whose files must never change."""
+    tmp = tmp_path_factory.mktemp("hostile")
+    corpus = make_corpus(tmp / "corpus", num_docs=3)
+    config = tmp / "tiny.py"
+    config.write_text(f"CORPUS = {str(corpus)!r}\n" + CONFIG)
+    run = tmp / "run"
+    cfg = tiny_config(str(corpus), steps=6, checkpoint_every=3, stop_after=3)
+    train_lib.train(cfg, str(run))
+    files = {
+        "syntax.py": "def get_config(:\n",
+        "raises.py": "raise RuntimeError('no GPU quota')\n",
+        "keyerror.py": "def get_config(preset=None):\n    return {}['missing']\n",
+        "noget.py": "X = 1\n",
+        "notconfig.py": "def get_config(preset=None):\n    return 42\n",
+    }
+    for name, text in files.items():
+        (tmp / name).write_text(text)
+    (tmp / "a_file").write_text("not a directory\n")
+    return {"tmp": tmp, "corpus": corpus, "config": config, "run": run}
+
+
+def snapshot(run: Path) -> dict:
+    """Hashes of every file of a run (checkpoints, metrics, config)."""
+    return {str(p.relative_to(run)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(run.rglob("*")) if p.is_file() and p.name != ".lock" and "tensorboard" not in p.parts}
+
+
+def T(*overrides, workdir="run", config="config"):
+    """A training command: --config CONFIG --workdir WORKDIR + overrides (names resolved in `world`)."""
+    return ("train", config, workdir, list(overrides))
+
+
+# (case id, command, text the one error line must contain)
+CASES = [
+    # config values, caught before compiling
+    ("data_seed_negative", T("--config.data.seed=-1"), "data.seed"),
+    ("train_seed_negative", T("--config.train.seed=-1"), "train.seed"),
+    ("train_seed_huge", T("--config.train.seed=99999999999"), "train.seed"),
+    ("lr_nan", T("--config.optim.learning_rate=nan"), "finite"),
+    ("lr_inf", T("--config.optim.learning_rate=inf"), "finite"),
+    ("lr_zero", T("--config.optim.learning_rate=0"), "optim.learning_rate"),
+    ("b1_one", T("--config.optim.b1=1.0"), "optim.b1"),
+    ("b2_negative", T("--config.optim.b2=-0.1"), "optim.b2"),
+    ("weight_decay_negative", T("--config.optim.weight_decay=-1"), "weight_decay"),
+    ("clip_negative", T("--config.optim.clip_norm=-1"), "clip_norm"),
+    ("warmup_too_long", T("--config.optim.warmup_steps=100"), "warmup_steps"),
+    ("stop_after_negative", T("--config.train.stop_after=-5"), "stop_after"),
+    ("steps_zero", T("--config.train.steps=0"), "train.steps"),
+    ("log_every_zero", T("--config.train.log_every=0"), "log_every"),
+    ("checkpoint_every_zero", T("--config.train.checkpoint_every=0"), "checkpoint_every"),
+    ("eval_every_negative", T("--config.train.eval_every=-1"), "eval_every"),
+    ("layers_zero", T("--config.model.num_layers=0"), "num_layers"),
+    ("d_model_negative", T("--config.model.d_model=-4"), "d_model"),
+    ("d_model_odd", T("--config.model.d_model=33", "--config.model.num_heads=1"), "even"),
+    ("heads_do_not_divide", T("--config.model.num_heads=3"), "num_heads"),
+    ("dropout_above_one", T("--config.model.dropout=1.5"), "dropout"),
+    ("init_std_zero", T("--config.model.init_std=0"), "init_std"),
+    ("dtype_unknown", T("--config.model.dtype=float16"), "model.dtype"),
+    ("memory_type_unknown", T("--config.model.memory_type=foo"), "memory_type"),
+    ("mem_len_negative", T("--config.model.mem_len=-1"), "mem_len"),
+    ("clamp_negative", T("--config.model.clamp_len=-1"), "clamp_len"),
+    ("knn_layer_outside", T("--config.model.knn.enabled=true", "--config.model.knn.layers=7"), "knn.layers"),
+    ("knn_k_zero", T("--config.model.knn.enabled=true", "--config.model.knn.k=0"), "knn.k"),
+    ("knn_k_above_size", T("--config.model.knn.enabled=true", "--config.model.knn.size=4",
+                           "--config.model.knn.k=8"), "knn.k"),
+    ("knn_backend_unknown", T("--config.model.knn.enabled=true", "--config.model.knn.backend=faiss"), "backend"),
+    ("knn_gate_nan", T("--config.model.knn.enabled=true", "--config.model.knn.gate_bias_init=nan"), "finite"),
+    ("lamemo_option_with_xl", T("--config.model.lamemo.look_ahead=false"), "lamemo"),
+    ("qk_norm_with_lamemo", T("--config.model.memory_type=lamemo", "--config.model.qk_norm=true"), "qk_norm"),
+    ("seq_len_zero", T("--config.data.seq_len=0"), "seq_len"),
+    ("batch_not_divisible", T("--config.data.batch_size=3"), "batch_size"),
+    ("split_no_train", T("--config.data.split_fractions=0,1,1"), "split_fractions"),
+    ("eval_split_unknown", T("--config.data.eval_split=dev"), "eval_split"),
+    ("eval_max_docs_negative", T("--config.data.eval_max_docs=-1"), "eval_max_docs"),
+    ("vocab_unknown", T("--config.data.vocab=foo.txt"), "data.vocab"),
+    ("shards_not_dividing", T("--config.data.shards=3"), "shards"),
+    ("mesh_too_big", T("--config.mesh.shape=3,3,3"), "mesh.shape"),
+    ("mesh_two_fills", T("--config.mesh.shape=-1,-1,1"), "mesh.shape"),
+    ("mesh_wrong_rank", T("--config.mesh.shape=8"), "mesh.shape"),
+    # too big for this machine: the full estimate, before compiling
+    ("model_too_big", T("--config.model.d_model=32768", "--config.model.d_ff=131072"), "training needs about"),
+    ("segment_too_long", T("--config.data.seq_len=131072", "--config.model.mem_len=131072"), "training needs about"),
+    ("knn_store_too_big", T("--config.model.knn.enabled=true", "--config.model.knn.size=400000000"), "needs"),
+    # overrides and flags
+    ("unknown_key", T("--config.model.nope=1"), "model.nope"),
+    ("unknown_section", T("--config.nope.x=1"), "nope"),
+    ("bad_int", T("--config.model.num_layers=abc"), "num_layers"),
+    ("bad_bool", T("--config.model.pre_norm=maybe"), "pre_norm"),
+    ("bad_tuple", T("--config.mesh.shape=a,b"), "mesh.shape"),
+    ("unknown_flag", T("--bogus"), "--bogus"),
+    ("init_from_missing", T("--config.train.init_from=/no/such/run", workdir="fresh"), "init_from"),
+    # data
+    ("corpus_missing", T("--config.data.corpus=/no/such/path", workdir="fresh"), "/no/such/path"),
+    ("corpus_glob_empty", T("--config.data.corpus=/tmp/*.no-such-extension", workdir="fresh"), "no documents"),
+    # config files
+    ("config_syntax_error", T(config="syntax.py"), "syntax error"),
+    ("config_raises", T(config="raises.py"), "RuntimeError: no GPU quota"),
+    ("config_keyerror_inside", T(config="keyerror.py"), "KeyError"),
+    ("config_no_get_config", T(config="noget.py"), "no get_config"),
+    ("config_not_a_config", T(config="notconfig.py"), "must return"),
+    ("config_missing", T(config="/no/such/config.py"), "does not exist"),
+    ("config_unknown_name", T(config="txll"), "no config named"),
+    ("config_unknown_preset", T(config="txl:nope"), "no preset 'nope'"),
+    # work directories
+    ("workdir_is_a_file", T(workdir="a_file"), "a_file"),
+    ("workdir_under_a_file", T(workdir="a_file/sub"), "a_file"),
+    ("checkpoint_dir_is_a_file", T("--config.train.checkpoint_dir=@tmp/a_file", workdir="fresh"), "a_file"),
+    ("resume_with_another_model", T("--config.model.d_model=64"), "different config"),
+    # evaluation flags
+    ("eval_knn_sizes_empty", ("evaluate", ["--workdir", "@run", "--knn-sizes", ""]), "--knn-sizes"),
+    ("eval_knn_sizes_negative", ("evaluate", ["--workdir", "@run", "--knn-sizes", "-4"]), "--knn-sizes"),
+    ("eval_far_reach_zero", ("evaluate", ["--workdir", "@run", "--far-reach", "0"]), "--far-reach"),
+    ("eval_copy_ngram_zero", ("evaluate", ["--workdir", "@run", "--copy-ngram", "0"]), "--copy-ngram"),
+    ("eval_workdir_missing", ("evaluate", ["--workdir", "@tmp/nope"]), "does not exist"),
+    ("eval_no_such_step", ("evaluate", ["--workdir", "@run", "--step", "999"]), "no checkpoint at step 999"),
+    ("eval_corpus_missing", ("evaluate", ["--workdir", "@run", "--corpus", "/no/such/dir"]), "/no/such/dir"),
+    ("eval_knn_sizes_without_knn", ("evaluate", ["--workdir", "@run", "--knn-sizes", "0,8"]), "kNN"),
+    # generation flags
+    ("gen_top_p_zero", ("generate", ["--workdir", "@run", "--prompt", "x", "--top-p", "0"]), "--top-p"),
+    ("gen_max_tokens_negative", ("generate", ["--workdir", "@run", "--prompt", "x", "--max-tokens", "-1"]),
+     "--max-tokens"),
+    ("gen_no_prompt", ("generate", ["--workdir", "@run"]), "--prompt"),
+    ("gen_prompt_file_missing", ("generate", ["--workdir", "@run", "--prompt-file", "/no/such"]), "/no/such"),
+]
+
+# (case id, environment, text the one error line must contain): the distributed start-up's checks
+ENV_CASES = [
+    ("num_processes_zero", {"MEMTX_NUM_PROCESSES": "0"}, "MEMTX_NUM_PROCESSES"),
+    ("num_processes_negative", {"MEMTX_NUM_PROCESSES": "-3"}, "MEMTX_NUM_PROCESSES"),
+    ("num_processes_text", {"MEMTX_NUM_PROCESSES": "two"}, "MEMTX_NUM_PROCESSES"),
+    ("init_timeout_negative", {"MEMTX_NUM_PROCESSES": "2", "MEMTX_INIT_TIMEOUT": "-5"}, "MEMTX_INIT_TIMEOUT"),
+    ("slurm_ntasks_text", {"SLURM_NTASKS": "abc"}, "SLURM_NTASKS"),
+    ("no_coordinator", {"MEMTX_NUM_PROCESSES": "2", "MEMTX_PROCESS_ID": "1"}, "MEMTX_COORDINATOR"),
+    ("coordinator_without_port", {"MEMTX_NUM_PROCESSES": "2", "MEMTX_PROCESS_ID": "1",
+                                  "MEMTX_COORDINATOR": "localhost"}, "MEMTX_COORDINATOR"),
+    ("coordinator_bad_port", {"MEMTX_NUM_PROCESSES": "2", "MEMTX_PROCESS_ID": "0",
+                              "MEMTX_COORDINATOR": "localhost:99999"}, "port"),
+    ("process_id_outside", {"MEMTX_NUM_PROCESSES": "2", "MEMTX_PROCESS_ID": "5",
+                            "MEMTX_COORDINATOR": "localhost:12345"}, "MEMTX_PROCESS_ID"),
+    ("coordinator_not_answering", {"MEMTX_NUM_PROCESSES": "2", "MEMTX_PROCESS_ID": "1", "MEMTX_INIT_TIMEOUT": "1",
+                                   "MEMTX_COORDINATOR": "127.0.0.1:9"}, "did not answer"),
+]
+
+DISTRIBUTED_ENV = ("MEMTX_NUM_PROCESSES", "MEMTX_PROCESS_ID", "MEMTX_COORDINATOR", "MEMTX_INIT_TIMEOUT",
+                   "MEMTX_DISTRIBUTED", "SLURM_NTASKS", "SLURM_NPROCS")
+
+
+def resolve(world, text: str) -> str:
+    return text.replace("@tmp", str(world["tmp"])).replace("@run", str(world["run"]))
+
+
+def command_args(world, command):
+    if command[0] == "train":
+        _, config, workdir, overrides = command
+        config = str(world["config"]) if config == "config" else \
+            str(world["tmp"] / config) if config.endswith(".py") and not config.startswith("/") else config
+        workdir = str(world["run"]) if workdir == "run" else str(world["tmp"] / workdir)
+        return train_lib, ["--config", config, "--workdir", workdir, *(resolve(world, o) for o in overrides)]
+    module = {"evaluate": evaluate_lib, "generate": generate_lib}[command[0]]
+    return module, [resolve(world, a) for a in command[1]]
+
+
+def assert_one_error_line(code, err, expected):
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    errors = [line for line in lines if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in err, err
+    assert expected in errors[0], errors[0]
+
+
+@pytest.mark.parametrize("case, command, expected", CASES, ids=[c[0] for c in CASES])
+def test_hostile_input_is_one_line(world, case, command, expected, capsys, monkeypatch):
+    for name in DISTRIBUTED_ENV:
+        monkeypatch.delenv(name, raising=False)
+    before = snapshot(world["run"])
+    module, argv = command_args(world, command)
+    code = run_cli(module.main, module.parser(), argv)
+    assert_one_error_line(code, capsys.readouterr().err, expected)
+    assert snapshot(world["run"]) == before  # the existing run is untouched
+    assert not (world["tmp"] / "fresh" / "checkpoints").exists() or \
+        not any((world["tmp"] / "fresh" / "checkpoints").iterdir())
+
+
+@pytest.mark.parametrize("case, env, expected", ENV_CASES, ids=[c[0] for c in ENV_CASES])
+def test_hostile_environment_is_one_line(world, case, env, expected, capsys, monkeypatch):
+    for name in DISTRIBUTED_ENV:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    before = snapshot(world["run"])
+    code = run_cli(train_lib.main, train_lib.parser(), ["--config", str(world["config"]), "--workdir", str(world["run"])])
+    assert_one_error_line(code, capsys.readouterr().err, expected)
+    assert snapshot(world["run"]) == before
+
+
+def test_table_size():
+    assert len(CASES) + len(ENV_CASES) >= 60
+
+
+def test_a_held_work_directory_is_refused_in_one_line(world):
+    """A second training on a work directory another process holds: one line naming the
+    holder's pid and host; the holder's files are untouched."""
+    before = snapshot(world["run"])
+    with WorkdirLock(str(world["run"])):
+        env = {k: v for k, v in os.environ.items() if k not in DISTRIBUTED_ENV}
+        env["PYTHONPATH"] = str(ROOT)
+        out = subprocess.run([sys.executable, "-m", "memtx.train", "--config", str(world["config"]),
+                              "--workdir", str(world["run"])], env=env, capture_output=True, text=True, timeout=300)
+    assert_one_error_line(out.returncode, out.stderr, "is in use by pid")
+    assert f"pid {os.getpid()}" in out.stderr
+    assert snapshot(world["run"]) == before
+
+
+def test_damaged_saved_configs_are_one_line(world, capsys, tmp_path):
+    """config.json truncated, ill-typed or not an object: resuming (no --config) says which file."""
+    import shutil
+
+    for name, text, expected in (("truncated", '{"model": {"num_layers": 2', "damaged"),
+                                 ("wrong_type", '{"model": {"num_layers": "two"}}', "model.num_layers"),
+                                 ("not_object", '[1, 2]', "JSON object"),
+                                 ("unknown_key", '{"model": {"layers": 2}}', "model.layers")):
+        run = tmp_path / name
+        shutil.copytree(world["run"], run)
+        (run / "config.json").write_text(text)
+        before = snapshot(run)
+        code = run_cli(train_lib.main, train_lib.parser(), ["--workdir", str(run)])
+        assert_one_error_line(code, capsys.readouterr().err, expected)
+        assert snapshot(run) == before
+
+
+def test_a_partial_metrics_line_is_repaired_on_resume(world, tmp_path, capsys):
+    """A kill in the middle of writing metrics.jsonl leaves half a line: the run resumes, drops it
+    with a note, and its metrics end with one line per step."""
+    import json
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(world["run"], run)
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "loss": 3.1')  # cut short
+    code = run_cli(train_lib.main, train_lib.parser(), ["--workdir", str(run)])
+    assert code == 0
+    assert "dropped 1 damaged line" in capsys.readouterr().err
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 7))
