@@ -9,6 +9,15 @@ Items of one checkpoint step:
   data       the document streams' positions (JSON): {"shards": {shard index: stream state}},
              gathered from every process (each restores its own shards)
 Saves are asynchronous; restore targets are abstract trees carrying shardings.
+
+Integrity: once a step's save has finished, process 0 writes `STEP/memtx_integrity.json`, the
+size and CRC-32 of every file of the step (local and shared file systems; not gs://). Restoring
+the latest checkpoint verifies it first; a damaged or incomplete one (garbled or truncated
+files, a deleted item, an empty step directory) is reported in one line and the one before is
+used. Training moves the damaged step aside (`STEP.damaged`, kept for inspection) because it will
+write that step number again; evaluation only skips it. A step that verifies is trusted: if it
+then fails to restore, that is an error, not damage. With no restorable step the run stops with
+one line rather than start afresh over its checkpoints.
 """
 
 from __future__ import annotations
@@ -17,6 +26,8 @@ import json
 import logging
 import math
 import os
+import sys
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -57,14 +68,148 @@ def gather_json(local: dict) -> dict:
     return merged
 
 
+INTEGRITY_FILE = "memtx_integrity.json"
+
+
+def _file_digests(step_dir: str) -> dict[str, list]:
+    """{relative path: [size, crc32]} of every file under a step directory but the record."""
+    out = {}
+    for dirpath, _, filenames in os.walk(step_dir):
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            rel = os.path.relpath(path, step_dir)
+            if rel == INTEGRITY_FILE:
+                continue
+            crc = 0
+            with open(path, "rb") as f:
+                while chunk := f.read(1 << 20):
+                    crc = zlib.crc32(chunk, crc)
+            out[rel] = [os.path.getsize(path), crc]
+    return out
+
+
+class CheckpointDamaged(ConfigError):
+    """No checkpoint of a run could be restored; the message is one line."""
+
+
 class Checkpointer:
     def __init__(self, directory: str, keep: int = 2, async_save: bool = True):
         # Local, shared (NFS) or object-store paths (gs://...): orbax writes all of them.
         self.directory = directory if "://" in directory else os.path.abspath(directory)
-        self.manager = ocp.CheckpointManager(
-            self.directory,
-            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                                 enable_async_checkpointing=async_save))
+        self.local = "://" not in directory
+        if self.local:
+            writable_directory(self.directory, "checkpoint directory")
+        self._options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                                     enable_async_checkpointing=async_save)
+        self.manager = ocp.CheckpointManager(self.directory, options=self._options)
+        self._unrecorded: list[int] = []  # saved steps whose integrity record is not written yet
+
+    def step_dir(self, step: int) -> str:
+        return os.path.join(self.directory, str(step))
+
+    def _record_finished_saves(self) -> None:
+        """Writes the integrity record of every step saved since the last call (after waiting
+        for its save to finish: usually long done)."""
+        if not self._unrecorded:
+            return
+        self.manager.wait_until_finished()
+        if self.local and jax.process_index() == 0:
+            for step in self._unrecorded:
+                if os.path.isdir(self.step_dir(step)):  # not already rotated out
+                    record = {"step": step, "files": _file_digests(self.step_dir(step))}
+                    tmp = os.path.join(self.step_dir(step), INTEGRITY_FILE + ".tmp")
+                    with open(tmp, "w") as f:
+                        json.dump(record, f)
+                    os.replace(tmp, os.path.join(self.step_dir(step), INTEGRITY_FILE))
+        self._unrecorded.clear()
+
+    def verify(self, step: int) -> str | None:
+        """What is wrong with a step's files against its integrity record (one phrase), or None
+        when they match or there is no record to check (a step saved before records, or killed
+        before its record was written)."""
+        if not self.local:
+            return None
+        step_dir = self.step_dir(step)
+        if not os.path.isdir(step_dir) or not os.listdir(step_dir):
+            return "its directory is empty"
+        try:
+            with open(os.path.join(step_dir, INTEGRITY_FILE)) as f:
+                recorded = json.load(f)["files"]
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError):
+            return f"its {INTEGRITY_FILE} is damaged"
+        actual = _file_digests(step_dir)
+        for rel, (size, crc) in sorted(recorded.items()):
+            if rel not in actual:
+                return f"{rel} is missing"
+            if actual[rel][0] != size:
+                return f"{rel} has {actual[rel][0]} bytes where {size} were written"
+            if actual[rel][1] != crc:
+                return f"{rel} does not match its checksum"
+        return None
+
+    def latest_good_step(self, verbose: bool = True) -> int | None:
+        """The newest step whose files match their integrity record (or that has none); each
+        damaged newer one is reported in one line (evaluation: nothing is moved)."""
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            problem = self.verify(step)
+            if problem is None:
+                return step
+            if verbose and jax.process_index() == 0:
+                print(f"note: checkpoint step {step} in {self.directory} is damaged ({problem}); using an earlier one",
+                      file=sys.stderr, flush=True)
+        return None
+
+    def restore_latest(self, abstract_state: dict, abstract_memory: dict):
+        """Training's resume: (step, state, memory, data states) of the newest restorable step,
+        or None when there is no checkpoint. Damaged newer steps are reported and moved aside
+        (STEP.damaged); with no restorable step at all, a one-line CheckpointDamaged."""
+        damaged: list[tuple[int, str]] = []
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            problem = self.verify(step)
+            if problem is None:
+                recorded = os.path.exists(os.path.join(self.step_dir(step), INTEGRITY_FILE))
+                try:
+                    restored = self.restore(step, abstract_state, abstract_memory)
+                except Exception as e:  # noqa: BLE001 - see below
+                    first = " ".join(str(e).split())[:200]
+                    if recorded:  # the files are as written: not damage, but another model's checkpoint
+                        raise CheckpointDamaged(f"checkpoint step {step} in {self.directory} is intact but does not "
+                                                f"restore into this config's model (saved by another model?): "
+                                                f"{first}") from None
+                    problem = "it cannot be read: " + first
+                else:
+                    self._set_aside(damaged)
+                    return (step, *restored)
+            damaged.append((step, problem))
+            if jax.process_index() == 0:
+                print(f"note: checkpoint step {step} in {self.directory} is damaged ({problem}); "
+                      "trying the one before", file=sys.stderr, flush=True)
+        if damaged:
+            raise CheckpointDamaged(f"no checkpoint in {self.directory} can be restored (newest: step {damaged[0][0]}, "
+                                    f"{damaged[0][1]}); move the directory away to start afresh")
+        return None
+
+    def _set_aside(self, damaged: list[tuple[int, str]]) -> None:
+        """Renames damaged steps to STEP.damaged (their numbers will be written again), then
+        reopens the manager so that it forgets them."""
+        if not damaged:
+            return
+        if jax.process_index() == 0 and self.local:
+            for step, _ in damaged:
+                target = self.step_dir(step) + ".damaged"
+                n = 1
+                while os.path.exists(target):
+                    n += 1
+                    target = f"{self.step_dir(step)}.damaged{n}"
+                os.rename(self.step_dir(step), target)
+                print(f"note: moved the damaged step {step} to {target}", file=sys.stderr, flush=True)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices("memtx: damaged checkpoints set aside")
+        self.manager.close()
+        self.manager = ocp.CheckpointManager(self.directory, options=self._options)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -75,6 +220,8 @@ class Checkpointer:
     def save(self, step: int, state: dict, memory: dict, data_state: dict) -> None:
         """Every process calls this; `data_state` is this process's {shard: stream state}."""
         data = {"shards": gather_json(data_state)}
+        self._record_finished_saves()
+        self._unrecorded.append(step)
         self.manager.save(step, args=ocp.args.Composite(
             params=ocp.args.StandardSave(state["params"]),
             train=ocp.args.StandardSave({"step": state["step"], "opt_state": state["opt_state"]}),
@@ -96,8 +243,13 @@ class Checkpointer:
         """The parameters `abstract_params` names; saved ones it does not name are skipped, so a
         model can be evaluated with a part switched off (e.g. model.lamemo.look_ahead=false)."""
         restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), abstract_params)
-        out = self.manager.restore(step, args=ocp.args.Composite(params=ocp.args.PyTreeRestore(
-            item=abstract_params, restore_args=restore_args, partial_restore=True)))
+        try:
+            out = self.manager.restore(step, args=ocp.args.Composite(params=ocp.args.PyTreeRestore(
+                item=abstract_params, restore_args=restore_args, partial_restore=True)))
+        except Exception as e:  # noqa: BLE001 - orbax's many-line errors: damage, or another model
+            raise CheckpointDamaged(f"cannot restore the parameters of step {step} in {self.directory} "
+                                    f"(damaged, or saved by a model of another shape): "
+                                    f"{' '.join(str(e).split())[:200]}") from None
         missing = [jax.tree_util.keystr(path) for path, leaf in jax.tree_util.tree_flatten_with_path(out.params)[0]
                    if isinstance(leaf, jax.ShapeDtypeStruct)]
         if missing:
@@ -148,9 +300,26 @@ class Checkpointer:
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
+        self._record_finished_saves()
 
     def close(self) -> None:
+        self._record_finished_saves()
         self.manager.close()
+
+
+def writable_directory(path: str, what: str) -> None:
+    """Creates `path` if needed; a file in the way, a missing permission or a read-only file
+    system is a one-line ConfigError naming the path."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ConfigError(f"the {what} {path} is a file, not a directory")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"cannot create the {what} {path}: {e.strerror or e}") from None
+    if not os.path.isdir(path):
+        raise ConfigError(f"the {what} {path} is not a directory")
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(f"the {what} {path} is not writable")
 
 
 def run_checkpointer(cfg, workdir: str, **kwargs) -> Checkpointer:

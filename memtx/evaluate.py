@@ -365,7 +365,7 @@ def evaluate_workdir(workdir: str, cfg: Config, *, step: int | None = None, knn_
             c.model.knn.size = size
         setups.append(state_lib.build(c))  # validates every size (k <= size, bytes that fit) first
     ckpt = run_checkpointer(cfg, workdir, async_save=False)
-    step = step if step is not None else ckpt.latest_step()
+    step = step if step is not None else ckpt.latest_good_step()
     if step is None or step not in ckpt.all_steps():
         raise UsageError(f"no checkpoint{'' if step is None else f' at step {step}'} in {ckpt.directory}")
     source_fn = lambda shard_index, num_shards: open_source(  # noqa: E731
@@ -413,7 +413,7 @@ def evaluate_workdir(workdir: str, cfg: Config, *, step: int | None = None, knn_
 
 def main(args: argparse.Namespace, rest: list[str]) -> int:
     initialize_from_env()  # several processes: before JAX touches a device
-    sizes = parse_int_list("--knn-sizes", args.knn_sizes) if args.knn_sizes else None
+    sizes = parse_int_list("--knn-sizes", args.knn_sizes) if args.knn_sizes is not None else None
     if args.copy_ngram < 1:
         raise UsageError(f"--copy-ngram must be >= 1, got {args.copy_ngram}")
     if args.far_reach is not None and args.far_reach < 1:

@@ -183,7 +183,7 @@ def load(workdir: str, config_spec: str | None, overrides: list[str], step: int 
     cfg = resolve_config(config_spec, workdir, list(overrides))
     setup = state_lib.build(cfg)
     ckpt = run_checkpointer(cfg, workdir, async_save=False)
-    step = ckpt.latest_step() if step is None else step
+    step = ckpt.latest_good_step() if step is None else step
     if step is None or step not in ckpt.all_steps():
         raise UsageError(f"no checkpoint{'' if step is None else f' at step {step}'} in {ckpt.directory}")
     params = jax.device_get(ckpt.restore_params(step, setup.abstract_state["params"]))

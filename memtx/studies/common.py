@@ -70,7 +70,7 @@ def find_runs(args: argparse.Namespace, rest: list[str]) -> list[Run]:
             raise UsageError(f"work directory '{workdir}' does not exist")
         cfg = resolve_config(None, workdir, rest)
         ckpt = run_checkpointer(cfg, workdir, async_save=False)
-        step = args.step if args.step is not None else ckpt.latest_step()
+        step = args.step if args.step is not None else ckpt.latest_good_step()
         if step is None or step not in ckpt.all_steps():
             raise UsageError(f"no checkpoint{'' if step is None else f' at step {step}'} in {ckpt.directory}")
         runs.append(Run(os.path.basename(os.path.normpath(workdir)), workdir, cfg, step,

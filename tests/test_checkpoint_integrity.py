@@ -1,0 +1,122 @@
+"""Damaged checkpoints: the integrity record catches garbled and truncated files that orbax would
+load silently; a damaged latest step is reported in one line and the one before is used, by
+training (which then continues exactly) and by evaluation; with nothing restorable, one line."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from memtx import evaluate as evaluate_lib
+from memtx import train as train_lib
+from memtx.checkpoint import INTEGRITY_FILE, Checkpointer
+from memtx.cli import run_cli
+from tests.helpers import make_corpus, tiny_config
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """The same tiny run twice: 6 steps straight (the reference), and stopped at step 6 of 9."""
+    tmp = tmp_path_factory.mktemp("integrity")
+    corpus = str(make_corpus(tmp / "corpus", num_docs=3))
+    full = tmp / "full"
+    train_lib.train(tiny_config(corpus, steps=9, checkpoint_every=3, keep_checkpoints=3), str(full))
+    partial = tmp / "partial"
+    train_lib.train(tiny_config(corpus, steps=9, checkpoint_every=3, keep_checkpoints=3, stop_after=6), str(partial))
+    return tmp, full, partial
+
+
+def losses(workdir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in map(json.loads, (workdir / "metrics.jsonl").read_text().splitlines())}
+
+
+def biggest_file(step_dir: Path, item: str) -> Path:
+    files = [p for p in (step_dir / item).rglob("*") if p.is_file()]
+    return max(files, key=lambda p: p.stat().st_size)
+
+
+def garble(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 4] = bytes(b ^ 0xFF for b in data[middle:middle + 4])
+    path.write_bytes(bytes(data))
+
+
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def test_every_finished_save_has_an_integrity_record(runs):
+    _, full, _ = runs
+    ckpt = Checkpointer(str(full / "checkpoints"), async_save=False)
+    assert ckpt.all_steps() == [3, 6, 9]
+    for step in (3, 6, 9):
+        record = json.loads((full / "checkpoints" / str(step) / INTEGRITY_FILE).read_text())
+        assert record["step"] == step and any(name.startswith("params/") for name in record["files"])
+        assert ckpt.verify(step) is None
+    ckpt.close()
+
+
+@pytest.mark.parametrize("damage, item", [(garble, "params"), (garble, "train"), (truncate, "params"),
+                                          (garble, "memory")])
+def test_a_damaged_latest_step_is_reported_and_the_previous_one_resumes_exactly(runs, tmp_path, capsys, damage, item):
+    _, full, partial = runs
+    run = tmp_path / "run"
+    shutil.copytree(partial, run)
+    damage(biggest_file(run / "checkpoints" / "6", item))
+    code = run_cli(train_lib.main, train_lib.parser(), ["--workdir", str(run)])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert "checkpoint step 6" in err and "is damaged" in err and "moved the damaged step 6" in err
+    assert (run / "checkpoints" / "6.damaged").is_dir()
+    # Resumed from step 3 with step 3's memory and stream: steps 4..9 as in the straight run.
+    assert losses(run) == pytest.approx(losses(full), abs=1e-6)
+
+
+def test_evaluation_skips_a_damaged_latest_step(runs, tmp_path, capsys):
+    _, _, partial = runs
+    run = tmp_path / "run"
+    shutil.copytree(partial, run)
+    garble(biggest_file(run / "checkpoints" / "6", "params"))
+    code = run_cli(evaluate_lib.main, evaluate_lib.parser(), ["--workdir", str(run), "--split", "train",
+                                                              "--config.data.eval_max_docs=1"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "checkpoint step 6" in captured.err and "does not match its checksum" in captured.err
+    assert "evaluating step 3" in captured.out
+    assert (run / "checkpoints" / "6").is_dir()  # evaluation moves nothing
+
+
+def test_damage_without_a_record_falls_back_when_the_step_cannot_be_read(runs, tmp_path, capsys):
+    """A step killed before its record was written, then damaged: orbax's own failure to read it
+    is the signal."""
+    _, full, partial = runs
+    run = tmp_path / "run"
+    shutil.copytree(partial, run)
+    step6 = run / "checkpoints" / "6"
+    (step6 / INTEGRITY_FILE).unlink()
+    shutil.rmtree(step6 / "data")
+    code = run_cli(train_lib.main, train_lib.parser(), ["--workdir", str(run)])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert "cannot be read" in err and (run / "checkpoints" / "6.damaged").is_dir()
+    assert losses(run) == pytest.approx(losses(full), abs=1e-6)
+
+
+def test_nothing_restorable_is_one_line_and_moves_nothing(runs, tmp_path, capsys):
+    _, _, partial = runs
+    run = tmp_path / "run"
+    shutil.copytree(partial, run)
+    for step in (3, 6):
+        truncate(biggest_file(run / "checkpoints" / str(step), "params"))
+    before = sorted(os.listdir(run / "checkpoints"))
+    code = run_cli(train_lib.main, train_lib.parser(), ["--workdir", str(run)])
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(errors) == 1 and "Traceback" not in err
+    assert "no checkpoint" in errors[0] and "can be restored" in errors[0]
+    assert sorted(os.listdir(run / "checkpoints")) == before
