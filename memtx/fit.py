@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from memtx.cli import ArgumentParser, UsageError, resolve_config, run_cli
-from memtx.config import Config, validate
+from memtx.config import Config, ConfigError, validate
 
 GIB = 2**30
 # bytes of memory per device, and how many devices a slice name's number counts
@@ -155,6 +155,37 @@ def compiled_memory(cfg: Config, devices=None) -> dict:
 
 def _fmt(n: float) -> str:
     return f"{n / GIB:,.2f} GiB" if n >= GIB / 10 else f"{n / 2**20:,.2f} MiB"
+
+
+SHRINK = ("lower data.batch_size, data.seq_len, model.d_model, model.d_ff, model.num_layers or model.knn.size, "
+          "use model.dtype=bfloat16, or spread it over more devices (mesh.shape)")
+
+
+def check_fits_here(cfg: Config) -> None:
+    """Before compiling a training: the full per-device estimate (parameters, optimizer state,
+    memories, activations) against the memory of this process's devices (CPU devices share the
+    host's RAM). A one-line ConfigError naming the parts and the keys to shrink; with
+    `train.check_memory=false` nothing is checked (the estimate's activations are approximate)."""
+    if not cfg.train.check_memory:
+        return
+    from memtx.state import device_memory_bytes
+
+    result = estimate(cfg, jax.device_count())
+    limit = device_memory_bytes()
+    local = jax.local_devices()
+    sharing = len(local) if local[0].platform == "cpu" else 1  # CPU "devices" share one RAM
+    need = result["total"] * sharing
+    if need > limit:
+        parts = ", ".join(f"{k} {_fmt(v)}" for k, v in sorted(result["parts"].items(), key=lambda kv: -kv[1]))
+        where = f"{sharing} CPU devices' share of {_fmt(limit)} of RAM" if sharing > 1 else f"{_fmt(limit)} per device"
+        raise ConfigError(f"training needs about {_fmt(result['total'])} per device ({parts}) but there is "
+                          f"{where}: {SHRINK} (python -m memtx.fit shows the parts; "
+                          "--config.train.check_memory=false skips this estimate)")
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    text = str(error)
+    return "RESOURCE_EXHAUSTED" in text or "Out of memory" in text or "out of memory" in text
 
 
 def main(args: argparse.Namespace, rest: list[str]) -> int:
