@@ -92,6 +92,27 @@ class CheckpointDamaged(ConfigError):
     """No checkpoint of a run could be restored; the message is one line."""
 
 
+class CheckpointWriteError(ConfigError):
+    """A checkpoint could not be written (disk full...); the message is one line. The process
+    should exit right after reporting it: orbax's background writers are in an undefined state."""
+
+
+class _QuietFailedSaves(logging.Filter):
+    """Drops orbax's multi-line error logs about a failed write (a full disk, a read-only mount):
+    memtx reports the failure itself, in one line."""
+
+    SIGNS = ("No space left on device", "Disk quota exceeded", "Read-only file system", "Save Finalize thread",
+             "Handler Commit operations")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        return not any(sign in text for sign in self.SIGNS)
+
+
+logging.getLogger("absl").addFilter(_QuietFailedSaves())
+
+
+
 class Checkpointer:
     def __init__(self, directory: str, keep: int = 2, async_save: bool = True):
         # Local, shared (NFS) or object-store paths (gs://...): orbax writes all of them.
@@ -107,21 +128,35 @@ class Checkpointer:
     def step_dir(self, step: int) -> str:
         return os.path.join(self.directory, str(step))
 
-    def _record_finished_saves(self) -> None:
+    def _record_finished_saves(self, wait: bool = False) -> None:
         """Writes the integrity record of every step saved since the last call (after waiting
-        for its save to finish: usually long done)."""
-        if not self._unrecorded:
+        for its save to finish: usually long done). A save that failed (a full disk, a lost
+        mount) is one CheckpointWriteError naming the step, the directory and the reason."""
+        if not self._unrecorded and not wait:
             return
-        self.manager.wait_until_finished()
-        if self.local and jax.process_index() == 0:
-            for step in self._unrecorded:
-                if os.path.isdir(self.step_dir(step)):  # not already rotated out
-                    record = {"step": step, "files": _file_digests(self.step_dir(step))}
-                    tmp = os.path.join(self.step_dir(step), INTEGRITY_FILE + ".tmp")
-                    with open(tmp, "w") as f:
-                        json.dump(record, f)
-                    os.replace(tmp, os.path.join(self.step_dir(step), INTEGRITY_FILE))
-        self._unrecorded.clear()
+        steps, self._unrecorded = self._unrecorded, []
+        try:
+            self.manager.wait_until_finished()
+            if self.local and jax.process_index() == 0:
+                for step in steps:
+                    if os.path.isdir(self.step_dir(step)):  # not already rotated out
+                        record = {"step": step, "files": _file_digests(self.step_dir(step))}
+                        tmp = os.path.join(self.step_dir(step), INTEGRITY_FILE + ".tmp")
+                        with open(tmp, "w") as f:
+                            json.dump(record, f)
+                        os.replace(tmp, os.path.join(self.step_dir(step), INTEGRITY_FILE))
+        except Exception as e:  # noqa: BLE001 - orbax raises from its background threads
+            raise self._write_error(steps, e) from None
+
+    def _write_error(self, steps: list[int], error: BaseException) -> "CheckpointWriteError":
+        text = " ".join(str(error).split())
+        reason = next((r for r in ("No space left on device", "Disk quota exceeded", "Read-only file system",
+                                   "Permission denied") if r in text), text[:160] or type(error).__name__)
+        done = [s for s in self.manager.all_steps() if s not in steps and os.path.isdir(self.step_dir(s))]
+        kept = f"the last complete checkpoint is step {max(done)}" if done else "no checkpoint was completed"
+        which = ", ".join(map(str, steps)) or "?"
+        return CheckpointWriteError(f"could not write checkpoint step {which} to {self.directory}: {reason}; "
+                                    f"{kept}, and the run resumes from it once the problem is fixed")
 
     def verify(self, step: int) -> str | None:
         """What is wrong with a step's files against its integrity record (one phrase), or None
@@ -222,6 +257,12 @@ class Checkpointer:
         data = {"shards": gather_json(data_state)}
         self._record_finished_saves()
         self._unrecorded.append(step)
+        try:
+            self._save(step, state, memory, data)
+        except Exception as e:  # noqa: BLE001 - a synchronous part of the write failed
+            raise self._write_error([step], e) from None
+
+    def _save(self, step: int, state: dict, memory: dict, data: dict) -> None:
         self.manager.save(step, args=ocp.args.Composite(
             params=ocp.args.StandardSave(state["params"]),
             train=ocp.args.StandardSave({"step": state["step"], "opt_state": state["opt_state"]}),
@@ -299,8 +340,7 @@ class Checkpointer:
         return [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
-        self._record_finished_saves()
+        self._record_finished_saves(wait=True)
 
     def close(self) -> None:
         self._record_finished_saves()

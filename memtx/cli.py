@@ -69,10 +69,18 @@ def run_cli(main: Callable[[argparse.Namespace, list[str]], int], parser: argpar
     global PRINT_CONFIG
     args, rest = parser.parse_known_args(argv)
     PRINT_CONFIG = bool(getattr(args, "print_config", False))
+    from memtx.metrics import MetricsWriteError
+
     try:
         return main(args, rest)
-    except (ConfigError, CorpusError, UsageError) as e:
+    except (ConfigError, CorpusError, UsageError, MetricsWriteError) as e:
         print(f"error: {e}", file=sys.stderr)
+        if type(e).__name__ in ("CheckpointWriteError", "MetricsWriteError") and argv is None:
+            # A failed write leaves orbax's background writers half done: leave now, without
+            # the interpreter's shutdown noise about their abandoned tasks (nothing more to save).
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(2)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

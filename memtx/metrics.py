@@ -18,6 +18,10 @@ def format_duration(seconds: float) -> str:
     return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s" if m else f"{s}s"
 
 
+class MetricsWriteError(OSError):
+    """metrics.jsonl or the event files could not be written (a full disk); one line."""
+
+
 class MetricsWriter:
     """Appends to `metrics.jsonl`; on resume drops lines of steps after the restored one."""
 
@@ -54,7 +58,10 @@ class MetricsWriter:
     def write(self, step: int, values: dict, group: str = "train") -> None:
         """One metrics.jsonl line; in TensorBoard each number as GROUP/KEY (a key `eval_x` of the
         group "eval" is shown as eval/x)."""
-        self.file.write(json.dumps({"step": step, **values}) + "\n")
+        try:
+            self.file.write(json.dumps({"step": step, **values}) + "\n")
+        except OSError as e:
+            raise MetricsWriteError(f"cannot write {self.path}: {e.strerror or e}") from None
         if self.tb is not None:
             for key, value in values.items():
                 if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
@@ -67,14 +74,22 @@ class MetricsWriter:
             self.tb.add_text(tag, text, step)
 
     def flush(self) -> None:
-        self.file.flush()
-        if self.tb is not None:
-            self.tb.flush()
+        try:
+            self.file.flush()
+            if self.tb is not None:
+                self.tb.flush()
+        except OSError as e:
+            raise MetricsWriteError(f"cannot write the metrics in {os.path.dirname(self.path)}: "
+                                    f"{e.strerror or e}") from None
 
     def close(self) -> None:
-        self.file.close()
-        if self.tb is not None:
-            self.tb.close()
+        try:
+            self.file.close()
+            if self.tb is not None:
+                self.tb.close()
+        except OSError as e:
+            raise MetricsWriteError(f"cannot write the metrics in {os.path.dirname(self.path)}: "
+                                    f"{e.strerror or e}") from None
 
 
 def _parse_line(line: str) -> dict | None:

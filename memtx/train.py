@@ -17,7 +17,7 @@ import time
 import jax
 
 from memtx import state as state_lib
-from memtx.checkpoint import run_checkpointer, writable_directory
+from memtx.checkpoint import CheckpointWriteError, run_checkpointer, writable_directory
 from memtx.cli import ArgumentParser, resolve_config, run_cli
 from memtx.config import Config, ConfigError, load_json, save_json, to_dict
 from memtx.data import check_vocab_fits, open_source
@@ -26,7 +26,7 @@ from memtx.data.fingerprint import describe as describe_fingerprint
 from memtx.data.stream import ShardedStream
 from memtx.distributed import initialize_from_env, is_main_process, main_print
 from memtx.fit import SHRINK, check_fits_here, is_out_of_memory
-from memtx.metrics import MetricsWriter, Progress, format_duration
+from memtx.metrics import MetricsWriter, MetricsWriteError, Progress, format_duration
 from memtx.step import make_train_step
 from memtx.workdir_lock import WorkdirLock
 
@@ -295,10 +295,15 @@ def _train_locked(cfg: Config, workdir: str, setup, stream, num_shards: int) -> 
                 break
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
-        ckpt.wait()
-        ckpt.close()
-        if writer:
-            writer.close()
+        failing = sys.exc_info()[1]  # already failing: finishing the saves must not hide why
+        try:
+            ckpt.wait()
+            ckpt.close()
+            if writer:
+                writer.close()
+        except (CheckpointWriteError, MetricsWriteError):
+            if failing is None:
+                raise
     elapsed = time.perf_counter() - t0
     main_print(f"trained steps {start}..{step} in {format_duration(elapsed)}; checkpoints in {ckpt.directory}", flush=True)
     return {"start_step": start, "end_step": step, "seconds": elapsed, "last": last}

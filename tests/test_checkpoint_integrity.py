@@ -120,3 +120,53 @@ def test_nothing_restorable_is_one_line_and_moves_nothing(runs, tmp_path, capsys
     assert code == 2 and len(errors) == 1 and "Traceback" not in err
     assert "no checkpoint" in errors[0] and "can be restored" in errors[0]
     assert sorted(os.listdir(run / "checkpoints")) == before
+
+
+def test_a_full_disk_is_one_line_and_the_run_resumes_exactly(tmp_path):
+    """Training on a 2 MiB tmpfs until a save no longer fits: one error line naming the step, the
+    directory and the reason; the run, moved to a roomier disk, resumes from its last complete
+    checkpoint with the losses of an uninterrupted run."""
+    import subprocess
+    import sys
+
+    from memtx.config import save_json
+
+    small = tmp_path / "small"
+    small.mkdir()
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2M", "tmpfs", str(small)], capture_output=True,
+                           text=True)
+    if mount.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs to fill (needs root): {mount.stderr.strip()[:120]}")
+    try:
+        corpus = str(make_corpus(tmp_path / "corpus", num_docs=3))
+        cfg = tiny_config(corpus, mesh_shape=(1, 1, 1), steps=60, checkpoint_every=3, keep_checkpoints=50)
+        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+               "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+        for name in ("full", "straight"):
+            (small if name == "full" else tmp_path / name).mkdir(exist_ok=True)
+        run_full, run_straight = small / "run", tmp_path / "straight"
+        run_full.mkdir()
+        save_json(cfg, str(run_full / "config.json"))
+        save_json(cfg, str(run_straight / "config.json"))
+        command = lambda run: [sys.executable, "-m", "memtx.train", "--workdir", str(run)]  # noqa: E731
+        out = subprocess.run(command(run_full), env=env, capture_output=True, text=True, timeout=600)
+        assert out.returncode == 2, out.stderr[-2000:]
+        lines = out.stderr.strip().splitlines()
+        errors = [line for line in lines if line.startswith("error:")]
+        assert len(errors) == 1 and lines[-1] == errors[0], out.stderr[-2000:]
+        assert errors[0].startswith("error: could not write checkpoint step")
+        assert "No space left on device" in errors[0] and "the last complete checkpoint is step" in errors[0]
+        # Nothing of orbax's own error logs. What may remain, depending on timing, are tensorstore's
+        # "Event loop is closed" tracebacks from its write threads, printed from C++ (not via
+        # sys.excepthook): noted in the README as not yet silenced.
+        assert "ERROR:absl" not in out.stderr and "memtx/" not in out.stderr
+        assert all(line.startswith(("Traceback", "  ", "RuntimeError: Event loop is closed")) for line in lines[:-1])
+        moved = tmp_path / "moved"
+        shutil.copytree(run_full, moved)
+    finally:
+        subprocess.run(["umount", str(small)], capture_output=True)
+    resumed = subprocess.run(command(moved), env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0 and "resumed from step" in resumed.stdout, resumed.stderr[-2000:]
+    subprocess.run(command(run_straight), env=env, capture_output=True, text=True, timeout=600, check=True)
+    assert sorted(losses(moved)) == list(range(1, 61))
+    assert losses(moved) == pytest.approx(losses(run_straight), abs=1e-6)
