@@ -11,8 +11,11 @@
 - otherwise: one process, nothing to do.
 
 Every problem is a one-line DistributedError before anything is compiled: a missing
-coordinator, a process id outside 0..n-1, a coordinator that does not answer within
-`MEMTX_INIT_TIMEOUT` seconds (default 300), or processes started with different counts.
+coordinator or a bad port, a process id outside 0..n-1, a coordinator that does not answer
+within `MEMTX_INIT_TIMEOUT` seconds (default 300), a process that never starts, two processes
+with one id, or processes started with different counts. The last three come from a roll call
+on the coordinator's port before JAX's runtime starts (`_roll_call_serve` / `_roll_call_join`),
+so that every process that did start stops in one line instead of the runtime's abort.
 """
 
 from __future__ import annotations
@@ -71,30 +74,95 @@ def _coordinator(value: str, num: int) -> tuple[str, int]:
     return host, port_number
 
 
-def _wait_for_coordinator(host: str, port: int, timeout: int, where: str) -> None:
-    """Processes other than 0: the coordinator must accept connections within `timeout` seconds
-    (checked here, so that an unanswering one is one line instead of the runtime's abort)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with socket.create_connection((host, port), timeout=min(5.0, max(timeout, 1))):
-                return
-        except OSError as e:
-            if time.monotonic() >= deadline:
-                raise DistributedError(f"the coordinator {host}:{port} did not answer {where} within {timeout}s "
-                                       f"({e.strerror or e}): is process 0 running, and is the port reachable?") from None
-            time.sleep(0.5)
+# A roll call before JAX's runtime starts: on the coordinator's port, process 0 waits for every
+# other process to say who it is; a peer that never comes, two processes with one id or different
+# process counts then end every process that did start in one line, within MEMTX_INIT_TIMEOUT,
+# where the runtime itself would abort (SIGABRT with a C++ stack). Lines of text over TCP:
+#   peer -> 0: "HELLO <id> <count>"      0 -> every peer: "OK" or "FAIL <reason>"
 
 
-def _check_port_free(host: str, port: int) -> None:
-    """Process 0 serves the coordinator on `port`: taken by another program, it is one line."""
+def _roll_call_serve(port: int, pid_count: int, timeout: int) -> None:
+    """Process 0: accepts the other processes' HELLOs until all n-1 ids are in."""
     try:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the runtime's server binds
-            sock.bind(("", port))
+        server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # the runtime binds it next
+        server.bind(("", port))
+        server.listen(max(pid_count, 8))
     except OSError as e:
         raise DistributedError(f"process 0 cannot serve the coordinator on port {port} ({e.strerror or e}): "
                                "choose a free port in MEMTX_COORDINATOR") from None
+    deadline = time.monotonic() + timeout
+    ids: set[int] = set()
+    conns: list[socket.socket] = []  # every peer that said hello: each gets the answer
+    problem = None
+    with server:
+        while len(ids) < pid_count - 1 and problem is None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                missing = sorted(set(range(1, pid_count)) - ids)
+                problem = (f"process(es) {', '.join(map(str, missing))} of {pid_count} did not start within "
+                           f"{timeout}s (MEMTX_INIT_TIMEOUT)")
+                break
+            server.settimeout(min(left, 1.0))
+            try:
+                conn, _ = server.accept()
+            except socket.timeout:
+                continue
+            conn.settimeout(max(deadline - time.monotonic(), 1.0))
+            try:
+                words = conn.makefile("r").readline().split()
+                if len(words) != 3 or words[0] != "HELLO":
+                    raise ValueError(words)
+                pid, count = int(words[1]), int(words[2])
+            except (OSError, ValueError):
+                conn.close()  # not one of ours (a port scanner, a health check)
+                continue
+            conns.append(conn)
+            if count != pid_count:
+                problem = (f"the processes were started with different MEMTX_NUM_PROCESSES ({pid_count} and {count}): "
+                           "start every process with the same count")
+            elif pid in ids or pid == 0:
+                problem = f"two processes were started with MEMTX_PROCESS_ID={pid}: give each its own id"
+            ids.add(pid)
+        reply = b"OK\n" if problem is None else f"FAIL {problem}\n".encode()
+        for conn in conns:
+            try:
+                conn.sendall(reply)
+                conn.settimeout(5.0)
+                conn.recv(1)  # the peer closes first: no TIME_WAIT left on the coordinator's port
+            except OSError:
+                pass
+            conn.close()
+    if problem is not None:
+        raise DistributedError(problem)
+
+
+def _roll_call_join(host: str, port: int, pid: int, count: int, timeout: int) -> None:
+    """Processes 1..n-1: say who they are to process 0 and wait for its answer."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            conn = socket.create_connection((host, port), timeout=min(5.0, max(timeout, 1)))
+            break
+        except OSError as e:
+            if time.monotonic() >= deadline:
+                raise DistributedError(f"the coordinator {host}:{port} did not answer process {pid} within {timeout}s "
+                                       f"({e.strerror or e}): is process 0 running, and is the port reachable?") from None
+            time.sleep(0.5)
+    with conn:
+        try:
+            conn.sendall(f"HELLO {pid} {count}\n".encode())
+            conn.settimeout(max(deadline - time.monotonic(), 1.0) + 5.0)
+            answer = conn.makefile("r").readline().strip()
+        except OSError as e:
+            raise DistributedError(f"the coordinator {host}:{port} stopped answering process {pid} "
+                                   f"({e.strerror or e})") from None
+    if answer == "OK":
+        return
+    if answer.startswith("FAIL "):
+        raise DistributedError(answer[5:])
+    raise DistributedError(f"process 0 at {host}:{port} gave no roll-call answer to process {pid} within "
+                           f"{timeout}s: another process may be using that port")
 
 
 def initialize_from_env() -> bool:
@@ -115,9 +183,9 @@ def initialize_from_env() -> bool:
                                    f"got {os.environ.get('MEMTX_PROCESS_ID')!r}")
         where = f"process {pid} of {num} at coordinator {coordinator}"
         if pid == 0:
-            _check_port_free(host, port)
+            _roll_call_serve(port, num, timeout)
         else:
-            _wait_for_coordinator(host, port, timeout, f"to process {pid}")
+            _roll_call_join(host, port, pid, num, timeout)
         kwargs = dict(coordinator_address=coordinator, num_processes=num, process_id=pid)
     elif num is None and (os.environ.get("MEMTX_DISTRIBUTED") == "auto" or _slurm_tasks() > 1 or _on_cloud_tpu_vm()):
         where, kwargs = "the cluster JAX detects (TPU VM metadata or SLURM)", {}

@@ -128,3 +128,18 @@ def test_a_mesh_that_does_not_match_the_global_devices_fails_before_compiling(co
     for r in results:
         one_line_error(r, "mesh", "8")
         assert "first step" not in r.stdout
+
+
+def test_a_process_that_never_starts_or_a_duplicate_id_fail_in_one_line(corpus, tmp_path):
+    """The roll call before JAX's runtime: process 1 of 2 never started (process 0 alone), and
+    process 1 started twice (process 1 missing its own id's twin: every process says so)."""
+    write_config(tmp_path / "run", corpus)
+    port = free_port()
+    common = {"MEMTX_NUM_PROCESSES": "2", "MEMTX_COORDINATOR": f"127.0.0.1:{port}", "MEMTX_INIT_TIMEOUT": "3"}
+    (alone,) = launch(tmp_path / "run", 1, 4, [{**common, "MEMTX_PROCESS_ID": "0"}])
+    one_line_error(alone, "process(es) 1 of 2 did not start within 3s")
+    three = launch(tmp_path / "run", 3, 4, [{"MEMTX_NUM_PROCESSES": "3", "MEMTX_PROCESS_ID": str(i),
+                                             "MEMTX_INIT_TIMEOUT": "20"} for i in (0, 1, 1)])
+    for r in three:
+        one_line_error(r, "MEMTX_PROCESS_ID=1")
+    assert not (tmp_path / "run" / "checkpoints").exists() or not any((tmp_path / "run" / "checkpoints").iterdir())
