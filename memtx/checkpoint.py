@@ -112,6 +112,19 @@ class _QuietFailedSaves(logging.Filter):
 logging.getLogger("absl").addFilter(_QuietFailedSaves())
 
 
+class _QuietAbandonedReads(logging.Filter):
+    """Drops asyncio's "Task exception was never retrieved" for orbax's parallel array reads: when
+    one read fails (a damaged file, another model's shapes) the others' errors are never awaited,
+    and asyncio prints each with its traceback. memtx reports the failure in one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        return not ("never retrieved" in text and "orbax" in text)
+
+
+logging.getLogger("asyncio").addFilter(_QuietAbandonedReads())
+
+
 
 class Checkpointer:
     def __init__(self, directory: str, keep: int = 2, async_save: bool = True):
@@ -205,6 +218,10 @@ class Checkpointer:
             problem = self.verify(step)
             if problem is None:
                 recorded = os.path.exists(os.path.join(self.step_dir(step), INTEGRITY_FILE))
+                mismatch = self.shape_mismatch(step, abstract_state["params"])
+                if mismatch:  # intact files of another model: not damage
+                    raise CheckpointDamaged(f"checkpoint step {step} in {self.directory} is another model's ({mismatch}): "
+                                            "the config does not describe the model it was trained with")
                 try:
                     restored = self.restore(step, abstract_state, abstract_memory)
                 except Exception as e:  # noqa: BLE001 - see below
@@ -283,6 +300,10 @@ class Checkpointer:
     def restore_params(self, step: int, abstract_params: dict) -> dict:
         """The parameters `abstract_params` names; saved ones it does not name are skipped, so a
         model can be evaluated with a part switched off (e.g. model.lamemo.look_ahead=false)."""
+        mismatch = self.shape_mismatch(step, abstract_params)
+        if mismatch:
+            raise ConfigError(f"the checkpoint at step {step} in {self.directory} is another model's: {mismatch}; "
+                              "the config does not describe the model it was trained with")
         restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), abstract_params)
         try:
             out = self.manager.restore(step, args=ocp.args.Composite(params=ocp.args.PyTreeRestore(
@@ -304,6 +325,9 @@ class Checkpointer:
         saved one; returns (params, the names kept fresh). A saved parameter of another shape is a
         one-line error (a different model size)."""
         abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), fresh_params)
+        mismatch = self.shape_mismatch(step, abstract)
+        if mismatch:
+            raise ConfigError(f"cannot warm-start from {self.directory}: {mismatch}")
         restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), abstract)
         try:
             out = self.manager.restore(step, args=ocp.args.Composite(params=ocp.args.PyTreeRestore(
@@ -325,19 +349,36 @@ class Checkpointer:
                 merged.append(old)
         return jax.tree_util.tree_unflatten(treedef, merged), fresh
 
-    def saved_param_names(self, step: int) -> list[str]:
-        """The parameter paths (keystr) saved at `step` (empty if the metadata cannot be read)."""
+    def saved_param_shapes(self, step: int) -> dict[str, tuple]:
+        """{parameter path (keystr): shape} saved at `step`, from the metadata alone (empty if it
+        cannot be read)."""
         absl = logging.getLogger("absl")  # orbax warns that the step's metadata sits a level up
         level = absl.level
         absl.setLevel(logging.ERROR)
         try:
             meta = ocp.PyTreeCheckpointer().metadata(os.path.join(self.directory, str(step), "params"))
         except Exception:  # noqa: BLE001 - another layout or a remote store: names unknown
-            return []
+            return {}
         finally:
             absl.setLevel(level)
         tree = getattr(meta, "item_metadata", None) or getattr(meta, "tree", None) or meta
-        return [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+        return {jax.tree_util.keystr(path): tuple(getattr(leaf, "shape", ()) or ())
+                for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+    def saved_param_names(self, step: int) -> list[str]:
+        """The parameter paths (keystr) saved at `step` (empty if the metadata cannot be read)."""
+        return list(self.saved_param_shapes(step))
+
+    def shape_mismatch(self, step: int, abstract_params: dict) -> str | None:
+        """The first parameter saved at `step` with another shape than `abstract_params` gives it
+        ("['layer_0']['ffn']['wi'] is (32, 64) there, (48, 96) here"), or None. Checked before
+        restoring, so that another model's checkpoint is one clean line, not orbax's failure."""
+        saved = self.saved_param_shapes(step)
+        for path, leaf in jax.tree_util.tree_flatten_with_path(abstract_params)[0]:
+            name = jax.tree_util.keystr(path)
+            if name in saved and saved[name] and tuple(saved[name]) != tuple(leaf.shape):
+                return f"parameter {name} is {tuple(saved[name])} there, {tuple(leaf.shape)} here"
+        return None
 
     def wait(self) -> None:
         self._record_finished_saves(wait=True)

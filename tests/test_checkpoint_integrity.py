@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -153,14 +154,15 @@ def test_a_full_disk_is_one_line_and_the_run_resumes_exactly(tmp_path):
         assert out.returncode == 2, out.stderr[-2000:]
         lines = out.stderr.strip().splitlines()
         errors = [line for line in lines if line.startswith("error:")]
-        assert len(errors) == 1 and lines[-1] == errors[0], out.stderr[-2000:]
+        assert len(errors) == 1, out.stderr[-2000:]
         assert errors[0].startswith("error: could not write checkpoint step")
         assert "No space left on device" in errors[0] and "the last complete checkpoint is step" in errors[0]
         # Nothing of orbax's own error logs. What may remain, depending on timing, are tensorstore's
         # "Event loop is closed" tracebacks from its write threads, printed from C++ (not via
         # sys.excepthook): noted in the README as not yet silenced.
         assert "ERROR:absl" not in out.stderr and "memtx/" not in out.stderr
-        assert all(line.startswith(("Traceback", "  ", "RuntimeError: Event loop is closed")) for line in lines[:-1])
+        raised = [line for line in lines if re.match(r"\w+(Error|Exception)\b", line)]
+        assert all("Event loop is closed" in line for line in raised), raised
         moved = tmp_path / "moved"
         shutil.copytree(run_full, moved)
     finally:
@@ -170,3 +172,45 @@ def test_a_full_disk_is_one_line_and_the_run_resumes_exactly(tmp_path):
     subprocess.run(command(run_straight), env=env, capture_output=True, text=True, timeout=600, check=True)
     assert sorted(losses(moved)) == list(range(1, 61))
     assert losses(moved) == pytest.approx(losses(run_straight), abs=1e-6)
+
+
+@pytest.mark.parametrize("damage", ["delete_data_item", "truncate_data_json", "empty_step_dir"])
+def test_missing_items_and_empty_steps_fall_back(runs, tmp_path, capsys, damage):
+    _, full, partial = runs
+    run = tmp_path / "run"
+    shutil.copytree(partial, run)
+    step6 = run / "checkpoints" / "6"
+    if damage == "delete_data_item":
+        shutil.rmtree(step6 / "data")
+    elif damage == "truncate_data_json":
+        truncate(biggest_file(step6, "data"))
+    else:
+        shutil.rmtree(step6)
+        step6.mkdir()
+    code = run_cli(train_lib.main, train_lib.parser(), ["--workdir", str(run)])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert "checkpoint step 6" in err and "is damaged" in err
+    assert losses(run) == pytest.approx(losses(full), abs=1e-6)
+
+
+def test_another_models_checkpoint_is_one_line(runs, tmp_path, capsys):
+    """Checkpoints copied in from a model of another width: training and evaluation say so in
+    one line (nothing is set aside: the files are intact)."""
+    tmp, _, partial = runs
+    other = tmp_path / "other"
+    cfg = tiny_config(str(tmp / "corpus"), steps=3, checkpoint_every=3)
+    cfg.model.d_model, cfg.model.d_ff = 48, 96
+    train_lib.train(cfg, str(other))
+    run = tmp_path / "run"
+    shutil.copytree(partial, run)
+    shutil.rmtree(run / "checkpoints")
+    shutil.copytree(other / "checkpoints", run / "checkpoints")
+    for module, argv in ((train_lib, ["--workdir", str(run)]),
+                         (evaluate_lib, ["--workdir", str(run), "--split", "train"])):
+        code = run_cli(module.main, module.parser(), argv)
+        err = capsys.readouterr().err
+        errors = [line for line in err.splitlines() if line.startswith("error:")]
+        assert code == 2 and len(errors) == 1 and "Traceback" not in err, err
+        assert "step 3" in errors[0] and "another model" in errors[0] and "there, " in errors[0]
+    assert (run / "checkpoints" / "3").is_dir()
