@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from memtx.config import save_json
 from memtx.metrics import read_metrics
@@ -84,8 +85,11 @@ def test_lamemo_run_resumes_exactly(tmp_path):
     assert a[8] < a[1]  # it learns
 
 
-def test_killed_run_resumes_from_its_last_checkpoint(tmp_path):
-    """SIGKILL in the middle of training (async saves in flight), then rerun the same command."""
+@pytest.mark.parametrize("kill_at", [14, 12])
+def test_killed_run_resumes_from_its_last_checkpoint(tmp_path, kill_at):
+    """SIGKILL in the middle of training (async saves in flight), then rerun the same command.
+    At step 12 the kill lands as step 12's checkpoint is being written (the progress line is
+    printed just before the save starts): the half-written step must be ignored or completed."""
     corpus = str(make_corpus(tmp_path / "corpus"))
     cfg = tiny_config(corpus, steps=30, checkpoint_every=4)
     config_file = tmp_path / "config.json"
@@ -103,7 +107,7 @@ def test_killed_run_resumes_from_its_last_checkpoint(tmp_path):
     proc = subprocess.Popen(command(tmp_path / "killed"), env=env, cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     for line in proc.stdout:
-        if line.startswith("step 14/"):
+        if line.startswith(f"step {kill_at}/"):
             proc.send_signal(signal.SIGKILL)
             break
     proc.wait()
