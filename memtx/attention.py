@@ -78,25 +78,22 @@ class RelativeAttention(nn.Module):
         M = mem_BMD.shape[1]
         normalised = knn_memory is not None or cfg.qk_norm  # spec §3: normalised q, k, learned scale
         q_BNHD = jnp.einsum("bnd,dhk->bnhk", x_BND.astype(dtype), w_qkv[:, 0])
+        # Keys and values of [memory ; segment], or with a cache of the new rows only.
+        rows_in = x_BND.astype(dtype) if cache is not None else \
+            jnp.concatenate([mem_BMD.astype(dtype), x_BND.astype(dtype)], axis=1)
+        k_rows = jnp.einsum("bkd,dhe->bkhe", rows_in, w_qkv[:, 1])
+        v_rows = jnp.einsum("bkd,dhe->bkhe", rows_in, w_qkv[:, 2])
+        if normalised:
+            k_rows = l2_normalize(k_rows)
         if cache is None:
-            position = 0
-            K = M + N
-            keys_in_BKD = jnp.concatenate([mem_BMD.astype(dtype), x_BND.astype(dtype)], axis=1)
-            k_BKHD = jnp.einsum("bkd,dhe->bkhe", keys_in_BKD, w_qkv[:, 1])
-            v_BKHD = jnp.einsum("bkd,dhe->bkhe", keys_in_BKD, w_qkv[:, 2])
-            if normalised:
-                k_BKHD = l2_normalize(k_BKHD)
+            position, K = 0, M + N
+            k_BKHD, v_BKHD = k_rows, v_rows
             # Position term, once per distance d = 0..K-1, then gathered to [N, K] by d = M+i-j.
             r_KHD = jnp.einsum("kd,dhe->khe", distance_sinusoid(jnp.arange(K), D, cfg.clamp_len).astype(dtype), w_r)
-        else:  # the new rows' keys and values join the cached ones at M + position
+        else:  # the new rows join the cached ones at M + position
             K = cache["k"].shape[1]
-            x_in_BND = x_BND.astype(dtype)
-            k_new_BNHD = jnp.einsum("bnd,dhe->bnhe", x_in_BND, w_qkv[:, 1])
-            if normalised:
-                k_new_BNHD = l2_normalize(k_new_BNHD)
-            v_new_BNHD = jnp.einsum("bnd,dhe->bnhe", x_in_BND, w_qkv[:, 2])
-            k_BKHD = jax.lax.dynamic_update_slice_in_dim(cache["k"], k_new_BNHD.astype(cache["k"].dtype), M + position, 1)
-            v_BKHD = jax.lax.dynamic_update_slice_in_dim(cache["v"], v_new_BNHD.astype(cache["v"].dtype), M + position, 1)
+            k_BKHD = jax.lax.dynamic_update_slice_in_dim(cache["k"], k_rows.astype(cache["k"].dtype), M + position, 1)
+            v_BKHD = jax.lax.dynamic_update_slice_in_dim(cache["v"], v_rows.astype(cache["v"].dtype), M + position, 1)
             r_KHD = cache["r"]
         q_BNHD = nn.with_logical_constraint(q_BNHD, ("act_batch", "act_seq", "act_heads", "act_kv"))
         k_BKHD = nn.with_logical_constraint(k_BKHD, ("act_batch", "act_seq", "act_heads", "act_kv"))

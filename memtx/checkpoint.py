@@ -97,12 +97,15 @@ class CheckpointWriteError(ConfigError):
     should exit right after reporting it: orbax's background writers are in an undefined state."""
 
 
+# Why a write fails, as the OS words it (named in memtx's one line; orbax's own logs of it dropped).
+WRITE_FAILURES = ("No space left on device", "Disk quota exceeded", "Read-only file system", "Permission denied")
+
+
 class _QuietFailedSaves(logging.Filter):
     """Drops orbax's multi-line error logs about a failed write (a full disk, a read-only mount):
     memtx reports the failure itself, in one line."""
 
-    SIGNS = ("No space left on device", "Disk quota exceeded", "Read-only file system", "Save Finalize thread",
-             "Handler Commit operations")
+    SIGNS = (*WRITE_FAILURES, "Save Finalize thread", "Handler Commit operations")
 
     def filter(self, record: logging.LogRecord) -> bool:
         text = record.getMessage()
@@ -123,7 +126,6 @@ class _QuietAbandonedReads(logging.Filter):
 
 
 logging.getLogger("asyncio").addFilter(_QuietAbandonedReads())
-
 
 
 class Checkpointer:
@@ -163,8 +165,7 @@ class Checkpointer:
 
     def _write_error(self, steps: list[int], error: BaseException) -> "CheckpointWriteError":
         text = " ".join(str(error).split())
-        reason = next((r for r in ("No space left on device", "Disk quota exceeded", "Read-only file system",
-                                   "Permission denied") if r in text), text[:160] or type(error).__name__)
+        reason = next((r for r in WRITE_FAILURES if r in text), text[:160] or type(error).__name__)
         done = [s for s in self.manager.all_steps() if s not in steps and os.path.isdir(self.step_dir(s))]
         kept = f"the last complete checkpoint is step {max(done)}" if done else "no checkpoint was completed"
         which = ", ".join(map(str, steps)) or "?"
@@ -275,16 +276,13 @@ class Checkpointer:
         self._record_finished_saves()
         self._unrecorded.append(step)
         try:
-            self._save(step, state, memory, data)
+            self.manager.save(step, args=ocp.args.Composite(
+                params=ocp.args.StandardSave(state["params"]),
+                train=ocp.args.StandardSave({"step": state["step"], "opt_state": state["opt_state"]}),
+                memory=ocp.args.StandardSave(_non_empty(memory)),
+                data=ocp.args.JsonSave(data)))
         except Exception as e:  # noqa: BLE001 - a synchronous part of the write failed
             raise self._write_error([step], e) from None
-
-    def _save(self, step: int, state: dict, memory: dict, data: dict) -> None:
-        self.manager.save(step, args=ocp.args.Composite(
-            params=ocp.args.StandardSave(state["params"]),
-            train=ocp.args.StandardSave({"step": state["step"], "opt_state": state["opt_state"]}),
-            memory=ocp.args.StandardSave(_non_empty(memory)),
-            data=ocp.args.JsonSave(data)))
 
     def restore(self, step: int, abstract_state: dict, abstract_memory: dict) -> tuple[dict, dict, dict]:
         """-> (state, memory, every shard's data-stream state {shard: state})."""
@@ -356,7 +354,7 @@ class Checkpointer:
         level = absl.level
         absl.setLevel(logging.ERROR)
         try:
-            meta = ocp.PyTreeCheckpointer().metadata(os.path.join(self.directory, str(step), "params"))
+            meta = ocp.PyTreeCheckpointer().metadata(os.path.join(self.step_dir(step), "params"))
         except Exception:  # noqa: BLE001 - another layout or a remote store: names unknown
             return {}
         finally:
@@ -397,8 +395,6 @@ def writable_directory(path: str, what: str) -> None:
         os.makedirs(path, exist_ok=True)
     except OSError as e:
         raise ConfigError(f"cannot create the {what} {path}: {e.strerror or e}") from None
-    if not os.path.isdir(path):
-        raise ConfigError(f"the {what} {path} is not a directory")
     if not os.access(path, os.W_OK | os.X_OK):
         raise ConfigError(f"the {what} {path} is not writable")
 

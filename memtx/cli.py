@@ -75,7 +75,10 @@ def run_cli(main: Callable[[argparse.Namespace, list[str]], int], parser: argpar
         return main(args, rest)
     except (ConfigError, CorpusError, UsageError, MetricsWriteError) as e:
         print(f"error: {e}", file=sys.stderr)
-        if type(e).__name__ in ("CheckpointWriteError", "CheckpointDamaged", "MetricsWriteError") and argv is None:
+        checkpoint = sys.modules.get("memtx.checkpoint")  # imported if a checkpoint was touched at all
+        io_failures = (MetricsWriteError, *((checkpoint.CheckpointWriteError, checkpoint.CheckpointDamaged)
+                                            if checkpoint else ()))
+        if isinstance(e, io_failures) and argv is None:
             # A failed read or write leaves orbax's background threads half done: leave now, without
             # the interpreter's shutdown noise about their abandoned tasks (nothing more to save).
             sys.stdout.flush()

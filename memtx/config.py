@@ -12,6 +12,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import difflib
+import hashlib
 import importlib.util
 import json
 import math
@@ -228,7 +229,7 @@ def find_config_file(path: str) -> str:
         for directory in config_dirs():
             if os.path.isfile(os.path.join(directory, name)):
                 return os.path.join(directory, name)
-        known = sorted({f[:-3] for d in config_dirs() if os.path.isdir(d) for f in os.listdir(d)
+        known = sorted({f[:-3] for d in config_dirs() for f in os.listdir(d)
                         if f.endswith(".py") and not f.startswith("_")})
         raise ConfigError(f"no config named '{path}'" + (f" (known: {', '.join(known)})" if known else "")
                           + "; or give a file path")
@@ -410,6 +411,16 @@ def from_dict(data: dict, where: str = "saved config") -> Config:
         return cls(**kwargs)
 
     return build(Config, data)
+
+
+def stable_hash(obj, length: int = 8) -> str:
+    """A short hex digest of a JSON-able object (keys sorted): names files after what they hold."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:length]
+
+
+def config_hash(cfg: Config) -> str:
+    """12 hex digits identifying a resolved config (recorded beside results)."""
+    return stable_hash(to_dict(cfg), 12)
 
 
 def save_json(cfg: Config, path: str) -> None:

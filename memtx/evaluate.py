@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import hashlib
 import json
 import math
 import os
@@ -36,7 +35,7 @@ from memtx import stats
 from memtx import state as state_lib
 from memtx.checkpoint import run_checkpointer
 from memtx.cli import ArgumentParser, UsageError, parse_int_list, resolve_config, run_cli
-from memtx.config import Config, to_dict
+from memtx.config import Config, config_hash, stable_hash, to_dict
 from memtx.data import DocumentStream, check_vocab_fits, open_source
 from memtx.data.fingerprint import corpus_fingerprint
 from memtx.data.fingerprint import describe as describe_fingerprint
@@ -331,7 +330,7 @@ def result_path(workdir: str, identity: dict) -> str:
     another segment...): a different evaluation never overwrites another, the same one rewrites
     its own file."""
     knn = identity["model"]["knn"]
-    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:8]
+    digest = stable_hash(identity)
     stem = (f"eval_{identity['split']}_{identity['corpus']['sha256'][:8]}"
             + (f"_max{identity['max_docs']}" if identity["max_docs"] else "")
             + (f"_first{identity['doc_tokens']}" if identity.get("doc_tokens") else "") + f"_mem{identity['model']['mem_len']}"
@@ -402,8 +401,7 @@ def evaluate_workdir(workdir: str, cfg: Config, *, step: int | None = None, knn_
         result.update(run=name or os.path.basename(os.path.normpath(workdir)), split=cfg.data.eval_split, mem_len=m.mem_len,
                       memory_type=m.memory_type, knn_size=knn_size, seq_len=cfg.data.seq_len, step=step,
                       corpus=fingerprint, identity=identity, overrides=list(overrides),
-                      config_sha256=hashlib.sha256(json.dumps(to_dict(setup.cfg), sort_keys=True,
-                                                              default=str).encode()).hexdigest()[:12])
+                      config_sha256=config_hash(setup.cfg))
         if is_main_process():
             with open(path, "w") as f:
                 json.dump(result, f, indent=2)
@@ -448,7 +446,7 @@ def main(args: argparse.Namespace, rest: list[str]) -> int:
     print(format_breakdown(rows))
     if len(rows) > 1 and sizes:
         out = args.workdir[-1]
-        what = hashlib.sha256(json.dumps([r["identity"] for r in rows], sort_keys=True).encode()).hexdigest()[:8]
+        what = stable_hash([r["identity"] for r in rows])
         plot = os.path.join(out, f"memory_scaling_{rows[0]['split']}_step{rows[-1]['step']}_{what}.png")
         c = cfgs[-1].data
         where = c.task or os.path.basename(os.path.normpath(str(c.corpus))) or str(c.corpus)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -58,10 +59,8 @@ class MetricsWriter:
     def write(self, step: int, values: dict, group: str = "train") -> None:
         """One metrics.jsonl line; in TensorBoard each number as GROUP/KEY (a key `eval_x` of the
         group "eval" is shown as eval/x)."""
-        try:
+        with self._one_line_on_failure():
             self.file.write(json.dumps({"step": step, **values}) + "\n")
-        except OSError as e:
-            raise MetricsWriteError(f"cannot write {self.path}: {e.strerror or e}") from None
         if self.tb is not None:
             for key, value in values.items():
                 if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
@@ -74,19 +73,22 @@ class MetricsWriter:
             self.tb.add_text(tag, text, step)
 
     def flush(self) -> None:
-        try:
+        with self._one_line_on_failure():
             self.file.flush()
             if self.tb is not None:
                 self.tb.flush()
-        except OSError as e:
-            raise MetricsWriteError(f"cannot write the metrics in {os.path.dirname(self.path)}: "
-                                    f"{e.strerror or e}") from None
 
     def close(self) -> None:
-        try:
+        with self._one_line_on_failure():
             self.file.close()
             if self.tb is not None:
                 self.tb.close()
+
+    @contextlib.contextmanager
+    def _one_line_on_failure(self):
+        """A failing write (a full disk) as one MetricsWriteError naming the work directory."""
+        try:
+            yield
         except OSError as e:
             raise MetricsWriteError(f"cannot write the metrics in {os.path.dirname(self.path)}: "
                                     f"{e.strerror or e}") from None

@@ -245,20 +245,11 @@ def _train_locked(cfg: Config, workdir: str, setup, stream, num_shards: int) -> 
     try:
         while step < stop_at:
             batch = state_lib.device_batch(setup, stream.next_batch())
-            if step == start:  # compiles: XLA's out-of-memory becomes one line
-                try:
-                    state, memory, metrics = train_step(state, memory, batch)
-                    jax.block_until_ready(metrics)
-                except Exception as e:  # noqa: BLE001 - jaxlib's XlaRuntimeError, re-raised unless memory
-                    if not is_out_of_memory(e):
-                        raise
-                    raise ConfigError(f"the train step does not fit in the devices' memory "
-                                      f"({' '.join(str(e).split())[:160]}): {SHRINK}") from None
-            else:
-                state, memory, metrics = train_step(state, memory, batch)
+            state, memory, metrics = train_step(state, memory, batch)
             step += 1
             pending.append((step, metrics))
             if step == start + 1:
+                jax.block_until_ready(metrics)
                 main_print(f"first step (compilation included) took {time.perf_counter() - t0:.1f}s", flush=True)
                 progress = Progress(cfg.train.steps, done=step)
             save_now = step % cfg.train.checkpoint_every == 0 or step == stop_at or preempted
@@ -293,6 +284,11 @@ def _train_locked(cfg: Config, workdir: str, setup, stream, num_shards: int) -> 
             if preempted:
                 main_print(f"SIGTERM: saved step {step}; rerun the same command to resume", flush=True)
                 break
+    except Exception as e:  # noqa: BLE001 - jaxlib's XlaRuntimeError; re-raised unless out of device memory
+        if isinstance(e, ConfigError) or not is_out_of_memory(e):
+            raise
+        raise ConfigError(f"the train step does not fit in the devices' memory ({' '.join(str(e).split())[:160]}): "
+                          f"{SHRINK}") from None
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
         failing = sys.exc_info()[1]  # already failing: finishing the saves must not hide why

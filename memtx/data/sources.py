@@ -96,6 +96,7 @@ class FileSource:
         self.num_docs = len(self.docs)
         self._read_fn = read_fn
         self._bytes_read = self._ids_read = 0  # for expected_tokens with a vocabulary of many bytes per id
+        self._sizes: list[int] | None = None  # the files' sizes, read once by expected_tokens
         digest = hashlib.sha1()
         for doc in self.docs:
             digest.update(doc.relpath.encode("utf-8", "surrogateescape") + b"\0")
@@ -125,13 +126,8 @@ class FileSource:
         ratio = 1.0 if isinstance(self.vocab, ByteVocab) else (self._ids_read / self._bytes_read if self._bytes_read else None)
         if ratio is None:
             return None
-        if not hasattr(self, "_sizes"):
-            self._sizes = []
-            for doc in self.docs:
-                try:
-                    self._sizes.append(os.path.getsize(doc.path))
-                except OSError:
-                    self._sizes.append(0)
+        if self._sizes is None:
+            self._sizes = [os.path.getsize(doc.path) if os.path.isfile(doc.path) else 0 for doc in self.docs]
         return int(sum(min(round(size * ratio), self.max_tokens) if self.max_tokens else round(size * ratio)
                        for size in self._sizes))
 

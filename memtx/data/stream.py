@@ -45,7 +45,6 @@ class DocumentStream:
         self.seq_len = seq_len
         self.skipped = 0  # documents skipped as unreadable, corrupt or undecodable
         self.documents_started = 0
-        self.tokens_drawn = 0  # targets of the documents drawn (their ids; BOS is an input only)
         # count_bytes: bytes of the text those ids stand for (the vocabulary decodes them; for
         # bits per byte with any vocabulary). Off in training: decoding costs time there.
         self.count_bytes, self.bytes_drawn = count_bytes, 0
@@ -87,7 +86,6 @@ class DocumentStream:
                 self.skipped += 1
             elif len(ids):
                 self.documents_started += 1
-                self.tokens_drawn += len(ids)
                 if self.count_bytes:
                     self.bytes_drawn += len(self.source.vocab.decode(ids))
                 return (epoch, index), self._with_bos(ids)

@@ -5,7 +5,6 @@ table, JSON and plot."""
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -19,7 +18,7 @@ import numpy as np
 from memtx import sharding
 from memtx.checkpoint import run_checkpointer
 from memtx.cli import ArgumentParser, UsageError, resolve_config
-from memtx.config import Config, to_dict
+from memtx.config import Config, config_hash, stable_hash
 from memtx.data import open_source
 from memtx.data.fingerprint import corpus_fingerprint
 from memtx.data.sources import SourceFn
@@ -88,19 +87,17 @@ def provenance(runs: list[Run], overrides: list[str], **study_args) -> dict:
     study's own arguments. Recorded in the JSON; its hash names the output files."""
     per_run = {}
     for r in runs:
-        config_json = json.dumps(to_dict(r.cfg), sort_keys=True, default=str)
         per_run[r.name] = {"workdir": os.path.abspath(r.workdir), "step": r.step, "split": r.split,
                            "corpus": corpus_fingerprint(r.cfg.data), "max_docs": r.cfg.data.eval_max_docs,
                            "doc_tokens": r.cfg.data.eval_doc_tokens,
-                           "config_sha256": hashlib.sha256(config_json.encode()).hexdigest()[:12]}
+                           "config_sha256": config_hash(r.cfg)}
     return to_json({"runs": per_run, "overrides": list(overrides), **study_args})
 
 
 def output_stem(base: str, prov: dict) -> str:
     """BASE_HASH: a study rerun over other checkpoints, documents or settings never overwrites
     another's files; the same study over the same inputs writes the same names."""
-    digest = hashlib.sha256(json.dumps(prov, sort_keys=True).encode()).hexdigest()[:8]
-    return f"{base}_{digest}"
+    return f"{base}_{stable_hash(prov)}"
 
 
 def title_note(prov: dict, documents: int | None = None) -> str:
