@@ -28,6 +28,7 @@ import math
 import os
 import sys
 import zlib
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -126,6 +127,25 @@ class _QuietAbandonedReads(logging.Filter):
 
 
 logging.getLogger("asyncio").addFilter(_QuietAbandonedReads())
+
+
+def _quiet_closed_loop_callbacks(previous: Callable[[Any], None]) -> Callable[[Any], None]:
+    """An unraisable-exception hook that drops "Event loop is closed" from tensorstore's write
+    threads. When one array write of an async save fails (a full disk), orbax's event loop ends
+    and closes while the other writes are still finishing; their completion callbacks, called from
+    tensorstore's C++ threads, then fail to schedule onto the closed loop and Python prints each
+    as an unraisable exception (a traceback per array, interleaved). memtx reports the failed
+    save itself, in one line; every other unraisable exception still goes to `previous`."""
+
+    def hook(unraisable: Any) -> None:
+        if isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed":
+            return
+        previous(unraisable)
+
+    return hook
+
+
+sys.unraisablehook = _quiet_closed_loop_callbacks(sys.unraisablehook)
 
 
 class Checkpointer:

@@ -157,12 +157,11 @@ def test_a_full_disk_is_one_line_and_the_run_resumes_exactly(tmp_path):
         assert len(errors) == 1, out.stderr[-2000:]
         assert errors[0].startswith("error: could not write checkpoint step")
         assert "No space left on device" in errors[0] and "the last complete checkpoint is step" in errors[0]
-        # Nothing of orbax's own error logs. What may remain, depending on timing, are tensorstore's
-        # "Event loop is closed" tracebacks from its write threads, printed from C++ (not via
-        # sys.excepthook): noted in the README as not yet silenced.
-        assert "ERROR:absl" not in out.stderr and "memtx/" not in out.stderr
-        raised = [line for line in lines if re.match(r"\w+(Error|Exception)\b", line)]
-        assert all("Event loop is closed" in line for line in raised), raised
+        # Nothing of orbax's own error logs, nor tensorstore's "Event loop is closed" from its write
+        # threads (one traceback per array still being written when the save failed).
+        assert "Traceback" not in out.stderr and "ERROR:absl" not in out.stderr and "memtx/" not in out.stderr
+        raised = [line for line in lines if re.search(r"\w+(Error|Exception)\b", line) and not line.startswith("error:")]
+        assert not raised, raised
         moved = tmp_path / "moved"
         shutil.copytree(run_full, moved)
     finally:

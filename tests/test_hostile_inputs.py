@@ -286,3 +286,61 @@ def test_a_partial_metrics_line_is_repaired_on_resume(world, tmp_path, capsys):
     assert "dropped 1 damaged line" in capsys.readouterr().err
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 7))
+
+
+def test_out_of_device_memory_on_the_first_step_is_one_line(world, tmp_path, capsys, monkeypatch):
+    """XLA's out-of-memory error from the train step (on CPU it cannot happen for real: the step
+    raises the error a GPU run gets) is one line naming the keys to shrink; the run's earlier
+    checkpoints and metrics are untouched, and other runtime errors still surface as they are."""
+    import shutil
+
+    import jax
+
+    run = tmp_path / "run"
+    shutil.copytree(world["run"], run)
+    before = snapshot(run)
+
+    def failing_step(error):
+        def run_step(*args, **kwargs):
+            raise error
+        return lambda setup: run_step
+
+    oom = jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 9.31GiB.")
+    monkeypatch.setattr(train_lib, "make_train_step", failing_step(oom))
+    code = run_cli(train_lib.main, train_lib.parser(), ["--workdir", str(run)])
+    err = capsys.readouterr().err
+    assert_one_error_line(code, err, "does not fit in the devices' memory")
+    assert "lower data.batch_size" in err
+    assert snapshot(run) == before
+
+    other = jax.errors.JaxRuntimeError("INTERNAL: something else went wrong")
+    monkeypatch.setattr(train_lib, "make_train_step", failing_step(other))
+    with pytest.raises(jax.errors.JaxRuntimeError, match="INTERNAL"):
+        run_cli(train_lib.main, train_lib.parser(), ["--workdir", str(run)])
+
+
+def test_a_read_only_file_system_is_one_line(world, tmp_path, capsys, monkeypatch):
+    """A work directory or checkpoint directory on a read-only mount (root ignores permission
+    bits, not a read-only file system): resuming there, starting there, or checkpointing there is
+    one line naming the path; the run's files are untouched."""
+    import shutil
+
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8M", "tmpfs", str(ro)], capture_output=True, text=True)
+    if mount.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs to make read-only (needs root): {mount.stderr.strip()[:120]}")
+    try:
+        shutil.copytree(world["run"], ro / "run")
+        subprocess.run(["mount", "-o", "remount,ro", str(ro)], check=True, capture_output=True)
+        before = snapshot(ro / "run")
+        for argv, expected in (
+                (["--workdir", str(ro / "run")], str(ro / "run")),
+                (["--config", str(world["config"]), "--workdir", str(ro / "new")], str(ro / "new")),
+                (["--config", str(world["config"]), "--workdir", str(tmp_path / "elsewhere"),
+                  f"--config.train.checkpoint_dir={ro / 'ckpt'}"], str(ro / "ckpt"))):
+            code = run_cli(train_lib.main, train_lib.parser(), argv)
+            assert_one_error_line(code, capsys.readouterr().err, expected)
+        assert snapshot(ro / "run") == before
+    finally:
+        subprocess.run(["umount", str(ro)], capture_output=True)
