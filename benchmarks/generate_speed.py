@@ -26,6 +26,7 @@ from memtx import state as state_lib
 from memtx.cli import ArgumentParser, resolve_config, run_cli
 from memtx.data import tokenizer
 from memtx.generate import Generator, sample
+from memtx.memory import registry
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 PRESETS = ["configs/txl.py:cpu", "configs/knn.py:cpu", "configs/lamemo.py:cpu"]
@@ -65,11 +66,11 @@ def main(args: argparse.Namespace, rest: list[str]) -> int:
         in_repo = os.path.join(ROOT, preset)  # a path relative to the repository, or a name (txl:cpu)
         cfg = resolve_config(in_repo if os.path.isfile(in_repo.partition(":")[0]) else preset, None, rest)
         m = cfg.model
-        memory = (f"{m.memory_type} {m.mem_len}") + (f" + kNN {m.knn.size}" if m.knn.enabled else "")
+        memory = registry.describe(m)
         params = jax.device_get(state_lib.init_state(state_lib.build(cfg), seed=0)["params"])
         cached = measure(cfg, params, args.prompt, args.tokens, kv_cache=True)
         whole = measure(cfg, params, args.prompt, args.tokens, kv_cache=False)
-        note = "" if m.memory_type != "lamemo" else " (LaMemo: no cache)"
+        note = "" if registry.of(m).kv_cache else f" ({registry.of(m).label}: no cache)"
         print(f"| {preset} | {memory} | {cfg.data.seq_len} | {cached['prompt_tok_s']:,.0f} | "
               f"{cached['gen_tok_s']:,.1f} ({cached['ms_per_token']:.2f}){note} | "
               f"{whole['gen_tok_s']:,.1f} ({whole['ms_per_token']:.2f}) | "

@@ -63,12 +63,12 @@ def main(args, rest) -> int:
     print(f"{args.config}: {cfg.model.num_layers} layers, d {cfg.model.d_model}, batch {B} x segment {N}, memory {M}, "
           f"{cfg.model.dtype}; {len(devices)} x {devices[0].device_kind} ({jax.default_backend()})", flush=True)
     runs = {}
-    for memory_type in ("xl", "lamemo"):
+    for memory in ("xl", "lamemo"):
         c = copy.deepcopy(cfg)
-        c.model.memory_type = memory_type
-        runs[memory_type] = compiled_flops(c)
+        c.model.memory = memory
+        runs[memory] = compiled_flops(c)
         if not args.flops_only:
-            runs[memory_type].update(measure(c, args.steps))
+            runs[memory].update(measure(c, args.steps))
     print("| memory | compile (s) | forward MFLOPs/token | train-step MFLOPs/token | median step (ms) | tokens/s |")
     print("|--------|------------:|---------------------:|------------------------:|-----------------:|---------:|")
     for name, r in runs.items():

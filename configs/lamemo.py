@@ -29,7 +29,7 @@ _TXL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "txl.py")
 def _lamemo(txl_preset: str, name: str) -> Config:
     cfg = load_config_file(f"{_TXL}:{txl_preset}")  # the same model, optimiser and data
     cfg.name = name
-    cfg.model.memory_type = "lamemo"
+    cfg.model.memory = "lamemo"
     return cfg
 
 

@@ -52,19 +52,20 @@ class RelativeAttention(nn.Module):
     With `knn_memory` (a Memorizing Transformer layer, spec §3) or `cfg.qk_norm` queries and keys
     are L2-normalised and a learned per-head scale replaces 1/sqrt(Dh); in a kNN layer each query
     (the normalised q, without u) also retrieves its top-k entries from the kNN store, attends over
-    them with its own softmax, and a learned per-head gate mixes the two results. Returns (output, new kNN memory or None).
+    them with its own softmax, and a learned per-head gate mixes the two results.
     """
 
     cfg: ModelConfig
 
     @nn.compact
     def __call__(self, x_BND, mem_BMD, mem_valid_BM, u_HD, v_HD, deterministic: bool = True,
-                 knn_memory: dict | None = None, num_valid_B=None, cache: dict | None = None, position=None):
+                 knn_memory: dict | None = None, cache: dict | None = None, position=None):
         """Without `cache`: x is a whole segment (N rows). With `cache` (generation: the keys,
         values and position vectors of [memory ; segment] that an earlier call returned), x is the
         n rows at segment positions position..position+n-1; their keys and values are written into
-        the cache, they attend over the cached positions before them, and nothing is written to
-        the kNN store. Returns (output, new kNN memory or None, cache)."""
+        the cache and they attend over the cached positions before them. `knn_memory` is read
+        only (the layer stack writes it). Returns (output, cache: keys, values and position
+        vectors of [memory ; segment])."""
         cfg = self.cfg
         H, Dh, D = cfg.num_heads, cfg.dim_per_head, cfg.d_model
         dtype = jnp.dtype(cfg.dtype)
@@ -129,10 +130,7 @@ class RelativeAttention(nn.Module):
             # keys carry no position).
             query_BHND = jnp.swapaxes(q_BNHD, 1, 2)
             out_BNHD = self.mix_in_memory(out_BNHD, query_BHND, jnp.exp(log_scale_H), gate_bias_H, knn_memory)
-            # size 0: nothing is ever stored (every read is empty); generation writes whole segments
-            if knn_memory["keys"].shape[2] > 0 and cache is None:
-                knn_memory = knn.write(knn_memory, k_BKHD[:, M:], v_BKHD[:, M:], num_valid_B)
-        return jnp.einsum("bnhd,hde->bne", out_BNHD, w_o), knn_memory, {"k": k_BKHD, "v": v_BKHD, "r": r_KHD}
+        return jnp.einsum("bnhd,hde->bne", out_BNHD, w_o), {"k": k_BKHD, "v": v_BKHD, "r": r_KHD}
 
     def mix_in_memory(self, local_BNHD, query_BHND, scale_H, gate_bias_H, knn_memory):
         """out = g * a_mem + (1 - g) * a_local per head, g = sigmoid(gate_bias); a query with no valid

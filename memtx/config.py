@@ -21,6 +21,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+from memtx.memory import registry
+
 
 class ConfigError(ValueError):
     """A bad config value; the message is one line that names the key."""
@@ -62,6 +64,20 @@ class LaMemoConfig:
 
 
 @dataclass
+class CompressiveConfig:
+    """The Compressive Transformer's compressed memory (Rae et al. 2020): each layer's slots that
+    its FIFO memory (`model.mem_len`) evicts are compressed `rate` to one into `size` more slots,
+    attended to like the memory, [compressed ; memory ; segment]."""
+
+    size: int = 64  # compressed slots per layer (n_cm; 0: evicted slots are dropped, as Transformer-XL)
+    rate: int = 2  # compression rate c (data.seq_len must be a multiple of it)
+    function: str = "conv"  # conv: 1-D convolution, kernel = stride = rate | mean: mean-pool
+    # Weight of the attention-reconstruction loss, which alone trains the compression network
+    # (its inputs and the attention weights are stop-gradient'ed, as in the paper).
+    loss_weight: float = 1.0
+
+
+@dataclass
 class ModelConfig:
     vocab_size: int = 259  # byte vocabulary: 256 bytes + PAD, BOS, EOS
     vocab_pad_multiple: int = 128  # embedding rows padded to this multiple (shardable); pad ids masked
@@ -74,7 +90,9 @@ class ModelConfig:
     # Relative distances beyond this are encoded as this (0: never); for evaluating with a longer
     # memory than in training, as Transformer-XL's clamp_len. Not a parameter: any value at evaluation.
     clamp_len: int = 0
-    memory_type: str = "xl"  # xl: Transformer-XL recurrence (spec §1) | lamemo: look-ahead memory (spec §2)
+    # The memory kind (memtx/memory/registry.py): xl (Transformer-XL recurrence, spec §1) |
+    # lamemo (look-ahead memory, spec §2) | compressive (XL memory plus compressed memory)
+    memory: str = "xl"
     pre_norm: bool = False  # False: post-LN as the reference; True: pre-LN (+ final LN)
     # L2-normalised queries and keys with a learned per-head scale in every layer (meliad does this
     # in every layer of its kNN models); the kNN layer always normalises. With it on in both, a
@@ -94,7 +112,8 @@ class ModelConfig:
     adaptive_cutoffs: tuple[int, ...] = ()
     adaptive_div_val: int = 1  # cluster i has embedding width d_model // adaptive_div_val**i
     knn: KNNConfig = field(default_factory=KNNConfig)
-    lamemo: LaMemoConfig = field(default_factory=LaMemoConfig)  # with memory_type "lamemo" only
+    lamemo: LaMemoConfig = field(default_factory=LaMemoConfig)  # with memory "lamemo" only
+    compressive: CompressiveConfig = field(default_factory=CompressiveConfig)  # with memory "compressive" only
 
     @property
     def dim_per_head(self) -> int:
@@ -410,6 +429,9 @@ def from_dict(data: dict, where: str = "saved config") -> Config:
             kwargs[f.name] = value
         return cls(**kwargs)
 
+    model = data.get("model") if isinstance(data, dict) else None
+    if isinstance(model, dict) and "memory_type" in model and "memory" not in model:  # saved before the rename
+        data = {**data, "model": {("memory" if k == "memory_type" else k): v for k, v in model.items()}}
     return build(Config, data)
 
 
@@ -490,8 +512,6 @@ def validate(cfg: Config, num_devices: int) -> tuple[int, ...]:
         raise ConfigError(f"config key 'model.dtype' must be float32 or bfloat16, got '{m.dtype}'")
     if m.d_model % 2:
         raise ConfigError(f"config key 'model.d_model' must be even (sinusoid positions), got {m.d_model}")
-    if m.memory_type not in ("xl", "lamemo"):
-        raise ConfigError(f"config key 'model.memory_type' must be xl or lamemo, got '{m.memory_type}'")
     cuts = tuple(m.adaptive_cutoffs)
     if cuts and (cuts[0] <= 0 or any(b <= a for a, b in zip(cuts, cuts[1:])) or cuts[-1] >= m.vocab_size):
         raise ConfigError(f"config key 'model.adaptive_cutoffs' must be strictly increasing in (0, "
@@ -501,17 +521,34 @@ def validate(cfg: Config, num_devices: int) -> tuple[int, ...]:
         raise ConfigError(f"config key 'model.adaptive_div_val' ({m.adaptive_div_val}) leaves the last cluster "
                           f"no embedding width (d_model {m.d_model}, {len(cuts)} cutoffs)")
     knn = m.knn
-    if m.memory_type == "lamemo":  # LaMemo has no kNN memory: any kNN option is a mistake
+    kind = registry.KINDS.get(m.memory)
+    if kind is None:
+        raise ConfigError(f"config key 'model.memory' must be one of {', '.join(registry.KINDS)}, got '{m.memory}'")
+    for other in registry.KINDS.values():  # options of another kind than the one chosen are a mistake
+        if other.options and other is not kind:
+            section, default = getattr(m, other.options), type(getattr(m, other.options))()
+            for f in dataclasses.fields(section):
+                if getattr(section, f.name) != getattr(default, f.name):
+                    raise ConfigError(f"config key 'model.{other.options}.{f.name}' applies only with "
+                                      f"model.memory '{other.name}' (this model's is '{kind.name}')")
+    if not kind.knn:
         for f in dataclasses.fields(KNNConfig):
             if getattr(knn, f.name) != getattr(KNNConfig(), f.name):
                 raise ConfigError(f"config key 'model.knn.{f.name}' is a kNN memory option, which "
-                                  "model.memory_type 'lamemo' does not have")
-    else:
-        for f in dataclasses.fields(LaMemoConfig):
-            if getattr(m.lamemo, f.name) != getattr(LaMemoConfig(), f.name):
-                raise ConfigError(f"config key 'model.lamemo.{f.name}' applies only with model.memory_type 'lamemo'")
-    if m.qk_norm and m.memory_type == "lamemo":
-        raise ConfigError("config key 'model.qk_norm' applies only with model.memory_type 'xl' (LaMemo follows its authors' attention)")
+                                  f"model.memory '{kind.name}' does not have")
+    if m.qk_norm and not kind.qk_norm:
+        raise ConfigError(f"config key 'model.qk_norm' does not apply with model.memory '{kind.name}' "
+                          "(it follows its authors' attention)")
+    c = m.compressive
+    if c.size < 0:
+        raise ConfigError(f"config key 'model.compressive.size' must be >= 0, got {c.size}")
+    positive("model.compressive.rate", c.rate)
+    if c.function not in ("conv", "mean"):
+        raise ConfigError(f"config key 'model.compressive.function' must be conv or mean, got '{c.function}'")
+    if not (c.loss_weight >= 0 and math.isfinite(c.loss_weight)):
+        raise ConfigError(f"config key 'model.compressive.loss_weight' must be a finite number >= 0, got {c.loss_weight}")
+    if kind.name == "compressive" and d.seq_len % c.rate:
+        raise ConfigError(f"config key 'model.compressive.rate' ({c.rate}) must divide data.seq_len ({d.seq_len})")
     if m.lamemo.encoding not in ("disentangled", "xl"):
         raise ConfigError(f"config key 'model.lamemo.encoding' must be disentangled or xl, got '{m.lamemo.encoding}'")
     if knn.enabled:

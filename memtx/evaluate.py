@@ -27,6 +27,7 @@ import math
 import os
 import sys
 import time
+from dataclasses import replace
 
 import jax
 import numpy as np
@@ -41,6 +42,7 @@ from memtx.data.fingerprint import corpus_fingerprint
 from memtx.data.fingerprint import describe as describe_fingerprint
 from memtx.data.sources import SourceFn
 from memtx.distributed import initialize_from_env, is_main_process, main_print
+from memtx.memory import registry
 from memtx.loss_breakdown import (COPY_BUCKETS, DEFAULT_FAR_REACH, DEFAULT_NGRAM, POSITION_BUCKETS, LossBreakdown,
                                   Segment)
 from memtx.metrics import Progress, format_duration
@@ -177,10 +179,16 @@ def _knn(r: dict) -> str:
     return str(r["knn_size"]) if r.get("knn_size") is not None else "-"
 
 
+def _memory_label(result: dict) -> str:
+    """The memory kind of a result (results written before the rename say "memory_type")."""
+    name = result.get("memory", result.get("memory_type", "xl"))
+    return registry.KINDS[name].label if name in registry.KINDS else name
+
+
 def format_table(rows: list[dict]) -> str:
     header = ["run", "split", "memory", "kNN memory", "segment", "documents", "tokens", "perplexity [95% CI]",
               "bits/byte", "kNN fill", "top-1 score", "wall time"]
-    memory = lambda r: f"{'LaMemo' if r.get('memory_type') == 'lamemo' else 'XL'} {r['mem_len']}" if r["mem_len"] else "none"  # noqa: E731
+    memory = lambda r: f"{_memory_label(r)} {r['mem_len']}" if r["mem_len"] else "none"  # noqa: E731
     ci = lambda r: f" [{r['perplexity_ci95'][0]:.3f}, {r['perplexity_ci95'][1]:.3f}]" if r.get("perplexity_ci95") else ""  # noqa: E731
     lines = [[r["run"], r["split"], memory(r), _knn(r), str(r["seq_len"]), str(r["documents"]), f"{r['tokens']:,}",
               f"{r['perplexity']:.3f}{ci(r)}",
@@ -394,12 +402,12 @@ def evaluate_workdir(workdir: str, cfg: Config, *, step: int | None = None, knn_
         if params is None:
             params = ckpt.restore_params(step, setups[0].abstract_state["params"])  # the same for every size
         main_print(f"{workdir}: evaluating step {step} on {probe.num_docs or 'all'} {cfg.data.eval_split} documents of the {where}, "
-                   f"{'LaMemo' if m.memory_type == 'lamemo' else 'XL'} memory {m.mem_len}, kNN memory {knn_size if knn_size is not None else 'none'}, segment {cfg.data.seq_len}",
+                   f"{registry.describe(replace(m, knn=replace(m.knn, enabled=False)))}, kNN memory {knn_size if knn_size is not None else 'none'}, segment {cfg.data.seq_len}",
                    flush=True)
         result = evaluate(setup, params, source_fn, verbose=is_main_process(), local_window=window,
                           far_reach=far_reach, copy_ngram=copy_ngram)
         result.update(run=name or os.path.basename(os.path.normpath(workdir)), split=cfg.data.eval_split, mem_len=m.mem_len,
-                      memory_type=m.memory_type, knn_size=knn_size, seq_len=cfg.data.seq_len, step=step,
+                      memory=m.memory, knn_size=knn_size, seq_len=cfg.data.seq_len, step=step,
                       corpus=fingerprint, identity=identity, overrides=list(overrides),
                       config_sha256=config_hash(setup.cfg))
         if is_main_process():

@@ -27,7 +27,6 @@ import os
 import sys
 import time
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -38,7 +37,7 @@ from memtx.cli import ArgumentParser, UsageError, resolve_config, run_cli
 from memtx.config import Config
 from memtx.data import tokenizer
 from memtx.data.vocab import load_vocab
-from memtx.memory import model_memory
+from memtx.memory import model_memory, registry
 from memtx.model import TransformerLM
 
 
@@ -57,7 +56,7 @@ class Generator:
         # In-segment key/value cache: every kind but LaMemo (whose memory is refreshed by the
         # whole segment, so each of its tokens runs the whole segment).
         # `kv_cache=False`: every token runs the whole segment (for comparisons).
-        self.cached = kv_cache and cfg.model.memory_type != "lamemo"
+        self.cached = kv_cache and registry.of(cfg.model).kv_cache
 
         def forward(params, memory, inputs_1N, num_valid_1, reset_1):
             memory = model_memory.reset_rows(memory, reset_1)
@@ -215,8 +214,7 @@ def main(args: argparse.Namespace, rest: list[str]) -> int:
     gen = Generator(cfg, params, vocab.pad_id)
     ids = vocab.encode(prompt)
     m = cfg.model
-    memory = (f"XL memory {m.mem_len}" if m.memory_type == "xl" else f"LaMemo memory {m.mem_len}") + \
-        (f", kNN memory {m.knn.size}" if m.knn.enabled else "")
+    memory = registry.describe(m)
     print(f"{args.workdir} step {step}: {memory}, segment {cfg.data.seq_len}; prompt {len(ids):,} tokens",
           file=sys.stderr, flush=True)
     # Never padding; a document start (or the byte vocabulary's reserved EOS) ends the continuation.

@@ -27,6 +27,8 @@ import jax.numpy as jnp
 
 from memtx.attention import NEG_INF, distance_sinusoid, param_with_axes
 from memtx.config import ModelConfig
+from memtx.layers import layer_parts
+from memtx.memory import lamemo
 
 ALPHA_EPS = 1e-6
 
@@ -137,3 +139,68 @@ class LaMemoAttention(nn.Module):
                       + (1.0 - alpha_BMH[..., None]) * a_ahead_BMHD.astype(jnp.float32)).astype(dtype)
         proj_mem_BMD = jnp.einsum("bmhd,hde->bme", new_C_BMHD, w_o)
         return proj_cur_BND, proj_mem_BMD, new_C_BMHD, new_logS_BMH, a_BNHD, logZ_BNH
+
+
+class LaMemoLayer(nn.Module):
+    """LaMemo attention (spec §2), then the shared W_O / residual / LayerNorm for the memory rows
+    and the current rows alike, and one FFN over [o_mem ; o_cur]. Post-LN or pre-LN.
+
+    Returns (o_cur [B,N,D], o_mem [B,M,D], C' [B,M,H,Dh], logS' [B,M,H], a [B,N,H,Dh], logZ [B,N,H]).
+    The last layer's o_mem feeds nothing (the state keeps C', not hidden states): with
+    `memory_output=False` the FFN runs over the current rows only and o_mem is None.
+    """
+
+    cfg: ModelConfig
+    memory_output: bool = True
+
+    @nn.compact
+    def __call__(self, h_BND, mem_BMD, mem_valid_BM, C_BMHD, logS_BMH, u_HD, v_HD, v_minus_HD,
+                 num_valid_B=None, deterministic: bool = True):
+        cfg = self.cfg
+        attn = LaMemoAttention(cfg, name="attn")
+        ffn, attn_norm, ffn_norm, drop = layer_parts(cfg)
+        attn_in = (attn_norm(h_BND), attn_norm(mem_BMD)) if cfg.pre_norm else (h_BND, mem_BMD)
+        proj_cur, proj_mem, new_C, new_logS, a, logZ = attn(
+            *attn_in, mem_valid_BM, C_BMHD, logS_BMH, u_HD, v_HD, v_minus_HD, num_valid_B, deterministic)
+        # LayerNorm and FFN act per row: the memory rows join only where a next layer reads them.
+        rows = [mem_BMD + drop(proj_mem, deterministic=deterministic)] if self.memory_output else []
+        rows.append(h_BND + drop(proj_cur, deterministic=deterministic))
+        both_BKD = jnp.concatenate(rows, axis=1)
+        if cfg.pre_norm:
+            both_BKD = both_BKD + drop(ffn(ffn_norm(both_BKD), deterministic), deterministic=deterministic)
+        else:
+            both_BKD = attn_norm(both_BKD)
+            both_BKD = ffn_norm(both_BKD + drop(ffn(both_BKD, deterministic), deterministic=deterministic))
+        M = mem_BMD.shape[1] if self.memory_output else 0
+        o_mem_BMD, o_cur_BND = (both_BKD[:, :M] if self.memory_output else None), both_BKD[:, M:]
+        self.sow("intermediates", "out", o_cur_BND)
+        if self.memory_output:
+            self.sow("intermediates", "out_mem", o_mem_BMD)
+        o_cur_BND = nn.with_logical_constraint(o_cur_BND, ("act_batch", "act_seq", "act_embed"))
+        return o_cur_BND, o_mem_BMD, new_C, new_logS, a, logZ
+
+
+def stack(model, h_BND, emb_BND, state, knn_stores, num_valid_B, u_HD, v_HD, deterministic, cache=None,
+          position=None):
+    """Layer l reads memory rows m (E_mem for l = 0, else layer l-1's refreshed o_mem) and x;
+    then the state keeps the refreshed slots and this segment's outputs (spec §2 step 5)."""
+    if cache is not None:
+        raise ValueError("LaMemo has no attention cache: its memory is refreshed by the whole segment")
+    cfg = model.cfg
+    H, Dh = cfg.num_heads, cfg.dim_per_head
+    v_minus_HD = None  # the look-ahead bias: only the disentangled encoding has one
+    if cfg.lamemo.look_ahead and cfg.lamemo.encoding == "disentangled":
+        v_minus_HD = param_with_axes(model, "v_minus_bias", (H, Dh), ("heads", "kv"),
+                                     nn.initializers.normal(cfg.init_std))
+    mem_valid_BM = lamemo.valid_mask(state)
+    mem_BMD = nn.Dropout(cfg.dropout)(state["emb"].astype(h_BND.dtype), deterministic=deterministic)
+    refreshed_C, refreshed_logS, cur_C, cur_logZ = [], [], [], []
+    for layer in range(cfg.num_layers):
+        needed = layer < cfg.num_layers - 1 or model.last_memory_output
+        h_BND, mem_BMD, new_C, new_logS, a, logZ = LaMemoLayer(cfg, memory_output=needed, name=f"layer_{layer}")(
+            h_BND, mem_BMD, mem_valid_BM, state["C"][layer], state["logS"][layer], u_HD, v_HD, v_minus_HD,
+            num_valid_B, deterministic)
+        refreshed_C.append(new_C), refreshed_logS.append(new_logS), cur_C.append(a), cur_logZ.append(logZ)
+    state = lamemo.write(state, emb_BND, jnp.stack(refreshed_C), jnp.stack(refreshed_logS),
+                         jnp.stack(cur_C), jnp.stack(cur_logZ), num_valid_B)
+    return h_BND, state, knn_stores, None

@@ -25,15 +25,20 @@ def make_train_step(setup: Setup):
         rngs = {"dropout": jax.random.fold_in(base_key, state["step"])} if cfg.model.dropout > 0 or cfg.model.attn_dropout > 0 else None
 
         def loss_fn(params):
-            nll_BN, new_memory = segment_nll(model, params, memory, batch, deterministic=rngs is None, rngs=rngs)
+            nll_BN, new_memory, aux = segment_nll(model, params, memory, batch, deterministic=rngs is None, rngs=rngs,
+                                                  with_aux_loss=True)
             tokens = jnp.sum(batch["weights"])
-            return jnp.sum(nll_BN) / jnp.maximum(tokens, 1.0), (new_memory, tokens)
+            lm_loss = jnp.sum(nll_BN) / jnp.maximum(tokens, 1.0)
+            # A memory's own loss (the compression network's) trains parameters the LM loss does not reach.
+            return lm_loss + (0.0 if aux is None else aux), (new_memory, tokens, lm_loss, aux)
 
-        (loss, (memory, tokens)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+        (_, (memory, tokens, loss, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         metrics = {"loss": loss, "tokens": tokens, "grad_norm": optax.tree.norm(grads),
                    "param_norm": optax.tree.norm(params), "lr": schedule(state["step"])}
+        if aux is not None:
+            metrics["compression_loss"] = aux
         return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, memory, metrics
 
     mem_sh, batch_sh = memory_shardings(setup), batch_shardings(setup)

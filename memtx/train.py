@@ -25,6 +25,7 @@ from memtx.data.fingerprint import corpus_fingerprint
 from memtx.data.fingerprint import describe as describe_fingerprint
 from memtx.data.stream import ShardedStream
 from memtx.distributed import initialize_from_env, is_main_process, main_print
+from memtx.memory import registry
 from memtx.fit import SHRINK, check_fits_here, is_out_of_memory
 from memtx.metrics import MetricsWriter, MetricsWriteError, Progress, format_duration
 from memtx.step import make_train_step
@@ -196,7 +197,7 @@ def _train_locked(cfg: Config, workdir: str, setup, stream, num_shards: int) -> 
     n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(setup.abstract_state["params"]))
     source = stream.source
     main_print(f"model: {n_params / 1e6:.2f}M parameters, {cfg.model.num_layers} layers, d {cfg.model.d_model}, "
-               f"memory {cfg.model.mem_len}, segment {cfg.data.seq_len}, batch {cfg.data.batch_size}; "
+               f"{registry.describe(cfg.model)}, segment {cfg.data.seq_len}, batch {cfg.data.batch_size}; "
                f"{source.num_docs or 'streamed'} training documents per shard, {num_shards} shard(s) over "
                f"{jax.process_count()} process(es) "
                f"({cfg.data.task + ' task' if cfg.data.task else cfg.data.corpus}, vocabulary {source.vocab.name}); "

@@ -28,3 +28,32 @@ def make_corpus(directory: Path, num_docs: int = 6, max_bytes: int = 3000) -> Pa
         data = (stdlib / name).read_bytes()[: max_bytes - 300 * i]  # varied lengths
         (directory / f"doc{i}.py").write_bytes(data)
     return directory
+
+
+def small_model(**model):
+    """(cfg, model, params) of a 2-layer d-16 model over a 40-token vocabulary, segments of 6,
+    with `model` overriding ModelConfig fields; parameters perturbed from their initialisation
+    (biases and gates away from 0) so every path carries signal."""
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    from memtx.model import TransformerLM, init_memory
+
+    cfg = ModelConfig(**{"vocab_size": 40, "vocab_pad_multiple": 8, "num_layers": 2, "d_model": 16, "num_heads": 2,
+                         "d_ff": 32, "mem_len": 8, **model})
+    lm = TransformerLM(cfg)
+    params = lm.init(jax.random.key(0), jnp.zeros((2, 6), jnp.int32), init_memory(cfg, 2),
+                     jnp.full((2,), 6, jnp.int32))["params"]
+    params = jax.tree.map(lambda p: p + 0.3 * jax.random.normal(jax.random.key(1), p.shape), nn.meta.unbox(params))
+    return cfg, lm, params
+
+
+def segment_batch(tokens, reset, weights=None) -> dict:
+    """A segment batch of `small_model`'s vocabulary: targets are the inputs shifted by one id."""
+    import jax.numpy as jnp
+
+    tokens = jnp.asarray(tokens, jnp.int32)
+    return {"inputs": tokens, "targets": (tokens + 1) % 40,
+            "weights": jnp.ones(tokens.shape) if weights is None else jnp.asarray(weights, jnp.float32),
+            "reset": jnp.asarray(reset)}

@@ -21,11 +21,11 @@ def test_distances_beyond_the_clamp_share_its_encoding():
     assert not np.allclose(table[0], table[-1])  # -9 -> -4 and 9 -> 4: the sign survives
 
 
-@pytest.mark.parametrize("memory_type", ["xl", "lamemo"])
-def test_clamping_only_changes_distances_beyond_it(memory_type):
+@pytest.mark.parametrize("memory", ["xl", "lamemo"])
+def test_clamping_only_changes_distances_beyond_it(memory):
     N, M = 6, 6  # distances 0..M+N-1 = 11
     cfg = ModelConfig(vocab_size=40, vocab_pad_multiple=8, num_layers=2, d_model=16, num_heads=2, d_ff=32,
-                      mem_len=M, memory_type=memory_type)
+                      mem_len=M, memory=memory)
     model = TransformerLM(cfg)
     params = nn.meta.unbox(model.init(jax.random.key(0), jnp.zeros((2, N), jnp.int32), init_memory(cfg, 2),
                                       jnp.zeros((2,), jnp.int32))["params"])

@@ -26,7 +26,7 @@ def test_config_by_name_from_another_directory_and_print_config(tmp_path):
     assert cfg["name"] == "knn_cpu" and cfg["model"]["mem_len"] == 32 and cfg["model"]["knn"]["enabled"]
     assert not (tmp_path / "run").exists()  # printing trains nothing
     gen = run("memtx.generate", "--config", "lamemo:cpu", "--workdir", str(tmp_path), "--print-config", cwd=tmp_path)
-    assert gen.returncode == 0 and json.loads(gen.stdout)["model"]["memory_type"] == "lamemo"
+    assert gen.returncode == 0 and json.loads(gen.stdout)["model"]["memory"] == "lamemo"
 
 
 def test_unknown_names_and_presets_list_the_valid_ones(tmp_path):

@@ -249,10 +249,10 @@ def test_presets_validate(preset):
 def test_lamemo_presets_are_the_txl_models_with_lamemo_memory(preset):
     cfg = load_config_file(f"{ROOT / 'configs' / 'lamemo.py'}:{preset}")
     base = txl(preset)
-    assert cfg.model.memory_type == "lamemo" and base.model.memory_type == "xl"
+    assert cfg.model.memory == "lamemo" and base.model.memory == "xl"
     assert cfg.name.startswith("lamemo_")
     assert validate(cfg, NUM_DEVICES) == validate(base, NUM_DEVICES)
-    cfg.model.memory_type, cfg.name = "xl", base.name
+    cfg.model.memory, cfg.name = "xl", base.name
     assert to_dict(cfg) == to_dict(base)  # everything else is the compared Transformer-XL's
 
 
@@ -537,3 +537,21 @@ def test_train_cli_bad_config_is_one_line(tmp_path, args, names):
 def test_evaluate_cli_missing_workdir_is_one_line():
     proc = run_module("memtx.evaluate", "--workdir", "/nonexistent/workdir")
     assert_one_line_error(proc, "/nonexistent/workdir")
+
+
+def test_a_config_saved_before_memory_was_renamed_still_loads():
+    """Work directories from before `model.memory_type` became `model.memory` resume as they were."""
+    data = to_dict(Config())
+    data["model"]["memory_type"] = data["model"].pop("memory")
+    data["model"]["memory_type"] = "lamemo"
+    assert from_dict(data).model.memory == "lamemo"
+
+
+@pytest.mark.parametrize("preset", ["cpu", "cpu_mean", "wt103", "enwik8", "text8"])
+def test_compressive_presets_are_the_txl_models_with_a_compressed_memory(preset):
+    cfg = load_config_file(f"{ROOT / 'configs' / 'compressive.py'}:{preset}")
+    base = txl(preset.removesuffix("_mean"))
+    assert cfg.model.memory == "compressive" and cfg.model.compressive.size > 0
+    assert validate(cfg, NUM_DEVICES) == validate(base, NUM_DEVICES)
+    cfg.model.memory, cfg.name, cfg.model.compressive = "xl", base.name, type(cfg.model.compressive)()
+    assert to_dict(cfg) == to_dict(base)  # everything else is the compared Transformer-XL's

@@ -9,7 +9,7 @@ import pytest
 
 from memtx import evaluate as evaluate_lib
 from memtx import state as state_lib
-from memtx.data import count_tokens, file_source_fn, list_documents
+from memtx.data import count_tokens, list_documents
 from memtx.data.sources import FileSource
 from memtx.data.train_sentencepiece import train as train_spm
 from memtx.data.vocab import load_vocab

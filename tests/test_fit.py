@@ -10,19 +10,25 @@ import pytest
 from memtx import fit
 from memtx.cli import UsageError
 from memtx.config import ConfigError
+from memtx.memory import registry
 from tests.helpers import tiny_config
 
 
 def configs():
-    xl = tiny_config()
-    knn = tiny_config()
+    """The tiny config with every registered memory kind, and with the kNN memory."""
+    out = {}
+    for name in registry.KINDS:
+        cfg = tiny_config()
+        cfg.model.memory = name
+        if name == "compressive":
+            cfg.model.compressive.size = 8
+        out[name] = cfg
+    knn = out["knn"] = tiny_config()
     knn.model.knn.enabled, knn.model.knn.layers, knn.model.knn.size, knn.model.knn.k = True, (1,), 256, 4
-    lamemo = tiny_config()
-    lamemo.model.memory_type = "lamemo"
-    return {"xl": xl, "knn": knn, "lamemo": lamemo}
+    return out
 
 
-@pytest.mark.parametrize("name", ["xl", "knn", "lamemo"])
+@pytest.mark.parametrize("name", list(configs()))
 def test_estimate_matches_the_compiled_step(name):
     cfg = configs()[name]
     estimate = fit.estimate(cfg, jax.device_count())

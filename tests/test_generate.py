@@ -28,7 +28,7 @@ V, BOS, PAD, N = 40, 38, 39, 6
 KINDS = {
     "xl": dict(mem_len=5),
     "knn": dict(mem_len=4, knn=KNNConfig(enabled=True, layers=(1,), size=16, k=4, gate_bias_init=1.0)),
-    "lamemo": dict(mem_len=5, memory_type="lamemo"),
+    "lamemo": dict(mem_len=5, memory="lamemo"),
     "rpe": dict(mem_len=0),
     "xl_prenorm_qknorm": dict(mem_len=5, pre_norm=True, qk_norm=True),
 }

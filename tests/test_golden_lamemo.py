@@ -34,7 +34,7 @@ def model_config(ref: dict, mem_len: int) -> ModelConfig:
     return ModelConfig(vocab_size=ref["n_token"], vocab_pad_multiple=1, num_layers=ref["n_layer"],
                        d_model=ref["d_model"], num_heads=ref["n_head"], head_dim=ref["d_head"],
                        d_ff=ref["d_inner"], mem_len=mem_len, pre_norm=ref["pre_lnorm"], dropout=0.0,
-                       memory_type="lamemo")
+                       memory="lamemo")
 
 
 def params_from_reference(g: dict, n_layer: int, n_head: int, d_head: int) -> dict:

@@ -19,7 +19,6 @@ from memtx import evaluate as evaluate_lib
 from memtx import generate as generate_lib
 from memtx import train as train_lib
 from memtx.cli import run_cli
-from memtx.config import save_json
 from memtx.workdir_lock import WorkdirLock
 from tests.helpers import make_corpus, tiny_config
 
@@ -99,7 +98,7 @@ CASES = [
     ("dropout_above_one", T("--config.model.dropout=1.5"), "dropout"),
     ("init_std_zero", T("--config.model.init_std=0"), "init_std"),
     ("dtype_unknown", T("--config.model.dtype=float16"), "model.dtype"),
-    ("memory_type_unknown", T("--config.model.memory_type=foo"), "memory_type"),
+    ("memory_unknown", T("--config.model.memory=foo"), "model.memory"),
     ("mem_len_negative", T("--config.model.mem_len=-1"), "mem_len"),
     ("clamp_negative", T("--config.model.clamp_len=-1"), "clamp_len"),
     ("knn_layer_outside", T("--config.model.knn.enabled=true", "--config.model.knn.layers=7"), "knn.layers"),
@@ -109,7 +108,16 @@ CASES = [
     ("knn_backend_unknown", T("--config.model.knn.enabled=true", "--config.model.knn.backend=faiss"), "backend"),
     ("knn_gate_nan", T("--config.model.knn.enabled=true", "--config.model.knn.gate_bias_init=nan"), "finite"),
     ("lamemo_option_with_xl", T("--config.model.lamemo.look_ahead=false"), "lamemo"),
-    ("qk_norm_with_lamemo", T("--config.model.memory_type=lamemo", "--config.model.qk_norm=true"), "qk_norm"),
+    ("qk_norm_with_lamemo", T("--config.model.memory=lamemo", "--config.model.qk_norm=true"), "qk_norm"),
+    ("compressive_option_with_xl", T("--config.model.compressive.size=8"), "model.compressive.size"),
+    ("compressive_rate_not_dividing", T("--config.model.memory=compressive", "--config.model.compressive.rate=3"),
+     "data.seq_len"),
+    ("compressive_function_unknown", T("--config.model.memory=compressive", "--config.model.compressive.function=max"),
+     "function"),
+    ("compressive_size_negative", T("--config.model.memory=compressive", "--config.model.compressive.size=-1"), "size"),
+    ("compressive_loss_weight_nan", T("--config.model.memory=compressive", "--config.model.compressive.loss_weight=nan"),
+     "loss_weight"),
+    ("knn_with_lamemo", T("--config.model.memory=lamemo", "--config.model.knn.enabled=true"), "knn"),
     ("seq_len_zero", T("--config.data.seq_len=0"), "seq_len"),
     ("batch_not_divisible", T("--config.data.batch_size=3"), "batch_size"),
     ("split_no_train", T("--config.data.split_fractions=0,1,1"), "split_fractions"),

@@ -88,11 +88,10 @@ def test_retrieval_uses_the_normalised_q_and_ignores_the_content_bias_u():
     store = knn.write(store, stored, jnp.asarray(rng.standard_normal((1, 6, 2, 8)), jnp.float32), jnp.array([6]))
     layer = RelativeAttention(cfg)
     empty_mem = jnp.zeros((1, 0, 16)), jnp.zeros((1, 0), bool)
-    params = layer.init(jax.random.key(0), x, *empty_mem, u, v, True, store, jnp.array([5]))["params"]
+    params = layer.init(jax.random.key(0), x, *empty_mem, u, v, True, store)["params"]
     params = nn.meta.unbox(params)
     for bias in (u, u + 5.0):
-        (_, _, _), state = layer.apply({"params": params}, x, *empty_mem, bias, v, True, store, jnp.array([5]),
-                                    mutable=["intermediates"])
+        (_, _), state = layer.apply({"params": params}, x, *empty_mem, bias, v, True, store, mutable=["intermediates"])
         probs, = state["intermediates"]["knn_probs"]
         q = l2_normalize(jnp.einsum("bnd,dhk->bhnk", x, params["qkv"][:, 0]))  # [B, H, N, D]
         scores = np.einsum("hnd,hsd->hns", np.asarray(q[0]), np.asarray(store["keys"][0, :, :6]))
@@ -168,6 +167,6 @@ def test_layer_syntax_default_layer_and_paper_presets():
 def test_qk_norm_with_lamemo_is_a_one_line_error():
     from memtx.config import ConfigError, validate
     cfg = Config()
-    cfg.model.memory_type, cfg.model.qk_norm = "lamemo", True
+    cfg.model.memory, cfg.model.qk_norm = "lamemo", True
     with pytest.raises(ConfigError, match="model.qk_norm"):
         validate(cfg, 8)

@@ -11,9 +11,9 @@ from memtx.lamemo_layer import LaMemoAttention
 from memtx.model import TransformerLM, init_memory, segment_nll
 
 
-def _cfg(memory_type="lamemo", pre_norm=False, **lamemo):
+def _cfg(memory="lamemo", pre_norm=False, **lamemo):
     return ModelConfig(vocab_size=40, vocab_pad_multiple=8, num_layers=2, d_model=16, num_heads=2, d_ff=32,
-                       mem_len=8, pre_norm=pre_norm, memory_type=memory_type, lamemo=LaMemoConfig(**lamemo))
+                       mem_len=8, pre_norm=pre_norm, memory=memory, lamemo=LaMemoConfig(**lamemo))
 
 
 def _init(cfg, seed=0):
@@ -123,12 +123,12 @@ def test_xl_encoding_is_the_signed_distance_with_the_look_back_bias():
 
 def test_config_names_a_misplaced_option():
     for model, key in ((ModelConfig(lamemo=LaMemoConfig(look_ahead=False)), "model.lamemo.look_ahead"),
-                       (ModelConfig(memory_type="lamemo", knn=KNNConfig(size=512)), "model.knn.size"),
-                       (ModelConfig(memory_type="lamemo", knn=KNNConfig(enabled=True)), "model.knn.enabled"),
-                       (ModelConfig(memory_type="lamemo", lamemo=LaMemoConfig(encoding="rope")),
+                       (ModelConfig(memory="lamemo", knn=KNNConfig(size=512)), "model.knn.size"),
+                       (ModelConfig(memory="lamemo", knn=KNNConfig(enabled=True)), "model.knn.enabled"),
+                       (ModelConfig(memory="lamemo", lamemo=LaMemoConfig(encoding="rope")),
                         "model.lamemo.encoding")):
         with pytest.raises(ConfigError) as info:
             validate(Config(model=model), 1)
         assert key in str(info.value) and "\n" not in str(info.value)
     for mem_len in (0, 3, 200):  # any memory length works, shorter or longer than a segment
-        validate(Config(model=ModelConfig(memory_type="lamemo", mem_len=mem_len)), 1)
+        validate(Config(model=ModelConfig(memory="lamemo", mem_len=mem_len)), 1)

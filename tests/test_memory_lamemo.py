@@ -1,6 +1,5 @@
 """The LaMemo state (spec §2): per-row resets, padding never written, no leaks in time, config."""
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,6 +8,7 @@ import pytest
 from memtx.config import Config, ConfigError, KNNConfig, ModelConfig, validate
 from memtx.memory import lamemo, model_memory
 from memtx.model import TransformerLM, init_memory, segment_nll
+from tests.helpers import segment_batch, small_model
 
 
 def test_write_keeps_newest_valid_positions_and_skips_padding():
@@ -44,76 +44,15 @@ def test_reset_only_touches_flagged_rows():
 
 
 def _model_and_params(mem_len=8, pre_norm=False):
-    cfg = ModelConfig(vocab_size=40, vocab_pad_multiple=8, num_layers=2, d_model=16, num_heads=2, d_ff=32,
-                      mem_len=mem_len, pre_norm=pre_norm, memory_type="lamemo")
-    model = TransformerLM(cfg)
-    params = model.init(jax.random.key(0), jnp.zeros((2, 6), jnp.int32), init_memory(cfg, 2),
-                        jnp.zeros((2,), jnp.int32))["params"]
-    params = jax.tree.map(lambda p: p + 0.3 * jax.random.normal(jax.random.key(1), p.shape), nn.meta.unbox(params))
-    return cfg, model, params
-
-
-def _batch(tokens, reset, weights=None):
-    tokens = jnp.asarray(tokens, jnp.int32)
-    return {"inputs": tokens, "targets": (tokens + 1) % 40,
-            "weights": jnp.ones(tokens.shape) if weights is None else jnp.asarray(weights, jnp.float32),
-            "reset": jnp.asarray(reset)}
-
-
-@pytest.mark.parametrize("pre_norm", [False, True])
-def test_no_information_from_the_future_or_other_rows(pre_norm):
-    cfg, model, params = _model_and_params(pre_norm=pre_norm)
-    rng = np.random.default_rng(0)
-    history = rng.integers(0, 40, (2, 6))
-    _, memory = segment_nll(model, params, init_memory(cfg, 2), _batch(history, [True, True]))
-    seg_a = rng.integers(0, 40, (2, 6))
-    seg_b = seg_a.copy()
-    seg_b[0, 4:] = (seg_b[0, 4:] + 7) % 40  # change the future of row 0
-    seg_b[1] = (seg_b[1] + 3) % 40  # change all of row 1
-    nll_a, mem_a = segment_nll(model, params, memory, _batch(seg_a, [False, False]))
-    nll_b, mem_b = segment_nll(model, params, memory, _batch(seg_b, [False, False]))
-    np.testing.assert_allclose(nll_a[0, :4], nll_b[0, :4], atol=1e-6)
-    assert not np.allclose(nll_a[0, 4:], nll_b[0, 4:])
-    # Row 0's refreshed memory looked ahead only up to the segment's first token.
-    for key in ("C", "logS"):
-        np.testing.assert_allclose(mem_a["lamemo"][key][:, 0, :4], mem_b["lamemo"][key][:, 0, :4], atol=1e-6)
-
-
-def test_reset_row_forgets_the_previous_document():
-    cfg, model, params = _model_and_params()
-    rng = np.random.default_rng(1)
-    history = rng.integers(0, 40, (2, 6))
-    current = rng.integers(0, 40, (2, 6))
-    _, memory = segment_nll(model, params, init_memory(cfg, 2), _batch(history, [True, True]))
-    with_reset, _ = segment_nll(model, params, memory, _batch(current, [True, False]))
-    fresh, _ = segment_nll(model, params, init_memory(cfg, 2), _batch(current, [True, True]))
-    np.testing.assert_allclose(with_reset[0], fresh[0], atol=1e-6)  # row 0 starts a new document
-    assert not np.allclose(with_reset[1], fresh[1])  # row 1 continues and uses its memory
-
-
-def test_padded_segment_writes_the_same_memory_as_a_short_segment():
-    cfg, model, params = _model_and_params()
-    rng = np.random.default_rng(2)
-    _, memory = segment_nll(model, params, init_memory(cfg, 2), _batch(rng.integers(0, 40, (2, 6)), [True, True]))
-    tokens = rng.integers(0, 40, (2, 6))
-    padded = tokens.copy()
-    padded[:, 4:] = 0
-    weights = np.ones((2, 6))
-    weights[:, 4:] = 0
-    nll_padded, mem_padded = segment_nll(model, params, memory, _batch(padded, [False, False], weights))
-    nll_short, mem_short = segment_nll(model, params, memory, _batch(tokens[:, :4], [False, False]))
-    np.testing.assert_allclose(nll_padded[:, :4], nll_short, atol=1e-6)
-    np.testing.assert_array_equal(mem_padded["lamemo"]["length"], [8, 8])
-    for key in ("emb", "C", "logS"):
-        np.testing.assert_allclose(mem_padded["lamemo"][key], mem_short["lamemo"][key], atol=1e-5, err_msg=key)
+    return small_model(mem_len=mem_len, pre_norm=pre_norm, memory="lamemo")
 
 
 def test_memory_zero_is_transformer_rpe():
     cfg, model, params = _model_and_params(mem_len=0)
     tokens = np.random.default_rng(3).integers(0, 40, (2, 6))
     memory = init_memory(cfg, 2)
-    nll1, memory = segment_nll(model, params, memory, _batch(tokens, [True, True]))
-    nll2, _ = segment_nll(model, params, memory, _batch(tokens, [False, False]))
+    nll1, memory = segment_nll(model, params, memory, segment_batch(tokens, [True, True]))
+    nll2, _ = segment_nll(model, params, memory, segment_batch(tokens, [False, False]))
     np.testing.assert_allclose(nll1, nll2, atol=1e-6)
     assert memory["lamemo"]["C"].shape[2] == 0
 
@@ -122,17 +61,17 @@ def test_gradient_is_finite_with_empty_memory_slots():
     cfg, model, params = _model_and_params()
     tokens = np.random.default_rng(4).integers(0, 40, (2, 6))
     memory = model_memory.reset_rows(init_memory(cfg, 2), jnp.array([True, True]))
-    _, memory = segment_nll(model, params, memory, _batch(tokens[:, :3], [True, True]))  # 3 of 8 slots valid
-    grads = jax.grad(lambda p: segment_nll(model, p, memory, _batch(tokens, [False, False]))[0].mean())(params)
+    _, memory = segment_nll(model, params, memory, segment_batch(tokens[:, :3], [True, True]))  # 3 of 8 slots valid
+    grads = jax.grad(lambda p: segment_nll(model, p, memory, segment_batch(tokens, [False, False]))[0].mean())(params)
     assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
 
 
-def test_config_rejects_unknown_memory_type_and_lamemo_with_knn():
+def test_config_rejects_unknown_memory_and_lamemo_with_knn():
     with pytest.raises(ConfigError) as info:
-        validate(Config(model=ModelConfig(memory_type="lamemmo")), 1)
-    assert "model.memory_type" in str(info.value) and "\n" not in str(info.value)
+        validate(Config(model=ModelConfig(memory="lamemmo")), 1)
+    assert "model.memory" in str(info.value) and "\n" not in str(info.value)
     with pytest.raises(ConfigError) as info:
-        validate(Config(model=ModelConfig(memory_type="lamemo", knn=KNNConfig(enabled=True))), 1)
+        validate(Config(model=ModelConfig(memory="lamemo", knn=KNNConfig(enabled=True))), 1)
     assert "lamemo" in str(info.value) and "\n" not in str(info.value)
 
 
@@ -143,7 +82,7 @@ def test_log_denominators_stay_float32_when_computing_in_bfloat16():
     rng = np.random.default_rng(5)
     memory, bf16_memory = init_memory(cfg, 2), init_memory(bf16_cfg, 2)
     for reset in ([True, True], [False, False], [False, False]):
-        batch = _batch(rng.integers(0, 40, (2, 6)), reset)
+        batch = segment_batch(rng.integers(0, 40, (2, 6)), reset)
         _, memory = segment_nll(model, params, memory, batch)
         _, bf16_memory, inter = segment_nll(bf16_model, params, bf16_memory, batch, with_intermediates=True)
     state = bf16_memory["lamemo"]
@@ -164,7 +103,7 @@ def test_skipping_the_last_layers_memory_rows_changes_nothing(pre_norm):
     rng = np.random.default_rng(6)
     memory = full_memory = init_memory(cfg, 2)
     for reset in ([True, True], [False, False], [False, True]):
-        batch = _batch(rng.integers(0, 40, (2, 6)), reset)
+        batch = segment_batch(rng.integers(0, 40, (2, 6)), reset)
         nll, memory, inter = segment_nll(model, params, memory, batch, with_intermediates=True)
         full_nll, full_memory, full_inter = segment_nll(full, params, full_memory, batch, with_intermediates=True)
         np.testing.assert_allclose(nll, full_nll, atol=1e-6)

@@ -71,20 +71,6 @@ def test_resume_without_an_xl_cache(tmp_path):
     stop_resume_and_compare(cfg, tmp_path, stop=3)
 
 
-def test_lamemo_run_resumes_exactly(tmp_path):
-    """LaMemo's carried state (embeddings, C, logS per row) is checkpointed and restored: a
-    stopped and resumed run repeats the uninterrupted run's losses, on the (2, 2, 2) mesh."""
-    corpus = str(make_corpus(tmp_path / "corpus"))
-
-    def cfg(**train):
-        c = tiny_config(corpus, steps=8, **train)
-        c.model.memory_type = "lamemo"
-        return c
-
-    a = stop_resume_and_compare(cfg, tmp_path, stop=4)
-    assert a[8] < a[1]  # it learns
-
-
 @pytest.mark.parametrize("kill_at", [14, 12])
 def test_killed_run_resumes_from_its_last_checkpoint(tmp_path, kill_at):
     """SIGKILL in the middle of training (async saves in flight), then rerun the same command.

@@ -29,11 +29,11 @@ def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("studies")
     corpus = str(make_corpus(tmp / "corpus", num_docs=3))
     workdirs = {}
-    for memory_type in ("xl", "lamemo"):
+    for memory in ("xl", "lamemo"):
         cfg = tiny_config(corpus, steps=3, checkpoint_every=3)
-        cfg.model.memory_type = memory_type
-        train(cfg, str(tmp / memory_type))
-        workdirs[memory_type] = str(tmp / memory_type)
+        cfg.model.memory = memory
+        train(cfg, str(tmp / memory))
+        workdirs[memory] = str(tmp / memory)
     return workdirs
 
 
@@ -86,7 +86,7 @@ def test_extrapolation_at_one_segment_is_the_evaluation_perplexity(runs, tmp_pat
 def test_alpha_curves_per_layer_over_memory_slots(runs, tmp_path, capsys):
     code = _cli(alpha, ["--workdir", runs["xl"], runs["lamemo"], "--config.data.eval_max_docs=2"], tmp_path)
     out = capsys.readouterr().out
-    assert code == 0 and "xl: not a LaMemo run" in out and "newest slot" in out
+    assert code == 0 and "xl: its memory is not refreshed by look-ahead" in out and "newest slot" in out
     assert _output(tmp_path, "alpha_train", "png").stat().st_size > 1000
     result = json.loads(_output(tmp_path, "alpha_train", "json").read_text())
     assert list(result["runs"]) == ["lamemo"]
@@ -201,14 +201,14 @@ def test_a_lamemo_checkpoint_evaluates_with_a_part_switched_off_and_a_mismatch_i
     np.testing.assert_array_equal(ablated["layer_0"]["attn"]["q"], full["layer_0"]["attn"]["q"])
     # A Transformer-XL checkpoint read as LaMemo lacks LaMemo's parameters: one line, exit code 2.
     code = run_cli(evaluate_lib.main, evaluate_lib.parser(),
-                   ["--workdir", runs["xl"], "--split", "train", "--config.model.memory_type=lamemo"])
+                   ["--workdir", runs["xl"], "--split", "train", "--config.model.memory=lamemo"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "\n" not in err and "has no parameter" in err
 
 
 def test_extrapolation_plot_handles_a_run_that_blows_up(tmp_path):
     # One run 6x worse than the other: the plot switches to a log scale and must still be written.
-    runs = {name: {"memory_type": name, "trained_mem_len": 64, "clamp_len": 0,
+    runs = {name: {"memory": name, "trained_mem_len": 64, "clamp_len": 0,
                    "points": [{"multiple": m, "perplexity": p} for m, p in zip((1, 2), values)]}
             for name, values in (("xl", (4.3, 4.3)), ("lamemo", (4.5, 27.0)))}
     path = tmp_path / "extrapolation.png"

@@ -44,6 +44,16 @@ def state_bytes(num_layers: int, batch_size: int, mem_len: int, d_model: int, nu
     return batch_size * per_row
 
 
+def init_for(cfg, batch_size: int) -> dict:
+    return init(cfg.num_layers, batch_size, cfg.mem_len, cfg.d_model, cfg.num_heads, cfg.dim_per_head,
+                jnp.dtype(cfg.dtype))
+
+
+def bytes_for(cfg, batch_size: int) -> int:
+    return state_bytes(cfg.num_layers, batch_size, cfg.mem_len, cfg.d_model, cfg.num_heads, cfg.dim_per_head,
+                       cfg.dtype)
+
+
 def reset_rows(memory: dict, reset_B: jax.Array) -> dict:
     """Empties the memory of the rows whose `reset` flag is set (a document starts there)."""
     return {**memory, "length": jnp.where(reset_B, 0, memory["length"])}

@@ -1,10 +1,10 @@
-"""The whole model's memory state: the XL cache of every layer plus a kNN store per memory layer,
-or (model.memory_type = "lamemo") the LaMemo state.
+"""The whole model's memory state: its kind's state (`model.memory`, see registry.py) plus a kNN
+store per kNN layer:
 
-    {"xl": xl state, "knn": {"<layer>": kNN state, ...}}   or   {"lamemo": lamemo state, "knn": {}}
+    {"<kind>": the kind's state, "knn": {"<layer>": kNN state, ...}}
 
 These are the functions the train step, evaluation and generation share: init, reset the rows
-that start a document, and the logical axes from which shardings are derived.
+that start a document, the logical axes from which shardings are derived, and the bytes.
 """
 
 from __future__ import annotations
@@ -13,42 +13,37 @@ import jax
 import jax.numpy as jnp
 
 from memtx.config import ModelConfig
-from memtx.memory import knn, lamemo, xl
+from memtx.memory import knn, registry
 
 
 def init(cfg: ModelConfig, batch_size: int) -> dict:
-    if cfg.memory_type == "lamemo":  # LaMemo excludes kNN memory (validate)
-        return {"lamemo": lamemo.init(cfg.num_layers, batch_size, cfg.mem_len, cfg.d_model, cfg.num_heads,
-                                      cfg.dim_per_head, jnp.dtype(cfg.dtype)),
-                "knn": {}}
-    return {
-        "xl": xl.init(cfg.num_layers, batch_size, cfg.mem_len, cfg.d_model, jnp.dtype(cfg.dtype)),
-        "knn": {str(layer): knn.init(batch_size, cfg.num_heads, cfg.knn.size, cfg.dim_per_head,
-                                     jnp.dtype(cfg.knn.dtype))
-                for layer in cfg.knn.layer_indices(cfg.num_layers)},
-    }
+    kind = registry.of(cfg)
+    return {kind.name: kind.state.init_for(cfg, batch_size),
+            "knn": {str(layer): knn.init(batch_size, cfg.num_heads, cfg.knn.size, cfg.dim_per_head,
+                                         jnp.dtype(cfg.knn.dtype))
+                    for layer in cfg.knn.layer_indices(cfg.num_layers)}}
+
+
+def kind_name(memory: dict) -> str:
+    """The kind of a memory pytree (its one key besides "knn")."""
+    (name,) = (key for key in memory if key != "knn")
+    return name
 
 
 def reset_rows(memory: dict, reset_B: jax.Array) -> dict:
-    if "lamemo" in memory:
-        return {"lamemo": lamemo.reset_rows(memory["lamemo"], reset_B), "knn": {}}
-    return {"xl": xl.reset_rows(memory["xl"], reset_B),
+    name = kind_name(memory)
+    return {name: registry.get(name).state.reset_rows(memory[name], reset_B),
             "knn": {layer: knn.reset_rows(state, reset_B) for layer, state in memory["knn"].items()}}
 
 
 def logical_axes(cfg: ModelConfig) -> dict:
-    if cfg.memory_type == "lamemo":
-        return {"lamemo": dict(lamemo.LOGICAL_AXES), "knn": {}}
-    return {"xl": dict(xl.LOGICAL_AXES),
+    kind = registry.of(cfg)
+    return {kind.name: dict(kind.state.LOGICAL_AXES),
             "knn": {str(layer): dict(knn.LOGICAL_AXES) for layer in cfg.knn.layer_indices(cfg.num_layers)}}
 
 
 def state_bytes(cfg: ModelConfig, batch_size: int) -> int:
     """Bytes of the whole memory state (all rows), to check against the devices before allocating."""
-    if cfg.memory_type == "lamemo":
-        return lamemo.state_bytes(cfg.num_layers, batch_size, cfg.mem_len, cfg.d_model, cfg.num_heads,
-                                  cfg.dim_per_head, cfg.dtype)
-    xl_bytes = cfg.num_layers * batch_size * cfg.mem_len * cfg.d_model * jnp.dtype(cfg.dtype).itemsize
     knn_bytes = len(cfg.knn.layer_indices(cfg.num_layers)) * knn.state_bytes(
         batch_size, cfg.num_heads, cfg.knn.size, cfg.dim_per_head, cfg.knn.dtype)
-    return xl_bytes + knn_bytes
+    return registry.of(cfg).state.bytes_for(cfg, batch_size) + knn_bytes

@@ -25,7 +25,7 @@ import numpy as np
 
 from memtx import state as state_lib
 from memtx.cli import UsageError, run_cli
-from memtx.memory import lamemo
+from memtx.memory import lamemo, registry
 from memtx.evaluate import stream_documents
 from memtx.studies import common
 
@@ -91,12 +91,12 @@ def format_table(result: dict) -> str:
 
 def main(args: argparse.Namespace, rest: list[str]) -> int:
     runs = common.find_runs(args, rest)
-    lamemo_runs = [r for r in runs if r.cfg.model.memory_type == "lamemo"]
+    lamemo_runs = [r for r in runs if registry.of(r.cfg.model).refreshes]
     for r in runs:
-        if r.cfg.model.memory_type != "lamemo":
-            print(f"{r.name}: not a LaMemo run (model.memory_type={r.cfg.model.memory_type}): skipped")
+        if r not in lamemo_runs:
+            print(f"{r.name}: its memory is not refreshed by look-ahead (model.memory={r.cfg.model.memory}): skipped")
     if not lamemo_runs:
-        raise UsageError("the alpha study needs a LaMemo run (model.memory_type=lamemo)")
+        raise UsageError("the alpha study needs a LaMemo run (model.memory=lamemo)")
     for r in lamemo_runs:
         if r.cfg.model.mem_len == 0:
             raise UsageError(f"{r.name}: the alpha study needs a memory (model.mem_len > 0)")

@@ -23,7 +23,7 @@ import numpy as np
 
 from memtx import state as state_lib
 from memtx.cli import run_cli
-from memtx.memory import lamemo, xl
+from memtx.memory import model_memory, registry
 from memtx.evaluate import stream_documents
 from memtx.studies import common
 
@@ -49,10 +49,8 @@ def distance_sums(probs_LBHNK, scored_BN, key_valid_BK) -> dict:
 
 def distance_reduce(num_layers: int):
     def reduce(memory_in, batch, inter):
-        if "lamemo" in memory_in:
-            mem_valid_BM = lamemo.valid_mask(memory_in["lamemo"])
-        else:
-            mem_valid_BM = xl.valid_mask(memory_in["xl"])
+        name = model_memory.kind_name(memory_in)
+        mem_valid_BM = registry.get(name).state.valid_mask(memory_in[name])  # every slot the layers attend
         B, N = batch["weights"].shape
         key_valid_BK = jnp.concatenate([mem_valid_BM, jnp.ones((B, N), bool)], axis=1)
         probs_LBHNK = jnp.stack([inter[f"layer_{l}"]["attn"]["attn_prob"][0] for l in range(num_layers)])
@@ -66,14 +64,14 @@ def study_run(run: common.Run) -> dict:
     params = run.restore_params(setup)
     docs = run.documents()
     m = run.cfg.model
-    print(f"{run.name}: step {run.step}, {run.split} documents, {m.memory_type} memory {m.mem_len}, "
+    print(f"{run.name}: step {run.step}, {run.split} documents, {registry.describe(m)}, "
           f"segment {run.cfg.data.seq_len}", flush=True)
     step_fn = common.make_segment_step(setup, distance_reduce(m.num_layers))
     sums = stream_documents(setup, params, docs, step_fn, label=run.name)
     queries = sums["queries"]
     mass_LD = common.safe_mean(sums["mass_LD"], queries)
     distance_D = np.arange(mass_LD.shape[1])
-    return {"workdir": run.workdir, "step": run.step, "memory_type": m.memory_type, "mem_len": m.mem_len,
+    return {"workdir": run.workdir, "step": run.step, "memory": m.memory, "mem_len": m.mem_len,
             "seq_len": run.cfg.data.seq_len, "documents": int(sums["documents"]), "queries": queries,
             "mass_D": mass_LD.mean(0), "mass_LD": mass_LD,
             "visible_fraction_D": common.safe_mean(sums["visible_D"], queries),
@@ -90,7 +88,7 @@ def plot(result: dict, path: str) -> bool:
     positive = lambda x: np.where(np.asarray(x, float) > 0, x, np.nan)  # log axis: zeros are not drawn
     ax = axes[0, 0]
     for name, run in runs.items():
-        ax.plot(positive(run["mass_D"]), label=f"{name} ({run['memory_type']}, M={run['mem_len']})")
+        ax.plot(positive(run["mass_D"]), label=f"{name} ({run['memory']}, M={run['mem_len']})")
     segments = {run["seq_len"] for run in runs.values()}
     for ax in axes[0]:
         ax.set_yscale("log")
@@ -119,8 +117,8 @@ def format_table(result: dict) -> str:
     lines = []
     for name, run in result["runs"].items():
         for layer, (memory, distance) in enumerate(zip(run["memory_fraction_L"], run["mean_distance_L"])):
-            lines.append([name, run["memory_type"], str(run["mem_len"]), str(layer), f"{memory:.1%}", f"{distance:.2f}"])
-        lines.append([name, run["memory_type"], str(run["mem_len"]), "mean", f"{np.mean(run['memory_fraction_L']):.1%}",
+            lines.append([name, run["memory"], str(run["mem_len"]), str(layer), f"{memory:.1%}", f"{distance:.2f}"])
+        lines.append([name, run["memory"], str(run["mem_len"]), "mean", f"{np.mean(run['memory_fraction_L']):.1%}",
                       f"{np.mean(run['mean_distance_L']):.2f}"])
     return common.markdown_table(["run", "memory", "M", "layer", "mass on memory", "mean distance"], lines)
 

@@ -53,7 +53,7 @@ def plot(result: dict, path: str) -> bool:
     for name, run in result["runs"].items():
         points = run["points"]
         ax.plot([p["multiple"] for p in points], [p["perplexity"] for p in points], "o-",
-                label=f"{name} ({run['memory_type']}, trained M={run['trained_mem_len']}"
+                label=f"{name} ({run['memory']}, trained M={run['trained_mem_len']}"
                       + (f", distances clamped at {run['clamp_len']})" if run.get("clamp_len") else ")"))
     values = [p["perplexity"] for run in result["runs"].values() for p in run["points"]]
     if values and max(values) > 3 * min(values):  # one run blows up: keep the others readable
@@ -94,7 +94,7 @@ def main(args: argparse.Namespace, rest: list[str]) -> int:
     prov = common.provenance(runs, rest, multiples=multiples)
     result = {"study": "extrapolation", "split": runs[0].split, "multiples": multiples, "provenance": prov, "runs": {}}
     for run in runs:
-        result["runs"][run.name] = {"workdir": run.workdir, "step": run.step, "memory_type": run.cfg.model.memory_type,
+        result["runs"][run.name] = {"workdir": run.workdir, "step": run.step, "memory": run.cfg.model.memory,
                                     "seq_len": run.cfg.data.seq_len, "trained_mem_len": run.cfg.model.mem_len,
                                     "clamp_len": run.cfg.model.clamp_len,
                                     "points": study_run(run, multiples)}

@@ -1,0 +1,121 @@
+"""The Compressive Transformer's layer stack (Rae et al. 2020): Transformer-XL layers attending
+over [compressed memory ; memory ; segment], the compression network that turns the slots the
+FIFO memory evicts into compressed slots, and its attention-reconstruction loss.
+
+Per layer l and segment, with h the layer's input rows and old the slots its memory evicts:
+
+    new_cm = f_c(old)     c neighbouring slots -> one (mean-pool, or a 1-D convolution with kernel
+                          = stride = c, initialised to the mean)
+    L_attn = || attn(h, old) - attn(h, new_cm) ||^2
+
+where attn is the layer's content-based attention (its own q, k, v projections, softmax of
+q.k / sqrt(Dh), no position terms) over the given rows alone. h, old and the projections are
+stop-gradient'ed, so L_attn trains the compression network only, and the language-model loss
+never reaches it (compressed slots enter the state, which is constant to later segments). L_attn
+is summed over layers, averaged over the valid query positions of rows that evicted something,
+and reported by the train step as `compression_loss`.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from memtx.attention import NEG_INF, param_with_axes
+from memtx.config import ModelConfig
+from memtx.memory import compressive
+from memtx.xl_layer import run_layers
+
+
+class Compressor(nn.Module):
+    """f_c of every layer: ([L, B, N, D] evicted block, [B, N] valid, valid last) ->
+    ([L, B, N/c, D] groups, [B] number of groups holding evicted slots, the last ones)."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, block_LBND, valid_BN):
+        cfg, c = self.cfg, self.cfg.compressive.rate
+        L, B, N, D = block_LBND.shape
+        G = N // c
+        x_LBGCD = jnp.where(valid_BN[None, :, :, None], block_LBND, 0).reshape(L, B, G, c, D)
+        count_BG = valid_BN.reshape(B, G, c).sum(-1)
+        if cfg.compressive.function == "mean":
+            groups = x_LBGCD.sum(3) / jnp.maximum(count_BG, 1)[None, :, :, None].astype(x_LBGCD.dtype)
+        else:  # conv: starts as the mean-pool
+            mean_init = lambda key, shape, dtype=jnp.float32: (  # noqa: E731
+                jnp.broadcast_to(jnp.eye(D, dtype=dtype) / c, shape) + cfg.init_std * jax.random.normal(key, shape, dtype))
+            w_LCDE = param_with_axes(self, "kernel", (L, c, D, D), ("layers", None, "embed", None), mean_init)
+            b_LD = param_with_axes(self, "bias", (L, D), ("layers", None), nn.initializers.zeros)
+            groups = jnp.einsum("lbgcd,lcde->lbge", x_LBGCD, w_LCDE.astype(x_LBGCD.dtype)) + b_LD[:, None, None, :]
+        num_groups_B = -(-valid_BN.sum(-1) // c)
+        return groups.astype(block_LBND.dtype), num_groups_B.astype(jnp.int32)
+
+
+def _layer_norm(x, params, eps):
+    x32 = x.astype(jnp.float32)
+    mean = x32.mean(-1, keepdims=True)
+    var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+    return ((x32 - mean) * jax.lax.rsqrt(var + eps) * params["scale"] + params["bias"]).astype(x.dtype)
+
+
+def content_attention(cfg: ModelConfig, layer_params, h_BND, rows_BMD, rows_valid_BM):
+    """A layer's content-based attention of h over `rows` alone: [B, N, H, Dh] (zeros where no row
+    is valid). Everything stop-gradient'ed but `rows`."""
+    p = jax.lax.stop_gradient(layer_params)
+    h_BND = jax.lax.stop_gradient(h_BND)
+    if cfg.pre_norm:  # the layer's attention sees normalised rows
+        h_BND = _layer_norm(h_BND, p["attn_norm"], cfg.layer_norm_eps)
+        rows_BMD = _layer_norm(rows_BMD, p["attn_norm"], cfg.layer_norm_eps)
+    w = p["attn"]["qkv"].astype(rows_BMD.dtype)
+    q = jnp.einsum("bnd,dhe->bnhe", h_BND.astype(rows_BMD.dtype), w[:, 0])
+    k = jnp.einsum("bmd,dhe->bmhe", rows_BMD, w[:, 1])
+    v = jnp.einsum("bmd,dhe->bmhe", rows_BMD, w[:, 2])
+    scores = jnp.einsum("bnhe,bmhe->bhnm", q, k, preferred_element_type=jnp.float32) / jnp.sqrt(jnp.float32(q.shape[-1]))
+    scores = jnp.where(rows_valid_BM[:, None, None, :], scores, NEG_INF)
+    probs = jnp.where(rows_valid_BM[:, None, None, :], jax.nn.softmax(scores, axis=-1), 0.0)
+    return jnp.einsum("bhnm,bmhe->bnhe", probs.astype(v.dtype), v)
+
+
+def reconstruction_loss(cfg: ModelConfig, params, inputs_LBND, num_valid_B, block_LBND, valid_BN, groups_LBGD,
+                        num_groups_B):
+    """L_attn summed over layers (module docstring)."""
+    L, B, N, _ = inputs_LBND.shape
+    G = groups_LBGD.shape[2]
+    groups_valid_BG = jnp.arange(G)[None, :] >= G - num_groups_B[:, None]
+    weight_BN = (jnp.arange(N)[None, :] < num_valid_B[:, None]) & valid_BN.any(-1)[:, None]
+    denominator = jnp.maximum(jnp.sum(weight_BN), 1) * cfg.num_heads * cfg.dim_per_head
+    total = jnp.float32(0)
+    for layer in range(L):
+        layer_params = params[f"layer_{layer}"]
+        target = content_attention(cfg, layer_params, inputs_LBND[layer], jax.lax.stop_gradient(block_LBND[layer]),
+                                   valid_BN)
+        rebuilt = content_attention(cfg, layer_params, inputs_LBND[layer], groups_LBGD[layer], groups_valid_BG)
+        error_BN = jnp.sum(jnp.square((target - rebuilt).astype(jnp.float32)), axis=(2, 3))
+        total = total + jnp.sum(jnp.where(weight_BN, error_BN, 0.0)) / denominator
+    return total
+
+
+def stack(model, h_BND, emb_BND, state, knn_stores, num_valid_B, u_HD, v_HD, deterministic, cache=None,
+          position=None):
+    """XL layers over [compressed ; memory]; then the evicted slots are compressed and both memories
+    written. The attention-reconstruction loss is sown as ("losses", "compression")."""
+    cfg = model.cfg
+    h_BND, inputs_LBND, knn_stores, new_cache = run_layers(
+        model, h_BND, compressive.rows(state), compressive.valid_mask(state), knn_stores, num_valid_B, u_HD, v_HD,
+        deterministic, cache, position)
+    if cache is not None:  # generation inside a segment: memories are written by whole segments
+        return h_BND, state, knn_stores, new_cache
+    block_LBND, valid_BN = compressive.evicted(state, inputs_LBND, num_valid_B)
+    if cfg.compressive.size == 0:  # nothing kept: the evicted slots are dropped
+        groups_LBGD = block_LBND[:, :, : block_LBND.shape[2] // cfg.compressive.rate]
+        num_groups_B = jnp.zeros_like(num_valid_B)
+    else:
+        groups_LBGD, num_groups_B = Compressor(cfg, name="compressor")(block_LBND, valid_BN)
+        if cfg.compressive.loss_weight > 0:
+            loss = reconstruction_loss(cfg, nn.meta.unbox(model.variables["params"]), inputs_LBND, num_valid_B, block_LBND,
+                                       valid_BN, groups_LBGD, num_groups_B)
+            model.sow("losses", "compression", cfg.compressive.loss_weight * loss)
+    state = compressive.write(state, inputs_LBND, groups_LBGD, num_groups_B, num_valid_B)
+    return h_BND, state, knn_stores, new_cache

@@ -1,0 +1,50 @@
+"""The blocks every layer kind shares: LayerNorm and the ReLU feed-forward network."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from memtx.attention import param_with_axes
+from memtx.config import ModelConfig
+
+
+class LayerNorm(nn.Module):
+    eps: float = 1e-5
+
+    @nn.compact
+    def __call__(self, x):
+        D = x.shape[-1]
+        scale = param_with_axes(self, "scale", (D,), ("embed",), nn.initializers.ones)
+        bias = param_with_axes(self, "bias", (D,), ("embed",), nn.initializers.zeros)
+        x32 = x.astype(jnp.float32)
+        mean = x32.mean(-1, keepdims=True)
+        var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps) * scale + bias
+        return y.astype(x.dtype)
+
+
+class FeedForward(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BND, deterministic: bool = True):
+        cfg = self.cfg
+        dtype = jnp.dtype(cfg.dtype)
+        init = nn.initializers.normal(cfg.init_std)
+        wi = param_with_axes(self, "wi", (cfg.d_model, cfg.d_ff), ("embed", "mlp"), init)
+        bi = param_with_axes(self, "bi", (cfg.d_ff,), ("mlp",), nn.initializers.zeros)
+        wo = param_with_axes(self, "wo", (cfg.d_ff, cfg.d_model), ("mlp", "embed"), init)
+        bo = param_with_axes(self, "bo", (cfg.d_model,), ("embed",), nn.initializers.zeros)
+        h_BNF = jax.nn.relu(x_BND.astype(dtype) @ wi.astype(dtype) + bi.astype(dtype))
+        h_BNF = nn.with_logical_constraint(h_BNF, ("act_batch", "act_seq", "act_mlp"))
+        h_BNF = nn.Dropout(cfg.dropout)(h_BNF, deterministic=deterministic)
+        return h_BNF @ wo.astype(dtype) + bo.astype(dtype)
+
+
+def layer_parts(cfg: ModelConfig):
+    """(ffn, attn_norm, ffn_norm, dropout) of a layer, under the names every layer kind gives
+    them; called inside a layer's compact __call__, they become its submodules."""
+    return (FeedForward(cfg, name="ffn"), LayerNorm(cfg.layer_norm_eps, name="attn_norm"),
+            LayerNorm(cfg.layer_norm_eps, name="ffn_norm"), nn.Dropout(cfg.dropout))

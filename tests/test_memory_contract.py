@@ -1,0 +1,141 @@
+"""The contract every registered memory kind keeps (and the kNN add-on on the kinds that carry it):
+
+- a row that starts a document reads nothing of the previous one (reset isolation), and rows
+  never read each other;
+- no position sees a later one (no future leakage), and padding is never written: a padded
+  segment leaves the memory a short segment leaves;
+- a training run stopped and resumed gives the per-step losses of an uninterrupted one.
+
+A kind registered in memtx/memory/registry.py is tested here without being named.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from memtx.config import KNNConfig, ModelConfig
+from memtx.memory import model_memory, registry
+from memtx.model import init_memory, segment_nll
+from tests.helpers import make_corpus, segment_batch, small_model, tiny_config
+
+N = 6  # segment length: every segment of a test has 6 positions
+
+
+def _options(kind: registry.MemoryKind) -> dict:
+    """Small sizes for each kind's own options section (its defaults otherwise)."""
+    return {"compressive": {"compressive": dataclasses.replace(ModelConfig().compressive, size=4, rate=2)}}.get(
+        kind.name, {})
+
+
+VARIANTS = [(name, False) for name in registry.KINDS] + [(name, True) for name, k in registry.KINDS.items() if k.knn]
+IDS = [f"{name}{'+knn' if knn else ''}" for name, knn in VARIANTS]
+
+
+def _model(name: str, knn: bool, pre_norm: bool = False):
+    return small_model(mem_len=4, pre_norm=pre_norm, memory=name, **_options(registry.get(name)),
+                       knn=KNNConfig(enabled=True, layers=(1,), size=16, k=4) if knn else KNNConfig())
+
+
+def _run(model, params, memory, segments, resets):
+    out = []
+    for tokens, reset in zip(segments, resets):
+        nll, memory = segment_nll(model, params, memory, segment_batch(tokens, reset))
+        out.append(np.asarray(nll))
+    return out, memory
+
+
+def test_every_kind_has_what_the_registry_promises():
+    for kind in registry.KINDS.values():
+        state = kind.state
+        for function in ("init_for", "reset_rows", "valid_mask", "bytes_for"):
+            assert callable(getattr(state, function)), (kind.name, function)
+        assert callable(kind.layers.stack), kind.name
+        cfg = ModelConfig(memory=kind.name, **_options(kind))
+        memory = jax.eval_shape(lambda: init_memory(cfg, 3))
+        axes = model_memory.logical_axes(cfg)
+        assert jax.tree.structure(memory) == jax.tree.structure(axes, is_leaf=lambda x: isinstance(x, tuple))
+        for leaf, names in zip(jax.tree.leaves(memory), jax.tree.leaves(axes, is_leaf=lambda x: isinstance(x, tuple))):
+            assert len(names) == leaf.ndim
+        total = sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(memory) if leaf.dtype != jnp.int32)
+        ints = sum(leaf.size * 4 for leaf in jax.tree.leaves(memory) if leaf.dtype == jnp.int32)
+        assert total <= model_memory.state_bytes(cfg, 3) <= total + ints + 8 * 3 * cfg.num_layers * cfg.mem_len
+
+
+@pytest.mark.parametrize("name, knn", VARIANTS, ids=IDS)
+def test_a_reset_row_reads_nothing_of_the_previous_document(name, knn):
+    cfg, model, params = _model(name, knn)
+    rng = np.random.default_rng(0)
+    history = [rng.integers(0, 40, (2, N)) for _ in range(4)]
+    current = rng.integers(0, 40, (2, N))
+    _, memory = _run(model, params, init_memory(cfg, 2), history, [[True, True]] + [[False, False]] * 3)
+    (with_reset,), _ = _run(model, params, memory, [current], [[True, False]])
+    (fresh,), _ = _run(model, params, init_memory(cfg, 2), [current], [[True, True]])
+    np.testing.assert_allclose(with_reset[0], fresh[0], atol=1e-5)  # row 0 starts a document: no memory
+    assert not np.allclose(with_reset[1], fresh[1], atol=1e-4)  # row 1 continues and uses its memory
+
+
+@pytest.mark.parametrize("pre_norm", [False, True], ids=["post_ln", "pre_ln"])
+@pytest.mark.parametrize("name, knn", VARIANTS, ids=IDS)
+def test_nothing_from_the_future_or_from_other_rows(name, knn, pre_norm):
+    cfg, model, params = _model(name, knn, pre_norm)
+    rng = np.random.default_rng(1)
+    segments = [rng.integers(0, 40, (2, N)) for _ in range(4)]
+    changed = [s.copy() for s in segments]
+    changed[3][0, 4:] = (changed[3][0, 4:] + 7) % 40  # row 0, the last segment's positions 4, 5
+    resets = [[True, True]] + [[False, False]] * 3
+    base, _ = _run(model, params, init_memory(cfg, 2), segments, resets)
+    other, _ = _run(model, params, init_memory(cfg, 2), changed, resets)
+    for s in range(3):
+        np.testing.assert_allclose(base[s], other[s], atol=1e-6)
+    np.testing.assert_allclose(base[3][0, :4], other[3][0, :4], atol=1e-6)  # earlier positions unchanged
+    np.testing.assert_allclose(base[3][1], other[3][1], atol=1e-6)  # the other row unchanged
+    assert not np.allclose(base[3][0, 4:], other[3][0, 4:])
+
+
+@pytest.mark.parametrize("name, knn", VARIANTS, ids=IDS)
+def test_padding_is_never_written(name, knn):
+    """Three full segments, then a last one with 4 valid positions and 2 of padding: the memory
+    equals that of the same last segment given without the padding."""
+    cfg, model, params = _model(name, knn)
+    rng = np.random.default_rng(2)
+    segments = [rng.integers(0, 40, (2, N)) for _ in range(4)]
+    resets = [[True, True]] + [[False, False]] * 2
+    _, memory = _run(model, params, init_memory(cfg, 2), segments[:3], resets)
+    padded = segments[3].copy()
+    padded[:, 4:] = 0
+    weights = np.ones((2, N))
+    weights[:, 4:] = 0
+    _, from_padded = segment_nll(model, params, memory, segment_batch(padded, [False, False], weights))
+    _, from_short = segment_nll(model, params, memory, segment_batch(segments[3][:, :4], [False, False]))
+    for a, b in zip(jax.tree.leaves(from_padded), jax.tree.leaves(from_short)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+
+
+@pytest.mark.parametrize("name, knn", VARIANTS, ids=IDS)
+def test_a_resumed_run_has_the_losses_of_an_uninterrupted_one(name, knn, tmp_path):
+    from memtx import train as train_lib
+
+    corpus = str(make_corpus(tmp_path / "corpus", num_docs=3))
+    kind = registry.get(name)
+
+    def config(**train):
+        cfg = tiny_config(corpus, mesh_shape=(2, 2, 2), steps=6, checkpoint_every=3, **train)
+        cfg.model = dataclasses.replace(cfg.model, memory=name, **_options(kind))
+        if knn:
+            cfg.model.knn = KNNConfig(enabled=True, size=64, k=4)
+        return cfg
+
+    def losses(run):
+        return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+    train_lib.train(config(), str(tmp_path / "straight"))
+    train_lib.train(config(stop_after=3), str(tmp_path / "resumed"))
+    train_lib.train(config(), str(tmp_path / "resumed"))
+    assert len(losses(tmp_path / "straight")) == 6
+    np.testing.assert_allclose(losses(tmp_path / "resumed"), losses(tmp_path / "straight"), atol=1e-6)
