@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from memtx.memory import xl
+from memtx.memory import slots, xl
 
 LOGICAL_AXES = {"hidden": ("layers", "act_batch", "act_mem", "act_embed"), "length": ("act_batch",),
                 "compressed": ("layers", "act_batch", "act_mem", "act_embed"), "compressed_length": ("act_batch",)}
@@ -51,8 +51,7 @@ def reset_rows(memory: dict, reset_B: jax.Array) -> dict:
 
 def valid_mask(memory: dict) -> jax.Array:
     """[B, Mc + M] bool over [compressed ; memory]."""
-    comp_len = memory["compressed"].shape[2]
-    compressed_BC = jnp.arange(comp_len)[None, :] >= comp_len - memory["compressed_length"][:, None]
+    compressed_BC = slots.valid(memory["compressed_length"], memory["compressed"].shape[2])
     return jnp.concatenate([compressed_BC, xl.valid_mask(memory)], axis=1)
 
 
@@ -70,8 +69,7 @@ def evicted(memory: dict, layer_inputs_LBND: jax.Array, num_valid_B: jax.Array):
     N = layer_inputs_LBND.shape[2]
     padded = jnp.concatenate([jnp.zeros((L, B, N, D), hidden.dtype), hidden,
                               lax.stop_gradient(layer_inputs_LBND).astype(hidden.dtype)], axis=2)
-    block_LBND = jax.vmap(lambda row, n: lax.dynamic_slice_in_dim(row, n, N, axis=1), in_axes=(1, 0), out_axes=1)(
-        padded, num_valid_B)
+    block_LBND = slots.window(padded, num_valid_B, N, batch_axis=1, axis=2)
     count_B = jnp.maximum(memory["length"] + num_valid_B - M, 0)
     return block_LBND, jnp.arange(N)[None, :] >= N - count_B[:, None]
 
@@ -86,8 +84,7 @@ def write(memory: dict, layer_inputs_LBND: jax.Array, groups_LBGD: jax.Array, nu
     G = groups_LBGD.shape[2]
     groups_LBGD = lax.stop_gradient(groups_LBGD).astype(comp.dtype)
     # slot i of the result is old slot ng + i while i < C - ng, else group G - C + i (independent of ng)
-    head = jax.vmap(lambda row, n: lax.dynamic_slice_in_dim(row, n, C, axis=1), in_axes=(1, 0), out_axes=1)(
-        jnp.concatenate([comp, jnp.zeros_like(comp)], axis=2), num_groups_B)
+    head = slots.window(jnp.concatenate([comp, jnp.zeros_like(comp)], axis=2), num_groups_B, C, batch_axis=1, axis=2)
     tail = jnp.concatenate([jnp.zeros((L, B, max(C - G, 0), D), comp.dtype), groups_LBGD], axis=2)[:, :, -C:] \
         if C else comp
     from_old_BC = jnp.arange(C)[None, :] < C - num_groups_B[:, None]

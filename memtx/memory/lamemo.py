@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from memtx.memory import slots
+
 LOGICAL_AXES = {
     "emb": ("act_batch", "act_mem", "act_embed"),
     "C": ("layers", "act_batch", "act_mem", "act_heads", "act_kv"),
@@ -61,15 +63,7 @@ def reset_rows(memory: dict, reset_B: jax.Array) -> dict:
 
 def valid_mask(memory: dict) -> jax.Array:
     """[B, M] bool: which memory slots hold tokens of the row's current document."""
-    mem_len = memory["emb"].shape[1]
-    slots = jnp.arange(mem_len)
-    return slots[None, :] >= mem_len - memory["length"][:, None]
-
-
-def _keep_newest(old_BM_, new_BN_, num_valid_B, mem_len):
-    """[B, M, ...] ; [B, N, ...] -> [B, M, ...]: the M slots ending right after the last valid one."""
-    joined = jnp.concatenate([old_BM_, new_BN_.astype(old_BM_.dtype)], axis=1)  # [B, M+N, ...]
-    return jax.vmap(lambda row, n: lax.dynamic_slice_in_dim(row, n, mem_len, axis=0))(joined, num_valid_B)
+    return slots.valid(memory["length"], memory["emb"].shape[1])
 
 
 def write(memory: dict, emb_BND, refreshed_C_LBMHD, refreshed_logS_LBMH, cur_C_LBNHD, cur_logZ_LBNH,
@@ -83,11 +77,10 @@ def write(memory: dict, emb_BND, refreshed_C_LBMHD, refreshed_logS_LBMH, cur_C_L
     """
     mem_len = memory["emb"].shape[1]
     sg = lax.stop_gradient
-    keep = jax.vmap(_keep_newest, in_axes=(0, 0, None, None))  # over layers
-    emb = _keep_newest(memory["emb"], sg(emb_BND), num_valid_B, mem_len)
-    C = keep(sg(refreshed_C_LBMHD).astype(memory["C"].dtype), sg(cur_C_LBNHD), num_valid_B, mem_len)
-    logS = keep(sg(refreshed_logS_LBMH).astype(jnp.float32), sg(cur_logZ_LBNH).astype(jnp.float32),
-                num_valid_B, mem_len)
+    emb = slots.append(memory["emb"], sg(emb_BND), num_valid_B, batch_axis=0, axis=1)
+    C = slots.append(sg(refreshed_C_LBMHD).astype(memory["C"].dtype), sg(cur_C_LBNHD), num_valid_B, batch_axis=1, axis=2)
+    logS = slots.append(sg(refreshed_logS_LBMH).astype(jnp.float32), sg(cur_logZ_LBNH), num_valid_B,
+                        batch_axis=1, axis=2)
     any_valid_B = num_valid_B > 0
 
     def pick(new, old, batch_axis):  # keep `old` for rows without any valid position

@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from memtx.memory import slots
+
 LOGICAL_AXES = {"hidden": ("layers", "act_batch", "act_mem", "act_embed"), "length": ("act_batch",)}
 
 
@@ -41,21 +43,12 @@ def reset_rows(memory: dict, reset_B: jax.Array) -> dict:
 
 def valid_mask(memory: dict) -> jax.Array:
     """[B, M] bool: which memory slots hold tokens of the row's current document."""
-    mem_len = memory["hidden"].shape[2]
-    slots = jnp.arange(mem_len)
-    return slots[None, :] >= mem_len - memory["length"][:, None]
+    return slots.valid(memory["length"], memory["hidden"].shape[2])
 
 
 def write(memory: dict, layer_inputs_LBND: jax.Array, num_valid_B: jax.Array) -> dict:
     """FIFO append of each row's first `num_valid[b]` positions; keeps the newest M."""
-    hidden = memory["hidden"]
-    mem_len = hidden.shape[2]
-    new = lax.stop_gradient(layer_inputs_LBND.astype(hidden.dtype))
-    joined = jnp.concatenate([hidden, new], axis=2)  # [L, B, M+N, D]
-
-    def keep_newest(row_LKD, n):  # the M positions ending right after the last valid one
-        return lax.dynamic_slice_in_dim(row_LKD, n, mem_len, axis=1)
-
-    hidden = jax.vmap(keep_newest, in_axes=(1, 0), out_axes=1)(joined, num_valid_B)
+    mem_len = memory["hidden"].shape[2]
+    hidden = slots.append(memory["hidden"], lax.stop_gradient(layer_inputs_LBND), num_valid_B, batch_axis=1, axis=2)
     length = jnp.minimum(memory["length"] + num_valid_B, mem_len).astype(jnp.int32)
     return {"hidden": hidden, "length": length}
