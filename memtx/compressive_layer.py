@@ -24,7 +24,8 @@ import jax.numpy as jnp
 
 from memtx.attention import NEG_INF, param_with_axes
 from memtx.config import ModelConfig
-from memtx.memory import compressive
+from memtx.layers import layer_norm
+from memtx.memory import compressive, slots
 from memtx.xl_layer import run_layers
 
 
@@ -53,21 +54,15 @@ class Compressor(nn.Module):
         return groups.astype(block_LBND.dtype), num_groups_B.astype(jnp.int32)
 
 
-def _layer_norm(x, params, eps):
-    x32 = x.astype(jnp.float32)
-    mean = x32.mean(-1, keepdims=True)
-    var = jnp.square(x32 - mean).mean(-1, keepdims=True)
-    return ((x32 - mean) * jax.lax.rsqrt(var + eps) * params["scale"] + params["bias"]).astype(x.dtype)
-
-
 def content_attention(cfg: ModelConfig, layer_params, h_BND, rows_BMD, rows_valid_BM):
     """A layer's content-based attention of h over `rows` alone: [B, N, H, Dh] (zeros where no row
     is valid). Everything stop-gradient'ed but `rows`."""
     p = jax.lax.stop_gradient(layer_params)
     h_BND = jax.lax.stop_gradient(h_BND)
     if cfg.pre_norm:  # the layer's attention sees normalised rows
-        h_BND = _layer_norm(h_BND, p["attn_norm"], cfg.layer_norm_eps)
-        rows_BMD = _layer_norm(rows_BMD, p["attn_norm"], cfg.layer_norm_eps)
+        norm = p["attn_norm"]
+        h_BND = layer_norm(h_BND, norm["scale"], norm["bias"], cfg.layer_norm_eps)
+        rows_BMD = layer_norm(rows_BMD, norm["scale"], norm["bias"], cfg.layer_norm_eps)
     w = p["attn"]["qkv"].astype(rows_BMD.dtype)
     q = jnp.einsum("bnd,dhe->bnhe", h_BND.astype(rows_BMD.dtype), w[:, 0])
     k = jnp.einsum("bmd,dhe->bmhe", rows_BMD, w[:, 1])
@@ -83,14 +78,13 @@ def reconstruction_loss(cfg: ModelConfig, params, inputs_LBND, num_valid_B, bloc
     """L_attn summed over layers (module docstring)."""
     L, B, N, _ = inputs_LBND.shape
     G = groups_LBGD.shape[2]
-    groups_valid_BG = jnp.arange(G)[None, :] >= G - num_groups_B[:, None]
+    groups_valid_BG = slots.valid(num_groups_B, G)
     weight_BN = (jnp.arange(N)[None, :] < num_valid_B[:, None]) & valid_BN.any(-1)[:, None]
     denominator = jnp.maximum(jnp.sum(weight_BN), 1) * cfg.num_heads * cfg.dim_per_head
     total = jnp.float32(0)
     for layer in range(L):
         layer_params = params[f"layer_{layer}"]
-        target = content_attention(cfg, layer_params, inputs_LBND[layer], jax.lax.stop_gradient(block_LBND[layer]),
-                                   valid_BN)
+        target = content_attention(cfg, layer_params, inputs_LBND[layer], block_LBND[layer], valid_BN)
         rebuilt = content_attention(cfg, layer_params, inputs_LBND[layer], groups_LBGD[layer], groups_valid_BG)
         error_BN = jnp.sum(jnp.square((target - rebuilt).astype(jnp.float32)), axis=(2, 3))
         total = total + jnp.sum(jnp.where(weight_BN, error_BN, 0.0)) / denominator
@@ -107,15 +101,13 @@ def stack(model, h_BND, emb_BND, state, knn_stores, num_valid_B, u_HD, v_HD, det
         deterministic, cache, position)
     if cache is not None:  # generation inside a segment: memories are written by whole segments
         return h_BND, state, knn_stores, new_cache
-    block_LBND, valid_BN = compressive.evicted(state, inputs_LBND, num_valid_B)
-    if cfg.compressive.size == 0:  # nothing kept: the evicted slots are dropped
-        groups_LBGD = block_LBND[:, :, : block_LBND.shape[2] // cfg.compressive.rate]
-        num_groups_B = jnp.zeros_like(num_valid_B)
-    else:
-        groups_LBGD, num_groups_B = Compressor(cfg, name="compressor")(block_LBND, valid_BN)
-        if cfg.compressive.loss_weight > 0:
-            loss = reconstruction_loss(cfg, nn.meta.unbox(model.variables["params"]), inputs_LBND, num_valid_B, block_LBND,
-                                       valid_BN, groups_LBGD, num_groups_B)
-            model.sow("losses", "compression", cfg.compressive.loss_weight * loss)
+    if cfg.compressive.size == 0:  # nothing kept: the evicted slots are dropped, as Transformer-XL
+        return h_BND, compressive.write(state, inputs_LBND, None, None, num_valid_B), knn_stores, new_cache
+    block_LBND, valid_BN = compressive.evicted(state, inputs_LBND, num_valid_B)  # stop-gradient'ed
+    groups_LBGD, num_groups_B = Compressor(cfg, name="compressor")(block_LBND, valid_BN)
+    if cfg.compressive.loss_weight > 0:
+        loss = reconstruction_loss(cfg, nn.meta.unbox(model.variables["params"]), inputs_LBND, num_valid_B, block_LBND,
+                                   valid_BN, groups_LBGD, num_groups_B)
+        model.sow("losses", "compression", cfg.compressive.loss_weight * loss)
     state = compressive.write(state, inputs_LBND, groups_LBGD, num_groups_B, num_valid_B)
     return h_BND, state, knn_stores, new_cache

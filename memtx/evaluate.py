@@ -27,7 +27,6 @@ import math
 import os
 import sys
 import time
-from dataclasses import replace
 
 import jax
 import numpy as np
@@ -402,7 +401,7 @@ def evaluate_workdir(workdir: str, cfg: Config, *, step: int | None = None, knn_
         if params is None:
             params = ckpt.restore_params(step, setups[0].abstract_state["params"])  # the same for every size
         main_print(f"{workdir}: evaluating step {step} on {probe.num_docs or 'all'} {cfg.data.eval_split} documents of the {where}, "
-                   f"{registry.describe(replace(m, knn=replace(m.knn, enabled=False)))}, kNN memory {knn_size if knn_size is not None else 'none'}, segment {cfg.data.seq_len}",
+                   f"{registry.describe(m, with_knn=False)}, kNN memory {knn_size if knn_size is not None else 'none'}, segment {cfg.data.seq_len}",
                    flush=True)
         result = evaluate(setup, params, source_fn, verbose=is_main_process(), local_window=window,
                           far_reach=far_reach, copy_ngram=copy_ngram)

@@ -10,6 +10,14 @@ from memtx.attention import param_with_axes
 from memtx.config import ModelConfig
 
 
+def layer_norm(x, scale, bias, eps: float):
+    """LayerNorm over the last axis, computed in float32, returned in x's dtype."""
+    x32 = x.astype(jnp.float32)
+    mean = x32.mean(-1, keepdims=True)
+    var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+    return ((x32 - mean) * jax.lax.rsqrt(var + eps) * scale + bias).astype(x.dtype)
+
+
 class LayerNorm(nn.Module):
     eps: float = 1e-5
 
@@ -18,11 +26,7 @@ class LayerNorm(nn.Module):
         D = x.shape[-1]
         scale = param_with_axes(self, "scale", (D,), ("embed",), nn.initializers.ones)
         bias = param_with_axes(self, "bias", (D,), ("embed",), nn.initializers.zeros)
-        x32 = x.astype(jnp.float32)
-        mean = x32.mean(-1, keepdims=True)
-        var = jnp.square(x32 - mean).mean(-1, keepdims=True)
-        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps) * scale + bias
-        return y.astype(x.dtype)
+        return layer_norm(x, scale, bias, self.eps)
 
 
 class FeedForward(nn.Module):

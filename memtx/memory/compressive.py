@@ -71,23 +71,25 @@ def evicted(memory: dict, layer_inputs_LBND: jax.Array, num_valid_B: jax.Array):
                               lax.stop_gradient(layer_inputs_LBND).astype(hidden.dtype)], axis=2)
     block_LBND = slots.window(padded, num_valid_B, N, batch_axis=1, axis=2)
     count_B = jnp.maximum(memory["length"] + num_valid_B - M, 0)
-    return block_LBND, jnp.arange(N)[None, :] >= N - count_B[:, None]
+    return block_LBND, slots.valid(count_B, N)
 
 
-def write(memory: dict, layer_inputs_LBND: jax.Array, groups_LBGD: jax.Array, num_groups_B: jax.Array,
+def write(memory: dict, layer_inputs_LBND: jax.Array, groups_LBGD: jax.Array | None, num_groups_B: jax.Array | None,
           num_valid_B: jax.Array) -> dict:
     """FIFO append of the segment (as xl.write), and of each row's last `num_groups[b]` compressed
-    groups to the compressed memory, which keeps its newest Mc slots."""
+    groups to the compressed memory, which keeps its newest Mc slots (groups None, or Mc = 0:
+    the compressed memory stays as it is)."""
     fifo = xl.write({"hidden": memory["hidden"], "length": memory["length"]}, layer_inputs_LBND, num_valid_B)
     comp = memory["compressed"]
     L, B, C, D = comp.shape
+    if groups_LBGD is None or C == 0:
+        return {**memory, **fifo}
     G = groups_LBGD.shape[2]
     groups_LBGD = lax.stop_gradient(groups_LBGD).astype(comp.dtype)
     # slot i of the result is old slot ng + i while i < C - ng, else group G - C + i (independent of ng)
     head = slots.window(jnp.concatenate([comp, jnp.zeros_like(comp)], axis=2), num_groups_B, C, batch_axis=1, axis=2)
-    tail = jnp.concatenate([jnp.zeros((L, B, max(C - G, 0), D), comp.dtype), groups_LBGD], axis=2)[:, :, -C:] \
-        if C else comp
-    from_old_BC = jnp.arange(C)[None, :] < C - num_groups_B[:, None]
+    tail = jnp.concatenate([jnp.zeros((L, B, max(C - G, 0), D), comp.dtype), groups_LBGD], axis=2)[:, :, -C:]
+    from_old_BC = ~slots.valid(num_groups_B, C)
     compressed = jnp.where(from_old_BC[None, :, :, None], head, tail)
     return {**fifo, "compressed": compressed,
             "compressed_length": jnp.minimum(memory["compressed_length"] + num_groups_B, C).astype(jnp.int32)}

@@ -58,13 +58,13 @@ register(MemoryKind("compressive", "Compressive", "memtx.memory.compressive", "m
                     options="compressive"))
 
 
-def describe(model_cfg) -> str:
+def describe(model_cfg, with_knn: bool = True) -> str:
     """The memory a model has, in words: "XL memory 128, kNN memory 8192"."""
     kind, m = of(model_cfg), model_cfg
     text = f"{kind.label} memory {m.mem_len}"
     if kind.name == "compressive":
         text += f" + {m.compressive.size} compressed (rate {m.compressive.rate}, {m.compressive.function})"
-    return text + (f", kNN memory {m.knn.size}" if m.knn.enabled else "")
+    return text + (f", kNN memory {m.knn.size}" if with_knn and m.knn.enabled else "")
 
 
 def get(name: str) -> MemoryKind:
