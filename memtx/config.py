@@ -76,6 +76,55 @@ class CompressiveConfig:
     # (its inputs and the attention weights are stop-gradient'ed, as in the paper).
     loss_weight: float = 1.0
 
+    def check(self, m: ModelConfig, d: DataConfig) -> None:
+        """ConfigError for a bad value (with model.memory "compressive")."""
+        if self.size < 0:
+            raise ConfigError(f"config key 'model.compressive.size' must be >= 0, got {self.size}")
+        if self.rate <= 0:
+            raise ConfigError(f"config key 'model.compressive.rate' must be > 0, got {self.rate}")
+        if self.function not in ("conv", "mean"):
+            raise ConfigError(f"config key 'model.compressive.function' must be conv or mean, got '{self.function}'")
+        if not (self.loss_weight >= 0 and math.isfinite(self.loss_weight)):
+            raise ConfigError(f"config key 'model.compressive.loss_weight' must be a finite number >= 0, "
+                              f"got {self.loss_weight}")
+        if d.seq_len % self.rate:
+            raise ConfigError(f"config key 'model.compressive.rate' ({self.rate}) must divide data.seq_len ({d.seq_len})")
+
+    def describe(self) -> str:
+        return f" + {self.size} compressed (rate {self.rate}, {self.function})"
+
+
+@dataclass
+class BlockRecurrentConfig:
+    """The Block-Recurrent Transformer (Hutchins et al. 2022): the segment is cut into blocks of
+    `block_len`, every layer's block attends over itself and the `model.mem_len` positions before
+    it (the paper's sliding window: mem_len = block_len), and one layer also carries `state_size`
+    state vectors from block to block, updated by gates (memtx/block_recurrent_layer.py)."""
+
+    block_len: int = 32  # W: tokens per block; the state is updated once per block
+    state_size: int = 32  # S: state vectors
+    layer: int = -3  # the recurrent layer, Python-style (meliad's recurrent_layer_indices = (-3,))
+    gate: str = "fixed"  # fixed: c*g + z*(1-g), g = sigmoid(bias) | lstm: input and forget gates
+    skip_ffn: bool = False  # True: the state has no FFN, one gate after the attention (the paper's "skip")
+
+    def check(self, m: ModelConfig, d: DataConfig) -> None:
+        """ConfigError for a bad value (with model.memory "block_recurrent")."""
+        for key in ("block_len", "state_size"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"config key 'model.block_recurrent.{key}' must be > 0, got {getattr(self, key)}")
+        if not -m.num_layers <= self.layer < m.num_layers:
+            raise ConfigError(f"config key 'model.block_recurrent.layer' must index one of the {m.num_layers} "
+                              f"layers (-{m.num_layers}..{m.num_layers - 1}), got {self.layer}")
+        if self.gate not in ("fixed", "lstm"):
+            raise ConfigError(f"config key 'model.block_recurrent.gate' must be fixed or lstm, got '{self.gate}'")
+        if d.seq_len % self.block_len:
+            raise ConfigError(f"config key 'model.block_recurrent.block_len' ({self.block_len}) must divide "
+                              f"data.seq_len ({d.seq_len})")
+
+    def describe(self) -> str:
+        return (f" + {self.state_size} state vectors in layer {self.layer} (blocks of {self.block_len}, "
+                f"{self.gate} gates{', no state FFN' if self.skip_ffn else ''})")
+
 
 @dataclass
 class ModelConfig:
@@ -91,7 +140,8 @@ class ModelConfig:
     # memory than in training, as Transformer-XL's clamp_len. Not a parameter: any value at evaluation.
     clamp_len: int = 0
     # The memory kind (memtx/memory/registry.py): xl (Transformer-XL recurrence, spec §1) |
-    # lamemo (look-ahead memory, spec §2) | compressive (XL memory plus compressed memory)
+    # lamemo (look-ahead memory, spec §2) | compressive (XL memory plus compressed memory) |
+    # block_recurrent (sliding-window blocks plus a recurrent state)
     memory: str = "xl"
     pre_norm: bool = False  # False: post-LN as the reference; True: pre-LN (+ final LN)
     # L2-normalised queries and keys with a learned per-head scale in every layer (meliad does this
@@ -114,6 +164,7 @@ class ModelConfig:
     knn: KNNConfig = field(default_factory=KNNConfig)
     lamemo: LaMemoConfig = field(default_factory=LaMemoConfig)  # with memory "lamemo" only
     compressive: CompressiveConfig = field(default_factory=CompressiveConfig)  # with memory "compressive" only
+    block_recurrent: BlockRecurrentConfig = field(default_factory=BlockRecurrentConfig)  # with "block_recurrent" only
 
     @property
     def dim_per_head(self) -> int:
@@ -539,16 +590,9 @@ def validate(cfg: Config, num_devices: int) -> tuple[int, ...]:
     if m.qk_norm and not kind.qk_norm:
         raise ConfigError(f"config key 'model.qk_norm' does not apply with model.memory '{kind.name}' "
                           "(it follows its authors' attention)")
-    c = m.compressive
-    if c.size < 0:
-        raise ConfigError(f"config key 'model.compressive.size' must be >= 0, got {c.size}")
-    positive("model.compressive.rate", c.rate)
-    if c.function not in ("conv", "mean"):
-        raise ConfigError(f"config key 'model.compressive.function' must be conv or mean, got '{c.function}'")
-    if not (c.loss_weight >= 0 and math.isfinite(c.loss_weight)):
-        raise ConfigError(f"config key 'model.compressive.loss_weight' must be a finite number >= 0, got {c.loss_weight}")
-    if kind.name == "compressive" and d.seq_len % c.rate:
-        raise ConfigError(f"config key 'model.compressive.rate' ({c.rate}) must divide data.seq_len ({d.seq_len})")
+    section = getattr(m, kind.options) if kind.options else None  # other kinds' sections are defaults (above)
+    if hasattr(section, "check"):
+        section.check(m, d)
     if m.lamemo.encoding not in ("disentangled", "xl"):
         raise ConfigError(f"config key 'model.lamemo.encoding' must be disentangled or xl, got '{m.lamemo.encoding}'")
     if knn.enabled:

@@ -70,9 +70,9 @@ def activation_bytes(cfg: Config, batch_per_device: int, param_bytes: int) -> in
     m, N = cfg.model, cfg.data.seq_len
     b = batch_per_device
     act = jnp.dtype(m.dtype).itemsize
-    heads, dh, M = m.num_heads, m.dim_per_head, m.mem_len
+    heads, dh = m.num_heads, m.dim_per_head
     kind = registry.of(m)
-    keys = M + N + (m.compressive.size if kind.name == "compressive" else 0)  # attended rows
+    keys = kind.state.attended_rows(m, N)
     keys_knn = 0
     if m.knn.enabled:  # retrieved keys/values and their scores, and the search's scores over every slot
         search = m.knn.chunk_size if m.knn.backend == "chunked" else m.knn.size
@@ -80,10 +80,7 @@ def activation_bytes(cfg: Config, batch_per_device: int, param_bytes: int) -> in
     per_layer = b * N * (6 * m.d_model + 3 * heads * dh + m.d_ff) * act  # residual, norms, q/k/v/out, FFN
     per_layer += b * keys * m.d_model * act * 2  # keys/values over memory + segment
     per_layer += 2 * b * heads * N * keys * 4  # scores and probabilities (float32)
-    if kind.refreshes:
-        per_layer += 2 * b * heads * M * N * 4  # look-ahead scores and probabilities
-    if kind.name == "compressive":  # the reconstruction loss's two content attentions over N evicted slots
-        per_layer += 4 * b * heads * N * N * 4
+    per_layer += kind.state.extra_activation_bytes(m, b, N)  # the kind's own (look-ahead, reconstruction, state)
     logits = 2 * b * N * m.padded_vocab_size * 4  # float32 logits and their softmax
     return m.num_layers * per_layer + logits + keys_knn + 2 * param_bytes
 

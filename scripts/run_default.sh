@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The default job: set up the environment if needed, then on the embedded corpus (this
-# interpreter's standard library source; its fingerprint is printed) train five models of the same
+# interpreter's standard library source; its fingerprint is printed) train six models of the same
 # size (4 layers, d 128, segment 64) with 3 seeds each (train.seed 0..2), every seed of every model
 # reading the same batches, 1,000 steps each:
 #   xl      Transformer-XL, memory 64 (configs/txl.py:cpu): the baseline of the paired differences
@@ -10,6 +10,8 @@
 #           layer as meliad (configs/knn.py:cpu)
 #   compressive  Transformer-XL memory 64 plus 64 compressed slots at rate 2 (a 1-D convolution
 #           trained by the attention-reconstruction loss; configs/compressive.py:cpu)
+#   block_recurrent  Block-Recurrent Transformer: 2 blocks of 32 per segment, each attending over
+#           the 64 positions before it, 32 state vectors in layer 1 (configs/block_recurrent.py:cpu)
 # then, with memtx.compare, report each model's mean ± std over seeds of the training loss of the
 # last fifth of the steps (200: documents no run has seen before) and of validation perplexity (the first 3,072
 # bytes of 64 validation documents: data.split_fractions 94,5,1), and each model's paired
@@ -27,8 +29,9 @@ start=$(date +%s)
 common=(--config.data.split_fractions=94,5,1 --config.data.eval_doc_tokens=3072 --config.train.steps=1000
         --config.optim.warmup_steps=100)
 .venv/bin/python -m memtx.compare --out "$RUNS" --seeds "${SEEDS:-3}" --eval-max-docs 64 \
-  ${MODELS:-xl=configs/txl.py:cpu rpe=configs/txl.py:cpu_rpe lamemo=configs/lamemo.py:cpu knn=configs/knn.py:cpu compressive=configs/compressive.py:cpu} \
+  ${MODELS:-xl=configs/txl.py:cpu rpe=configs/txl.py:cpu_rpe lamemo=configs/lamemo.py:cpu knn=configs/knn.py:cpu compressive=configs/compressive.py:cpu
+  block_recurrent=configs/block_recurrent.py:cpu} \
   "${common[@]}" "$@"
 .venv/bin/python -m memtx.evaluate --workdir "$RUNS/xl/seed0" "$RUNS/knn/seed0" --knn-sizes 0,256,1024,4096 \
   --config.data.eval_max_docs=64
-echo "total wall time $(( $(date +%s) - start ))s; work directories in $RUNS/{xl,rpe,lamemo,knn,compressive}/seed{0,1,2}"
+echo "total wall time $(( $(date +%s) - start ))s; work directories in $RUNS/{xl,rpe,lamemo,knn,compressive,block_recurrent}/seed{0,1,2}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -11,7 +12,7 @@ from memtx import fit
 from memtx.cli import UsageError
 from memtx.config import ConfigError
 from memtx.memory import registry
-from tests.helpers import tiny_config
+from tests.helpers import kind_options, tiny_config
 
 
 def configs():
@@ -19,9 +20,7 @@ def configs():
     out = {}
     for name in registry.KINDS:
         cfg = tiny_config()
-        cfg.model.memory = name
-        if name == "compressive":
-            cfg.model.compressive.size = 8
+        cfg.model = dataclasses.replace(cfg.model, memory=name, **kind_options(name))
         out[name] = cfg
     knn = out["knn"] = tiny_config()
     knn.model.knn.enabled, knn.model.knn.layers, knn.model.knn.size, knn.model.knn.k = True, (1,), 256, 4

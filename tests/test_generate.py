@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from memtx.config import CompressiveConfig, Config, DataConfig, KNNConfig, ModelConfig
+from memtx.config import BlockRecurrentConfig, CompressiveConfig, Config, DataConfig, KNNConfig, ModelConfig
 from memtx.generate import Generator, generate, sample
 from memtx.memory import model_memory, registry
 from memtx.model import TransformerLM, init_memory
@@ -33,6 +33,9 @@ KINDS = {
     "xl_prenorm_qknorm": dict(mem_len=5, pre_norm=True, qk_norm=True),
     # M < N: every segment also passes positions the FIFO cannot keep to the compressed memory
     "compressive": dict(mem_len=2, memory="compressive", compressive=CompressiveConfig(size=4, rate=2)),
+    # 2 blocks per segment: the second reads the state the first wrote
+    "block_recurrent": dict(mem_len=2, memory="block_recurrent",
+                            block_recurrent=BlockRecurrentConfig(block_len=3, state_size=3, layer=-1)),
 }
 
 
@@ -93,7 +96,7 @@ def test_greedy_logits_equal_the_teacher_forced_forward(kind):
         assert tokens == [int(np.argmax(r[:30])) for r in ref_gen]
     # The two documents' continuations are not trivially alike (the check above can fail).
     assert all_logits[0][1] != all_logits[1][1][:len(all_logits[0][1])]
-    if not registry.of(cfg.model).kv_cache:  # LaMemo: a whole-segment forward per token
+    if not registry.of(cfg.model).kv_cache:  # LaMemo, Block-Recurrent: a whole-segment forward per token
         assert gen.decodes == 0
     else:  # most tokens went through the key/value cache, not a whole-segment forward
         assert gen.decodes >= 10 and gen.forwards < gen.decodes

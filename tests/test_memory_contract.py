@@ -22,15 +22,13 @@ import pytest
 from memtx.config import KNNConfig, ModelConfig
 from memtx.memory import model_memory, registry
 from memtx.model import init_memory, segment_nll
-from tests.helpers import make_corpus, segment_batch, small_model, tiny_config
+from tests.helpers import kind_options, make_corpus, segment_batch, small_model, tiny_config
 
 N = 6  # segment length: every segment of a test has 6 positions
 
 
 def _options(kind: registry.MemoryKind) -> dict:
-    """Small sizes for each kind's own options section (its defaults otherwise)."""
-    return {"compressive": {"compressive": dataclasses.replace(ModelConfig().compressive, size=4, rate=2)}}.get(
-        kind.name, {})
+    return kind_options(kind.name)
 
 
 VARIANTS = [(name, False) for name in registry.KINDS] + [(name, True) for name, k in registry.KINDS.items() if k.knn]

@@ -93,3 +93,13 @@ def write(memory: dict, layer_inputs_LBND: jax.Array, groups_LBGD: jax.Array | N
     compressed = jnp.where(from_old_BC[None, :, :, None], head, tail)
     return {**fifo, "compressed": compressed,
             "compressed_length": jnp.minimum(memory["compressed_length"] + num_groups_B, C).astype(jnp.int32)}
+
+
+def attended_rows(cfg, seq_len: int) -> int:
+    """Keys each query of a segment attends to in a layer (memtx.fit's estimate)."""
+    return cfg.compressive.size + cfg.mem_len + seq_len
+
+
+def extra_activation_bytes(cfg, batch: int, seq_len: int) -> int:
+    """Per layer: the reconstruction loss's two content attentions over N evicted slots."""
+    return 4 * batch * cfg.num_heads * seq_len * seq_len * 4

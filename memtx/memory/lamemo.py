@@ -93,3 +93,13 @@ def write(memory: dict, emb_BND, refreshed_C_LBMHD, refreshed_logS_LBMH, cur_C_L
         "logS": pick(logS, memory["logS"], 1),
         "length": jnp.minimum(memory["length"] + num_valid_B, mem_len).astype(jnp.int32),
     }
+
+
+def attended_rows(cfg, seq_len: int) -> int:
+    """Keys each query of a segment attends to in a layer (memtx.fit's estimate)."""
+    return cfg.mem_len + seq_len
+
+
+def extra_activation_bytes(cfg, batch: int, seq_len: int) -> int:
+    """Per layer: the look-ahead's scores and probabilities (float32)."""
+    return 2 * batch * cfg.num_heads * cfg.mem_len * seq_len * 4

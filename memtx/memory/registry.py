@@ -31,6 +31,7 @@ class MemoryKind:
     kv_cache: bool = True  # generation may run one token at a time with a key/value cache
     qk_norm: bool = True  # `model.qk_norm` applies to its attention
     refreshes: bool = False  # its memory slots are recomputed from each segment (LaMemo's look-ahead)
+    whole_segment: bool = True  # every layer's queries are the whole segment over [memory ; segment]
 
     @property
     def state(self) -> ModuleType:
@@ -56,14 +57,18 @@ register(MemoryKind("lamemo", "LaMemo", "memtx.memory.lamemo", "memtx.lamemo_lay
                     kv_cache=False, qk_norm=False, refreshes=True))
 register(MemoryKind("compressive", "Compressive", "memtx.memory.compressive", "memtx.compressive_layer",
                     options="compressive"))
+register(MemoryKind("block_recurrent", "Block-Recurrent", "memtx.memory.block_recurrent",
+                    "memtx.block_recurrent_layer", options="block_recurrent", knn=False, kv_cache=False, qk_norm=False,
+                    whole_segment=False))
 
 
 def describe(model_cfg, with_knn: bool = True) -> str:
     """The memory a model has, in words: "XL memory 128, kNN memory 8192"."""
     kind, m = of(model_cfg), model_cfg
     text = f"{kind.label} memory {m.mem_len}"
-    if kind.name == "compressive":
-        text += f" + {m.compressive.size} compressed (rate {m.compressive.rate}, {m.compressive.function})"
+    section = getattr(m, kind.options) if kind.options else None
+    if hasattr(section, "describe"):
+        text += section.describe()
     return text + (f", kNN memory {m.knn.size}" if with_knn and m.knn.enabled else "")
 
 

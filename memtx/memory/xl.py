@@ -52,3 +52,13 @@ def write(memory: dict, layer_inputs_LBND: jax.Array, num_valid_B: jax.Array) ->
     hidden = slots.append(memory["hidden"], lax.stop_gradient(layer_inputs_LBND), num_valid_B, batch_axis=1, axis=2)
     length = jnp.minimum(memory["length"] + num_valid_B, mem_len).astype(jnp.int32)
     return {"hidden": hidden, "length": length}
+
+
+def attended_rows(cfg, seq_len: int) -> int:
+    """Keys each query of a segment attends to in a layer (memtx.fit's estimate)."""
+    return cfg.mem_len + seq_len
+
+
+def extra_activation_bytes(cfg, batch: int, seq_len: int) -> int:
+    """Per layer, what the train step keeps beyond an XL layer's (memtx.fit's estimate)."""
+    return 0

@@ -100,13 +100,7 @@ def main(args: argparse.Namespace, rest: list[str]) -> int:
     for r in lamemo_runs:
         if r.cfg.model.mem_len == 0:
             raise UsageError(f"{r.name}: the alpha study needs a memory (model.mem_len > 0)")
-    prov = common.provenance(lamemo_runs, rest)
-    result = {"study": "alpha", "split": lamemo_runs[0].split, "provenance": prov,
-              "runs": {r.name: study_run(r) for r in lamemo_runs}}
-    print(format_table(result))
-    common.write_outputs(args.out, common.output_stem(f"alpha_{result['split']}", prov), result,
-                         lambda path: plot(result, path))
-    return 0
+    return common.report("alpha", args, rest, lamemo_runs, study_run, format_table, plot)
 
 
 def parser() -> argparse.ArgumentParser:

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from memtx import state as state_lib
-from memtx.cli import run_cli
+from memtx.cli import UsageError, run_cli
 from memtx.memory import model_memory, registry
 from memtx.evaluate import stream_documents
 from memtx.studies import common
@@ -125,13 +125,12 @@ def format_table(result: dict) -> str:
 
 def main(args: argparse.Namespace, rest: list[str]) -> int:
     runs = common.find_runs(args, rest)
-    prov = common.provenance(runs, rest)
-    result = {"study": "attention_distance", "split": runs[0].split, "provenance": prov,
-              "runs": {r.name: study_run(r) for r in runs}}
-    print(format_table(result))
-    common.write_outputs(args.out, common.output_stem(f"attention_distance_{result['split']}", prov), result,
-                         lambda path: plot(result, path))
-    return 0
+    for run in runs:
+        kind = registry.of(run.cfg.model)
+        if not kind.whole_segment:
+            raise UsageError(f"{run.name}: the attention-distance study reads layers whose queries are the whole "
+                             f"segment; {kind.label} layers attend block by block")
+    return common.report("attention_distance", args, rest, runs, study_run, format_table, plot)
 
 
 def parser() -> argparse.ArgumentParser:

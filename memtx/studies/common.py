@@ -178,3 +178,13 @@ def write_outputs(out: str, stem: str, result: dict, plot: Callable[[str], bool]
     png_path = os.path.join(out, f"{stem}.png")
     if plot(png_path):
         print(f"plot written to {png_path}")
+
+
+def report(study: str, args: argparse.Namespace, rest: list[str], runs: list[Run], study_run, format_table, plot) -> int:
+    """A study's result over `runs` (`study_run(run)` each, with the provenance), its table
+    printed, its JSON and plot written to --out."""
+    prov = provenance(runs, rest)
+    result = {"study": study, "split": runs[0].split, "provenance": prov, "runs": {r.name: study_run(r) for r in runs}}
+    print(format_table(result))
+    write_outputs(args.out, output_stem(f"{study}_{result['split']}", prov), result, lambda path: plot(result, path))
+    return 0
