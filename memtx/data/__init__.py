@@ -18,8 +18,8 @@ from memtx.data.sources import (
     count_tokens,
     file_documents,
     file_source_fn,
-    open_source,
 )
+from memtx.data.config_source import open_source
 from memtx.data.stream import DocumentStream
 from memtx.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE, decode, encode
 from memtx.data.vocab import ByteVocab, SentencePieceVocab, Vocab, load_vocab

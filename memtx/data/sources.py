@@ -8,7 +8,8 @@ order. A source covers one shard of the documents (`shard_index` of `num_shards`
 per process), and `describe()` names everything a saved stream position depends on.
 
 `FileSource` reads files (one file = one document) and needs no TensorFlow; seqio tasks are
-read by `memtx.data.seqio_source.SeqioSource`. `open_source` picks one from a config.
+read by `memtx.data.seqio_source.SeqioSource`; `memtx.data.config_source.open_source` picks one
+from a config.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any, Callable, Iterator, Protocol, Sequence
 import numpy as np
 
 from memtx.data.corpus import CorpusError, Document, list_documents, read_bytes, read_document, split_documents
-from memtx.data.vocab import ByteVocab, UndecodableDocument, Vocab, load_vocab
+from memtx.data.vocab import ByteVocab, UndecodableDocument, Vocab
 
 logger = logging.getLogger(__name__)
 
@@ -161,19 +162,3 @@ def file_documents(data_cfg, split: str, max_docs: int = 0) -> list[Document]:
     """The documents of `split` of `data.corpus` (a directory, glob, file or "stdlib")."""
     docs = split_documents(list_documents(data_cfg.corpus), split, data_cfg.split_fractions)
     return docs[:max_docs] if max_docs else docs
-
-
-def open_source(data_cfg, split: str, *, train: bool, shard_index: int = 0, num_shards: int = 1,
-                max_docs: int = 0) -> DocumentSource:
-    """The source a config names: `data.task` (a seqio task, see memtx/data/tasks.py) or, when it
-    is empty, the files of `data.corpus`. Training sources shuffle with `data.seed` and repeat;
-    evaluation sources read every document once, in order. Raises CorpusError (one line)."""
-    vocab = load_vocab(data_cfg.vocab)
-    if data_cfg.task:
-        from memtx.data.seqio_source import SeqioSource  # TensorFlow is imported only here
-
-        return SeqioSource.from_config(data_cfg, split, vocab=vocab, train=train, shard_index=shard_index,
-                                       num_shards=num_shards, max_docs=max_docs)
-    return FileSource(file_documents(data_cfg, split, max_docs), vocab=vocab, shuffle=train, repeat=train,
-                      seed=data_cfg.seed, shard_index=shard_index, num_shards=num_shards,
-                      max_tokens=0 if train else data_cfg.eval_doc_tokens)
