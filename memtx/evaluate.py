@@ -31,7 +31,7 @@ import time
 import jax
 import numpy as np
 
-from memtx import stats
+from memtx import probes, stats
 from memtx import state as state_lib
 from memtx.checkpoint import run_checkpointer
 from memtx.cli import ArgumentParser, UsageError, parse_int_list, resolve_config, run_cli
@@ -155,7 +155,7 @@ def evaluate(setup: state_lib.Setup, params, source_fn: SourceFn, *, log_every: 
     if cfg.model.knn.enabled and cfg.model.knn.size:
         result["knn_fill"] = float(sums["fill_sum"]) / max(tokens, 1)
         result["knn_top1_score"] = float(sums["top1_sum"]) / max(float(sums["top1_count"]), 1)
-        result["knn_gate"] = {str(layer): jax.nn.sigmoid(params[f"layer_{layer}"]["attn"]["gate_bias"]).tolist()
+        result["knn_gate"] = {str(layer): jax.nn.sigmoid(probes.attention_param(params, int(layer), "gate_bias")).tolist()
                               for layer in cfg.model.knn.layer_indices(cfg.model.num_layers)}
     return result
 

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from memtx import sharding
+from memtx import probes, sharding
 from memtx.model import segment_nll
 from memtx.optimizer import learning_rate_schedule
 from memtx.state import Setup, batch_shardings, memory_shardings
@@ -67,7 +67,7 @@ def make_eval_step(setup: Setup):
         for layer, store in memory["knn"].items():
             if knn_cfg.size == 0:
                 continue
-            (scores_BHN, valid_BHN), = inter[f"layer_{layer}"]["attn"]["knn_top1"]
+            scores_BHN, valid_BHN = probes.attention(inter, int(layer), "knn_top1")
             counted = valid_BHN & scored_BN[:, None, :]
             sums["top1_sum"] += jnp.sum(jnp.where(counted, scores_BHN, 0.0))
             sums["top1_count"] += jnp.sum(counted)

@@ -16,6 +16,7 @@ import time
 
 import jax
 
+from memtx import probes
 from memtx import state as state_lib
 from memtx.checkpoint import CheckpointWriteError, run_checkpointer, writable_directory
 from memtx.cli import ArgumentParser, resolve_config, run_cli
@@ -105,7 +106,7 @@ def memory_metrics(cfg: Config, params, memory) -> dict:
     for layer in cfg.model.knn.layer_indices(cfg.model.num_layers):
         # Reduced under jit: the results are replicated, so every process can read them even when
         # the store's rows live on other processes' devices.
-        gates, fill = _gate_and_fill(params[f"layer_{layer}"]["attn"]["gate_bias"], memory["knn"][str(layer)]["count"])
+        gates, fill = _gate_and_fill(probes.attention_param(params, int(layer), "gate_bias"), memory["knn"][str(layer)]["count"])
         out.update({f"knn_gate_l{layer}_h{h}": float(g) for h, g in enumerate(jax.device_get(gates))})
         out[f"knn_fill_l{layer}"] = float(fill) / cfg.model.knn.size
     return out

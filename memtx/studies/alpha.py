@@ -23,6 +23,7 @@ import sys
 import jax.numpy as jnp
 import numpy as np
 
+from memtx import probes
 from memtx import state as state_lib
 from memtx.cli import UsageError, run_cli
 from memtx.memory import lamemo, registry
@@ -35,7 +36,7 @@ def alpha_reduce(num_layers: int):
 
     def reduce(memory_in, batch, inter):
         valid_BM = lamemo.valid_mask(memory_in["lamemo"]) & jnp.any(batch["weights"] > 0, axis=-1)[:, None]
-        alpha_LBMH = jnp.stack([inter[f"layer_{l}"]["attn"]["alpha"][0] for l in range(num_layers)])
+        alpha_LBMH = jnp.stack([probes.attention(inter, l, "alpha") for l in range(num_layers)])
         H = alpha_LBMH.shape[-1]
         return {"alpha_LM": jnp.sum(jnp.where(valid_BM[None, :, :, None], alpha_LBMH, 0.0), axis=(1, 3)),
                 "count_M": jnp.sum(valid_BM, axis=0).astype(jnp.float32) * H}

@@ -21,6 +21,7 @@ import sys
 import jax.numpy as jnp
 import numpy as np
 
+from memtx import probes
 from memtx import state as state_lib
 from memtx.cli import UsageError, run_cli
 from memtx.memory import model_memory, registry
@@ -53,7 +54,7 @@ def distance_reduce(num_layers: int):
         mem_valid_BM = registry.get(name).state.valid_mask(memory_in[name])  # every slot the layers attend
         B, N = batch["weights"].shape
         key_valid_BK = jnp.concatenate([mem_valid_BM, jnp.ones((B, N), bool)], axis=1)
-        probs_LBHNK = jnp.stack([inter[f"layer_{l}"]["attn"]["attn_prob"][0] for l in range(num_layers)])
+        probs_LBHNK = jnp.stack([probes.attention(inter, l, "attn_prob") for l in range(num_layers)])
         return distance_sums(probs_LBHNK, batch["weights"] > 0, key_valid_BK)
 
     return reduce
