@@ -74,9 +74,16 @@ def make_eval_step(setup: Setup):
             sums["fill_sum"] += jnp.sum(store["count"] / knn_cfg.size * jnp.sum(scored_BN, -1)) / len(memory["knn"])
         return memory, sums
 
-    mem_sh, batch_sh = memory_shardings(setup), batch_shardings(setup)
-    jitted = jax.jit(eval_step, in_shardings=(setup.state_shardings["params"], mem_sh, batch_sh),
-                     out_shardings=(mem_sh, sharding.replicated(setup.mesh)), donate_argnums=(1,))
+    return jit_segment(setup, eval_step)
+
+
+def jit_segment(setup: Setup, fn, out_sharding=None):
+    """`fn(params, memory, batch) -> (memory, out)` jitted with the setup's shardings (`out`
+    replicated unless `out_sharding` says otherwise), the memory buffers donated, and called under
+    the mesh and the logical axis rules: the eval step, the studies' steps, the recall task."""
+    mem_sh = memory_shardings(setup)
+    jitted = jax.jit(fn, in_shardings=(setup.state_shardings["params"], mem_sh, batch_shardings(setup)),
+                     out_shardings=(mem_sh, out_sharding or sharding.replicated(setup.mesh)), donate_argnums=(1,))
     return under_mesh(setup, jitted)
 
 

@@ -189,14 +189,13 @@ def predict_documents(setup, params, texts: list[bytes]) -> list[np.ndarray]:
     Documents are streamed as in evaluation: `cfg.data.eval_batch_size` rows, one document per
     row, segments of `cfg.data.seq_len`, memory carried within a document and reset at its start.
     """
-    import flax.linen as nn
     import jax
     import jax.numpy as jnp
 
-    from memtx import sharding
     from memtx import state as state_lib
     from memtx.data.tokenizer import BOS_ID, PAD_ID
     from memtx.memory import model_memory
+    from memtx.step import jit_segment
 
     cfg = setup.cfg
     B, N = cfg.data.eval_batch_size, cfg.data.seq_len
@@ -206,14 +205,9 @@ def predict_documents(setup, params, texts: list[bytes]) -> list[np.ndarray]:
         memory = model_memory.reset_rows(memory, batch["reset"])
         num_valid_B = jnp.sum(batch["weights"] > 0, axis=-1).astype(jnp.int32)
         logits, memory = model.apply({"params": params}, batch["inputs"], memory, num_valid_B)
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32), memory
+        return memory, jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
-    mem_sh = state_lib.memory_shardings(setup)
-    batch_sh = {"inputs": setup.batch_sharding, "targets": setup.batch_sharding,
-                "weights": setup.batch_sharding, "reset": setup.row_sharding}
-    jitted = jax.jit(forward, in_shardings=(setup.state_shardings["params"], mem_sh, batch_sh),
-                     out_shardings=(setup.batch_sharding, mem_sh), donate_argnums=(1,))
-    rules = sharding.rules(cfg)
+    jitted = jit_segment(setup, forward, setup.batch_sharding)
     memory = state_lib.init_memory_sharded(setup, B)
     predictions: list[np.ndarray] = []
     for start in range(0, len(texts), B):
@@ -231,8 +225,7 @@ def predict_documents(setup, params, texts: list[bytes]) -> list[np.ndarray]:
                 inputs[row, :m] = t[s * N:s * N + m]
                 weights[row, :m] = 1.0
             batch = {"inputs": inputs, "targets": inputs, "weights": weights, "reset": np.full((B,), s == 0)}
-            with jax.set_mesh(setup.mesh), nn.logical_axis_rules(rules):
-                pred, memory = jitted(params, memory, state_lib.device_batch(setup, batch))
+            memory, pred = jitted(params, memory, state_lib.device_batch(setup, batch))
             pred = np.asarray(jax.device_get(pred))
             for row, n in enumerate(lengths):
                 m = max(0, min(N, n - s * N))

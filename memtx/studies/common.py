@@ -12,10 +12,8 @@ import sys
 from dataclasses import dataclass
 from typing import Callable
 
-import jax
 import numpy as np
 
-from memtx import sharding
 from memtx.checkpoint import run_checkpointer
 from memtx.cli import ArgumentParser, UsageError, resolve_config
 from memtx.config import Config, config_hash, stable_hash
@@ -24,8 +22,8 @@ from memtx.data.fingerprint import corpus_fingerprint
 from memtx.data.sources import SourceFn
 from memtx.memory import model_memory
 from memtx.model import segment_nll
-from memtx.state import Setup, batch_shardings, memory_shardings
-from memtx.step import under_mesh
+from memtx.state import Setup
+from memtx.step import jit_segment
 
 DEFAULT_OUT = os.path.join("runs", "studies")
 
@@ -123,10 +121,7 @@ def make_segment_step(setup: Setup, reduce: Callable):
         _, memory, inter = segment_nll(model, params, memory, batch, with_intermediates=True)
         return memory, reduce(memory_in, batch, inter)
 
-    jitted = jax.jit(segment_step, in_shardings=(setup.state_shardings["params"], memory_shardings(setup),
-                                                 batch_shardings(setup)),
-                     out_shardings=(memory_shardings(setup), sharding.replicated(setup.mesh)), donate_argnums=(1,))
-    return under_mesh(setup, jitted)
+    return jit_segment(setup, segment_step)
 
 
 def safe_mean(total, count):
