@@ -168,35 +168,124 @@ def train(cfg: Config, workdir: str) -> dict:
         return _train_locked(cfg, workdir, setup, stream, num_shards)
 
 
-def _train_locked(cfg: Config, workdir: str, setup, stream, num_shards: int) -> dict:
-    main = is_main_process()
-    config_path = os.path.join(workdir, "config.json")
-    if os.path.exists(config_path):
-        check_resumable(load_json(config_path), cfg, workdir)
-    if cfg.train.checkpoint_dir and "://" not in cfg.train.checkpoint_dir:  # a bad one: one line, nothing written
-        writable_directory(cfg.train.checkpoint_dir, "checkpoint directory")
-    if main:
-        save_json(cfg, config_path)
-        record_corpus(cfg, workdir)
-    ckpt = run_checkpointer(cfg, workdir, keep=cfg.train.keep_checkpoints)
+class Preemption:
+    """SIGTERM while training asks the loop to save the step it is at and stop (the previous
+    handler is back on exit)."""
 
-    # The newest checkpoint that verifies and restores (a damaged one is reported and set aside).
+    def __enter__(self) -> Preemption:
+        self.requested = False
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, *_) -> None:
+        self.requested = True
+
+    def __exit__(self, *exc) -> None:
+        signal.signal(signal.SIGTERM, self._previous)
+
+
+class StepLog:
+    """The steps' metrics, kept on the device until a log step; then written (metrics.jsonl,
+    TensorBoard; process 0), checked for non-finite values, and reported in a progress line with
+    tokens/s and the ETA. Time spent evaluating is not counted as training time."""
+
+    def __init__(self, cfg: Config, workdir: str, start: int, ckpt, stream):
+        self.cfg, self.ckpt, self.stream, self.start = cfg, ckpt, stream, start
+        self.writer = MetricsWriter(workdir, resume_step=start) if is_main_process() else None
+        self.tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
+        self.pending: list[tuple[int, dict]] = []
+        self.last: dict = {}  # the last step's written values
+        self.progress = None  # started after the first (compiling) step
+        self.window = (start, time.perf_counter())  # (step, time) the tokens/s window starts at
+        if self.writer:
+            self.writer.write_text("config", "```\n" + json.dumps(to_dict(cfg), indent=2) + "\n```", start)
+
+    def add(self, step: int, metrics: dict) -> None:
+        self.pending.append((step, metrics))
+        if step == self.start + 1:
+            jax.block_until_ready(metrics)
+            main_print(f"first step (compilation included) took {time.perf_counter() - self.window[1]:.1f}s",
+                       flush=True)
+            self.progress = Progress(self.cfg.train.steps, done=step)
+
+    def report(self, step: int, extra: dict) -> None:
+        """Writes the pending steps (`extra` and the window's speed join the last one) and prints
+        the progress line."""
+        jax.block_until_ready(self.pending[-1][1])
+        now = time.perf_counter()
+        first, since = self.window
+        timing = {} if first == self.start else {  # the first window includes compilation
+            "step_time_s": (now - since) / (step - first),
+            "tokens_per_s": (step - first) * self.tokens_per_step / (now - since)}
+        self.window = (step, now)
+        new_tokens = len(self.pending) * self.tokens_per_step
+        loss = self._flush({**timing, **extra})
+        if is_main_process():
+            skipped = self.stream.skipped
+            self.progress.report(step, new_tokens, f"loss {loss:.4f} ({loss / math.log(2):.3f} bits/token) "
+                                 f"lr {self.last['lr']:.2e} gnorm {self.last['grad_norm']:.2f}"
+                                 + (f" skipped docs {skipped}" if skipped else ""))
+
+    def _flush(self, extra: dict) -> float:
+        """Writes the pending steps' metrics; returns their mean loss. A non-finite loss or
+        gradient stops the run (nothing after the last good checkpoint is saved)."""
+        total = 0.0
+        for i, (s, m) in enumerate(jax.device_get(self.pending)):
+            values = {k: float(v) for k, v in m.items()}
+            values["tokens_seen"] = s * self.tokens_per_step
+            if i == len(self.pending) - 1:
+                values.update(extra)
+            bad = [k for k in ("loss", "grad_norm", "param_norm") if not math.isfinite(values[k])]
+            if bad:
+                self.ckpt.wait()
+                raise NonFiniteLoss(f"non-finite {' and '.join(bad)} at step {s}; kept the last good checkpoint "
+                                    f"(step {self.ckpt.latest_step() or 'none'}) in {self.ckpt.directory}")
+            values["skipped_documents"] = self.stream.skipped  # unreadable or corrupt, so far (this process)
+            if self.writer:
+                self.writer.write(s, values)
+            self.last, total = values, total + values["loss"]
+        mean_loss = total / max(len(self.pending), 1)
+        self.pending.clear()
+        if self.writer:
+            self.writer.flush()
+        return mean_loss
+
+    def evaluation(self, step: int, result: dict) -> None:
+        if self.writer:
+            self.writer.write(step, result, group="eval")
+            self.writer.flush()
+        main_print(f"step {step}: {self.cfg.data.eval_split} perplexity {result['eval_perplexity']:.3f} "
+                   f"on {result['eval_documents']} documents, {result['eval_tokens']:,} tokens "
+                   f"({format_duration(result['eval_seconds'])})", flush=True)
+        self.window = (step, time.perf_counter())  # evaluation time is not training time
+        if self.progress is not None:
+            self.progress.last_time = self.window[1]
+
+    def close(self) -> None:
+        if self.writer:
+            self.writer.close()
+
+
+def _restore_or_init(cfg: Config, setup, ckpt, stream) -> tuple[int, dict, dict]:
+    """(start step, state, memory): the newest checkpoint that verifies and restores (a damaged
+    one is reported and set aside) with the data stream's position, or a fresh (or warm) start."""
     restored = ckpt.restore_latest(setup.abstract_state, state_lib.abstract_memory(setup, cfg.data.batch_size))
-    start = restored[0] if restored else 0
-    if restored:
-        _, state, memory, data_state = restored
-        try:
-            stream.restore(data_state)
-        except ValueError as e:
-            raise ConfigError(f"cannot resume the data stream of step {start} in {ckpt.directory}: {e}") from None
-        main_print(f"resumed from step {start} in {ckpt.directory}", flush=True)
-    else:
+    if not restored:
         state = state_lib.init_state(setup, cfg.train.seed)
         if cfg.train.init_from:
             state = warm_start(state, cfg.train.init_from)
-        memory = state_lib.init_memory_sharded(setup, cfg.data.batch_size)
+        return 0, state, state_lib.init_memory_sharded(setup, cfg.data.batch_size)
+    start, state, memory, data_state = restored
+    try:
+        stream.restore(data_state)
+    except ValueError as e:
+        raise ConfigError(f"cannot resume the data stream of step {start} in {ckpt.directory}: {e}") from None
+    main_print(f"resumed from step {start} in {ckpt.directory}", flush=True)
+    return start, state, memory
+
+
+def _describe_run(cfg: Config, setup, source, num_shards: int) -> None:
     n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(setup.abstract_state["params"]))
-    source = stream.source
     main_print(f"model: {n_params / 1e6:.2f}M parameters, {cfg.model.num_layers} layers, d {cfg.model.d_model}, "
                f"{registry.describe(cfg.model)}, segment {cfg.data.seq_len}, batch {cfg.data.batch_size}; "
                f"{source.num_docs or 'streamed'} training documents per shard, {num_shards} shard(s) over "
@@ -204,107 +293,60 @@ def _train_locked(cfg: Config, workdir: str, setup, stream, num_shards: int) -> 
                f"({cfg.data.task + ' task' if cfg.data.task else cfg.data.corpus}, vocabulary {source.vocab.name}); "
                f"mesh {dict(setup.mesh.shape)}", flush=True)
 
+
+def _train_locked(cfg: Config, workdir: str, setup, stream, num_shards: int) -> dict:
+    config_path = os.path.join(workdir, "config.json")
+    if os.path.exists(config_path):
+        check_resumable(load_json(config_path), cfg, workdir)
+    if cfg.train.checkpoint_dir and "://" not in cfg.train.checkpoint_dir:  # a bad one: one line, nothing written
+        writable_directory(cfg.train.checkpoint_dir, "checkpoint directory")
+    if is_main_process():
+        save_json(cfg, config_path)
+        record_corpus(cfg, workdir)
+    ckpt = run_checkpointer(cfg, workdir, keep=cfg.train.keep_checkpoints)
+    start, state, memory = _restore_or_init(cfg, setup, ckpt, stream)
+    _describe_run(cfg, setup, stream.source, num_shards)
+
     train_step = make_train_step(setup)
-    writer = MetricsWriter(workdir, resume_step=start) if main else None
-    stop_at = min(cfg.train.steps, start + cfg.train.stop_after) if cfg.train.stop_after else cfg.train.steps
-    tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
-    progress = None  # started after the first (compiling) step
-    preempted = []
-    previous_handler = signal.signal(signal.SIGTERM, lambda *_: preempted.append(True))  # save, then stop
-    pending: list[tuple[int, dict]] = []
-    last = {}
-
-    def flush_metrics(extra: dict | None = None) -> float:
-        """Writes the pending steps' metrics (`extra` joins the last step's line); returns their
-        mean loss (the progress line's)."""
-        nonlocal last
-        total = 0.0
-        for i, (s, m) in enumerate(jax.device_get(pending)):
-            values = {k: float(v) for k, v in m.items()}
-            values["tokens_seen"] = s * tokens_per_step
-            if extra and i == len(pending) - 1:
-                values.update(extra)
-            bad = [k for k in ("loss", "grad_norm", "param_norm") if not math.isfinite(values[k])]
-            if bad:  # nothing after the last good step is saved
-                ckpt.wait()
-                raise NonFiniteLoss(f"non-finite {' and '.join(bad)} at step {s}; kept the last good checkpoint "
-                                    f"(step {ckpt.latest_step() or 'none'}) in {ckpt.directory}")
-            values["skipped_documents"] = stream.skipped  # unreadable or corrupt, so far (this process)
-            if writer:
-                writer.write(s, values)
-            last, total = values, total + values["loss"]
-        mean_loss = total / max(len(pending), 1)
-        pending.clear()
-        if writer:
-            writer.flush()
-        return mean_loss
-
-    if writer:
-        writer.write_text("config", "```\n" + json.dumps(to_dict(cfg), indent=2) + "\n```", start)
     validate = make_validation(setup) if cfg.train.eval_every else None
+    t = cfg.train
+    stop_at = min(t.steps, start + t.stop_after) if t.stop_after else t.steps
+    log = StepLog(cfg, workdir, start, ckpt, stream)
     step, t0 = start, time.perf_counter()
-    last_log = (start, t0)
     try:
-        while step < stop_at:
-            batch = state_lib.device_batch(setup, stream.next_batch())
-            state, memory, metrics = train_step(state, memory, batch)
-            step += 1
-            pending.append((step, metrics))
-            if step == start + 1:
-                jax.block_until_ready(metrics)
-                main_print(f"first step (compilation included) took {time.perf_counter() - t0:.1f}s", flush=True)
-                progress = Progress(cfg.train.steps, done=step)
-            save_now = step % cfg.train.checkpoint_every == 0 or step == stop_at or preempted
-            eval_now = validate is not None and (step % cfg.train.eval_every == 0 or step == stop_at)
-            if step % cfg.train.log_every == 0 or save_now or eval_now:
-                n_new = len(pending)
-                jax.block_until_ready(metrics)
-                now = time.perf_counter()
-                timing = {} if last_log[0] == start else {  # the first window includes compilation
-                    "step_time_s": (now - last_log[1]) / (step - last_log[0]),
-                    "tokens_per_s": (step - last_log[0]) * tokens_per_step / (now - last_log[1])}
-                last_log = (step, now)
-                loss = flush_metrics({**timing, **memory_metrics(cfg, state["params"], memory)})
-                if main:
-                    progress.report(step, n_new * tokens_per_step,
-                                    f"loss {loss:.4f} ({loss / math.log(2):.3f} bits/token) "
-                                    f"lr {last['lr']:.2e} gnorm {last['grad_norm']:.2f}"
-                                    + (f" skipped docs {stream.skipped}" if stream.skipped else ""))
-            if eval_now:
-                result = validate(state["params"])
-                if writer:
-                    writer.write(step, result, group="eval")
-                    writer.flush()
-                main_print(f"step {step}: {cfg.data.eval_split} perplexity {result['eval_perplexity']:.3f} "
-                           f"on {result['eval_documents']} documents, {result['eval_tokens']:,} tokens "
-                           f"({format_duration(result['eval_seconds'])})", flush=True)
-                last_log = (step, time.perf_counter())  # evaluation time is not training time
-                if progress is not None:
-                    progress.last_time = last_log[1]
-            if save_now:
-                ckpt.save(step, state, memory, stream.state())
-            if preempted:
-                main_print(f"SIGTERM: saved step {step}; rerun the same command to resume", flush=True)
-                break
+        with Preemption() as preemption:
+            while step < stop_at:
+                state, memory, metrics = train_step(state, memory, state_lib.device_batch(setup, stream.next_batch()))
+                step += 1
+                log.add(step, metrics)
+                save_now = step % t.checkpoint_every == 0 or step == stop_at or preemption.requested
+                eval_now = validate is not None and (step % t.eval_every == 0 or step == stop_at)
+                if step % t.log_every == 0 or save_now or eval_now:
+                    log.report(step, memory_metrics(cfg, state["params"], memory))
+                if eval_now:
+                    log.evaluation(step, validate(state["params"]))
+                if save_now:
+                    ckpt.save(step, state, memory, stream.state())
+                if preemption.requested:
+                    main_print(f"SIGTERM: saved step {step}; rerun the same command to resume", flush=True)
+                    break
     except Exception as e:  # noqa: BLE001 - jaxlib's XlaRuntimeError; re-raised unless out of device memory
         if isinstance(e, ConfigError) or not is_out_of_memory(e):
             raise
         raise ConfigError(f"the train step does not fit in the devices' memory ({' '.join(str(e).split())[:160]}): "
                           f"{SHRINK}") from None
     finally:
-        signal.signal(signal.SIGTERM, previous_handler)
         failing = sys.exc_info()[1]  # already failing: finishing the saves must not hide why
         try:
             ckpt.wait()
             ckpt.close()
-            if writer:
-                writer.close()
+            log.close()
         except (CheckpointWriteError, MetricsWriteError):
             if failing is None:
                 raise
     elapsed = time.perf_counter() - t0
     main_print(f"trained steps {start}..{step} in {format_duration(elapsed)}; checkpoints in {ckpt.directory}", flush=True)
-    return {"start_step": start, "end_step": step, "seconds": elapsed, "last": last}
+    return {"start_step": start, "end_step": step, "seconds": elapsed, "last": log.last}
 
 
 def main(args: argparse.Namespace, rest: list[str]) -> int:
