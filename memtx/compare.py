@@ -151,7 +151,7 @@ def train_all(specs: list[ConfigSpec], common: list[str], args: argparse.Namespa
 
 def evaluate_all(specs: list[ConfigSpec], cfgs: dict[str, list[Config]], args: argparse.Namespace) -> dict:
     """{label: [each seed's evaluation result]}, all on the same documents."""
-    from memtx import evaluate as evaluate_lib
+    from memtx import evaluation as evaluate_lib
     all_cfgs = [c for cs in cfgs.values() for c in cs]
     first = all_cfgs[0]
     window = first.data.seq_len + first.model.mem_len
@@ -213,7 +213,7 @@ def _ci(d: dict, digits: int, unit: str = "") -> str:
 
 
 def format_report(result: dict) -> str:
-    from memtx.evaluate import markdown_table
+    from memtx.metrics import markdown_table
     configs, ev = result["configs"], result["eval"]
     ks = sorted({c["last_steps"] for c in configs})
     lines = [f"{len(configs)} configs x {result['seeds']} seeds (train.seed 0..{result['seeds'] - 1}, data.seed "

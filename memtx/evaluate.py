@@ -21,157 +21,18 @@ with per-document NLL sums (`documents_nll`) and the corpus fingerprint.
 from __future__ import annotations
 
 import argparse
-import copy
-import json
-import math
 import os
 import sys
-import time
 
-import jax
-import numpy as np
-
-from memtx import probes, stats
-from memtx import state as state_lib
-from memtx.checkpoint import run_checkpointer
-from memtx.cli import ArgumentParser, UsageError, parse_int_list, resolve_config, run_cli
-from memtx.config import Config, config_hash, stable_hash, to_dict
-from memtx.data import DocumentStream, check_vocab_fits, open_source
+from memtx.cli import ArgumentParser, UsageError, parse_int_list, run_cli
+from memtx.config import stable_hash
 from memtx.data.fingerprint import corpus_fingerprint
 from memtx.data.fingerprint import describe as describe_fingerprint
-from memtx.data.sources import SourceFn
 from memtx.distributed import initialize_from_env, is_main_process, main_print
+from memtx.evaluation import default_far_reach, evaluate_workdir, paired_rows, run_config, run_names
+from memtx.loss_breakdown import COPY_BUCKETS, DEFAULT_FAR_REACH, DEFAULT_NGRAM, POSITION_BUCKETS
 from memtx.memory import registry
-from memtx.loss_breakdown import (COPY_BUCKETS, DEFAULT_FAR_REACH, DEFAULT_NGRAM, POSITION_BUCKETS, LossBreakdown,
-                                  Segment)
-from memtx.metrics import Progress, format_duration
-from memtx.step import make_eval_step
-
-
-def stream_documents(setup: state_lib.Setup, params, source_fn: SourceFn, step_fn, *, log_every: int = 50,
-                     verbose: bool = True, label: str = "", breakdown: LossBreakdown | None = None) -> dict:
-    """Streams the documents of `source_fn(process_index, process_count)` (an evaluation source:
-    every document once, in a fixed order), one per row, memory carried inside a document and
-    reset between documents, through `step_fn(params, memory, batch) -> (memory, sums)`; returns
-    the sums added over all segments as float64 numpy values, with "documents" (how many were
-    read) and "skipped_documents". Evaluation and the studies share it.
-
-    A per-token `nll_BN` in the step's output is not summed: it goes, with what each row holds
-    (document id = index in the evaluation order * shards + shard; target offsets), to
-    `breakdown` (then gathered from every process)."""
-    cfg = setup.cfg
-    B, N = cfg.data.eval_batch_size, cfg.data.seq_len
-    rows = B // jax.process_count()
-    first_row = jax.process_index() * rows  # this process's block of the global batch
-    source = source_fn(jax.process_index(), jax.process_count())
-    shard, num_shards = getattr(source, "shard_index", 0), getattr(source, "num_shards", 1)
-    stream = DocumentStream(source, rows, N, count_bytes=True)
-    memory = state_lib.init_memory_sharded(setup, B)
-    segments = scored = scored_reported = 0
-    # Progress in tokens scored (this process's shard) where the source can tell how many there
-    # will be: documents differ in length by orders of magnitude, so documents started say little.
-    expected_tokens = getattr(source, "expected_tokens", lambda: None)
-    by_tokens = hasattr(source, "expected_tokens")
-    progress = Progress(expected_tokens() or 0, unit="tokens") if by_tokens else \
-        Progress(source.num_docs or 0, unit="documents")
-    sums, pending, pending_rows = {}, [], []
-
-    def accumulate():
-        for step_sums, row_segments in zip(jax.device_get(pending), pending_rows):
-            nll_BN = step_sums.pop("nll_BN", None)
-            if breakdown is not None and nll_BN is not None:
-                breakdown.add(row_segments, nll_BN[first_row:first_row + rows])
-            for key, value in step_sums.items():
-                sums[key] = sums.get(key, 0.0) + np.asarray(value, np.float64)
-        pending.clear()
-        pending_rows.clear()
-
-    while True:
-        # Multi-host: every process steps until all are done (their shards may differ in length).
-        batch = stream.next_batch()
-        any_left = batch is not None
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-            any_left = bool(multihost_utils.process_allgather(np.array(any_left)).any())
-        if not any_left:
-            break
-        row_segments = [None] * rows if batch is None else [
-            None if seg is None else Segment(seg[0][1] * num_shards + shard, *seg[1:]) for seg in stream.last_segments]
-        batch = idle_batch(rows, N, source.vocab.pad_id) if batch is None else batch
-        scored += int(np.count_nonzero(batch["weights"]))
-        memory, step_sums = step_fn(params, memory, state_lib.device_batch(setup, batch))
-        pending.append(step_sums)
-        pending_rows.append(row_segments)
-        segments += 1
-        if segments % log_every == 0:
-            accumulate()
-            if verbose:
-                new_tokens, scored_reported = scored - scored_reported, scored
-                if by_tokens:
-                    progress.total = expected_tokens() or 0  # a better estimate as documents are read
-                    docs = f"documents {stream.documents_started}" + (f"/{source.num_docs}" if source.num_docs else "")
-                    progress.report(scored, new_tokens, f"{docs} {label}".rstrip())
-                else:
-                    progress.report(stream.documents_started, new_tokens, label)
-    accumulate()
-    counts = np.array([stream.documents_started, stream.skipped, stream.bytes_drawn], np.float64)
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-        counts = multihost_utils.process_allgather(counts).sum(axis=0)
-    sums["documents"], sums["skipped_documents"], sums["bytes"] = counts
-    if breakdown is not None:
-        breakdown.gather()
-    return sums
-
-
-def evaluate(setup: state_lib.Setup, params, source_fn: SourceFn, *, log_every: int = 50, verbose: bool = True,
-             local_window: int | None = None, far_reach: int = DEFAULT_FAR_REACH,
-             copy_ngram: int = DEFAULT_NGRAM, step_fn=None) -> dict:
-    """Streams `source_fn`'s documents through the model; returns NLL sum, token count,
-    perplexity with its bootstrap 95% interval over documents, bits per token and per byte (the
-    bytes the scored tokens decode to, for any vocabulary), per-document NLL sums, and the loss by position and copyability (local window
-    default: segment + memory length). `step_fn`: a `make_eval_step(setup)` to reuse (training
-    evaluates many times with one compiled step)."""
-    cfg = setup.cfg
-    window = cfg.data.seq_len + cfg.model.mem_len if local_window is None else local_window
-    breakdown = LossBreakdown(window, far_reach, copy_ngram)
-    t0 = time.perf_counter()
-    sums = stream_documents(setup, params, source_fn, step_fn or make_eval_step(setup), log_every=log_every, verbose=verbose,
-                            breakdown=breakdown)
-    seconds = time.perf_counter() - t0
-    nll_sum, tokens = float(sums.get("nll", 0.0)), float(sums.get("tokens", 0.0))
-    result = {"nll_sum": nll_sum, "tokens": int(tokens), "documents": int(sums["documents"]),
-              "skipped_documents": int(sums["skipped_documents"]),
-              "perplexity": math.exp(nll_sum / max(tokens, 1)),
-              "bits_per_token": nll_sum / (math.log(2) * max(tokens, 1)),
-              # over the bytes of the text the scored tokens stand for (the vocabulary decodes
-              # them): a byte per token with the byte vocabulary (BOS is an input, never a target)
-              "bits_per_byte": nll_sum / (math.log(2) * float(sums["bytes"])) if sums.get("bytes") else None,
-              "bytes": int(sums.get("bytes", 0)),
-              "vocab": cfg.data.vocab, "seconds": seconds}
-    result.update(breakdown.result())
-    docs = result["documents_nll"]
-    result["perplexity_ci95"] = list(stats.bootstrap_perplexity(docs["nll"], docs["tokens"])) if docs["id"] else None
-    if cfg.model.knn.enabled and cfg.model.knn.size:
-        result["knn_fill"] = float(sums["fill_sum"]) / max(tokens, 1)
-        result["knn_top1_score"] = float(sums["top1_sum"]) / max(float(sums["top1_count"]), 1)
-        result["knn_gate"] = {str(layer): jax.nn.sigmoid(probes.attention_param(params, int(layer), "gate_bias")).tolist()
-                              for layer in cfg.model.knn.layer_indices(cfg.model.num_layers)}
-    return result
-
-
-def idle_batch(rows: int, seq_len: int, pad_id: int) -> dict:
-    return {"inputs": np.full((rows, seq_len), pad_id, np.int32), "targets": np.full((rows, seq_len), pad_id, np.int32),
-            "weights": np.zeros((rows, seq_len), np.float32), "reset": np.zeros((rows,), bool)}
-
-
-# ------------------------------------------------------------------------------------- tables
-
-
-def markdown_table(header: list[str], lines: list[list[str]]) -> str:
-    widths = [max(len(h), *(len(l[i]) for l in lines)) if lines else len(h) for i, h in enumerate(header)]
-    fmt = lambda cells: "| " + " | ".join(c.rjust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
-    return "\n".join([fmt(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(fmt, lines)])
+from memtx.metrics import format_duration, markdown_table
 
 
 def _knn(r: dict) -> str:
@@ -195,36 +56,6 @@ def format_table(rows: list[dict]) -> str:
               f"{r['knn_top1_score']:.3f}" if "knn_top1_score" in r else "-", format_duration(r["seconds"])]
              for r in rows]
     return markdown_table(header, lines)
-
-
-def not_paired(a: dict, b: dict) -> str | None:
-    """Why two evaluation results cannot be paired document by document (None: they can)."""
-    if a.get("split") != b.get("split"):
-        return f"split {b.get('split')} against {a.get('split')}"
-    if (a.get("corpus") or {}).get("sha256") != (b.get("corpus") or {}).get("sha256"):
-        return "a different corpus"
-    da, db = a.get("documents_nll"), b.get("documents_nll")
-    if not da or not db or not da["id"] or da["id"] != db["id"]:
-        return "different documents"
-    if da["tokens"] != db["tokens"]:
-        return "different token counts (vocabulary)"
-    return None
-
-
-def paired_rows(rows: list[dict]) -> list[dict]:
-    """Each row after the first against the first, on the same documents (stats.paired_difference),
-    or with `not_paired` saying why not."""
-    base, out = rows[0], []
-    for r in rows[1:]:
-        why = not_paired(base, r)
-        entry = {"run": r["run"], "knn_size": r.get("knn_size"), "against": base["run"],
-                 "against_knn_size": base.get("knn_size")}
-        if why:
-            out.append({**entry, "not_paired": why})
-            continue
-        a, b = base["documents_nll"], r["documents_nll"]
-        out.append({**entry, **stats.paired_difference(a["nll"], b["nll"], a["tokens"], b["tokens"])})
-    return out
 
 
 def format_paired(rows: list[dict], paired: list[dict]) -> str:
@@ -308,112 +139,6 @@ def plot_memory_scaling(rows: list[dict], path: str, title: str) -> bool:
 
 
 # ------------------------------------------------------------------------------ running
-
-
-def run_config(workdir: str, config_spec: str | None = None, overrides: list[str] = (), split: str | None = None) -> Config:
-    """A work directory's config (or `config_spec`) with overrides and the evaluation split."""
-    if not os.path.isdir(workdir):
-        raise UsageError(f"work directory '{workdir}' does not exist")
-    cfg = resolve_config(config_spec, workdir, list(overrides))
-    if split:
-        cfg.data.eval_split = split
-    return cfg
-
-
-def default_far_reach(cfgs: list[Config], knn_sizes: list[int] | None) -> int:
-    """The largest kNN memory size evaluated, or DEFAULT_FAR_REACH without one."""
-    sizes = [s for c in cfgs if c.model.knn.enabled for s in (knn_sizes or [c.model.knn.size])]
-    return max([s for s in sizes if s > 0] or [DEFAULT_FAR_REACH])
-
-
-def _json_ready(x):
-    return json.loads(json.dumps(x))
-
-
-def result_path(workdir: str, identity: dict) -> str:
-    """WORKDIR/eval_SPLIT_CORPUSHASH[_maxN][_firstT]_memM[_knnK]_stepS_IDHASH.json: the readable
-    part says what a reader looks for, IDHASH (8 hex digits of the whole identity: corpus, split,
-    limits, vocabulary, model config, step) tells apart what it does not (clamped distances,
-    another segment...): a different evaluation never overwrites another, the same one rewrites
-    its own file."""
-    knn = identity["model"]["knn"]
-    digest = stable_hash(identity)
-    stem = (f"eval_{identity['split']}_{identity['corpus']['sha256'][:8]}"
-            + (f"_max{identity['max_docs']}" if identity["max_docs"] else "")
-            + (f"_first{identity['doc_tokens']}" if identity.get("doc_tokens") else "") + f"_mem{identity['model']['mem_len']}"
-            + (f"_knn{knn['size']}" if knn["enabled"] else "") + f"_step{identity['step']}_{digest}")
-    return os.path.join(workdir, stem + ".json")
-
-
-def run_names(workdirs: list[str]) -> list[str]:
-    """Each work directory's name in the tables: its last path component, or as many as make it
-    unique (runs/a/seed0 and runs/b/seed0: a/seed0, b/seed0)."""
-    parts = [os.path.normpath(os.path.abspath(w)).split(os.sep) for w in workdirs]
-    for k in range(1, max(map(len, parts)) + 1):
-        names = ["/".join(p[-k:]) for p in parts]
-        if len(set(names)) == len(set(map(tuple, parts))):
-            return names
-    return names
-
-
-def evaluate_workdir(workdir: str, cfg: Config, *, step: int | None = None, knn_sizes: list[int] | None = None,
-                     local_window: int | None = None, far_reach: int = DEFAULT_FAR_REACH,
-                     copy_ngram: int = DEFAULT_NGRAM, reuse: bool = False, name: str | None = None,
-                     overrides: list[str] = ()) -> list[dict]:
-    """Evaluates one work directory's checkpoint (`step`, default the latest) under `cfg`, at each
-    of `knn_sizes` if it has a kNN memory; writes each result's JSON (see `result_path`) and returns
-    the results. `reuse`: a result already written for the same evaluation and copyability settings
-    is read back instead of evaluated again."""
-    setups = []
-    for size in knn_sizes if knn_sizes and cfg.model.knn.enabled else [None]:
-        c = copy.deepcopy(cfg)
-        if size is not None:
-            c.model.knn.size = size
-        setups.append(state_lib.build(c))  # validates every size (k <= size, bytes that fit) first
-    ckpt = run_checkpointer(cfg, workdir, async_save=False)
-    step = step if step is not None else ckpt.latest_good_step()
-    if step is None or step not in ckpt.all_steps():
-        raise UsageError(f"no checkpoint{'' if step is None else f' at step {step}'} in {ckpt.directory}")
-    source_fn = lambda shard_index, num_shards: open_source(  # noqa: E731
-        cfg.data, cfg.data.eval_split, train=False, max_docs=cfg.data.eval_max_docs, shard_index=shard_index,
-        num_shards=num_shards)
-    probe = source_fn(0, 1)  # one-line errors (missing data, vocabulary too large) before any compilation
-    check_vocab_fits(probe.vocab, cfg.model.vocab_size)
-    fingerprint = corpus_fingerprint(cfg.data)
-    window = cfg.data.seq_len + cfg.model.mem_len if local_window is None else local_window
-    copyability = {"local_window": window, "far_reach": far_reach, "ngram": copy_ngram}
-    where = f"{cfg.data.task} task" if cfg.data.task else f"corpus {cfg.data.corpus}"
-    rows, params = [], None
-    for setup in setups:
-        m = setup.cfg.model
-        knn_size = m.knn.size if m.knn.enabled else None
-        identity = _json_ready({"split": cfg.data.eval_split, "corpus": fingerprint, "max_docs": cfg.data.eval_max_docs,
-                                "doc_tokens": cfg.data.eval_doc_tokens, "split_fractions": cfg.data.split_fractions, "vocab": cfg.data.vocab,
-                                "seq_len": cfg.data.seq_len, "model": to_dict(setup.cfg)["model"], "step": step})
-        path = result_path(workdir, identity)
-        if reuse and os.path.exists(path):
-            with open(path) as f:
-                result = json.load(f)
-            if result.get("copyability") == copyability and "documents_nll" in result:
-                main_print(f"{workdir}: step {step} already evaluated in {path}", flush=True)
-                rows.append({**result, "json_path": path})
-                continue
-        if params is None:
-            params = ckpt.restore_params(step, setups[0].abstract_state["params"])  # the same for every size
-        main_print(f"{workdir}: evaluating step {step} on {probe.num_docs or 'all'} {cfg.data.eval_split} documents of the {where}, "
-                   f"{registry.describe(m, with_knn=False)}, kNN memory {knn_size if knn_size is not None else 'none'}, segment {cfg.data.seq_len}",
-                   flush=True)
-        result = evaluate(setup, params, source_fn, verbose=is_main_process(), local_window=window,
-                          far_reach=far_reach, copy_ngram=copy_ngram)
-        result.update(run=name or os.path.basename(os.path.normpath(workdir)), split=cfg.data.eval_split, mem_len=m.mem_len,
-                      memory=m.memory, knn_size=knn_size, seq_len=cfg.data.seq_len, step=step,
-                      corpus=fingerprint, identity=identity, overrides=list(overrides),
-                      config_sha256=config_hash(setup.cfg))
-        if is_main_process():
-            with open(path, "w") as f:
-                json.dump(result, f, indent=2)
-        rows.append({**result, "json_path": path})
-    return rows
 
 
 def main(args: argparse.Namespace, rest: list[str]) -> int:

@@ -141,3 +141,10 @@ class Progress:
         if done > self.last_count:
             self.last_count = done
         return rate
+
+
+def markdown_table(header: list[str], lines: list[list[str]]) -> str:
+    """A right-aligned Markdown table (the tables evaluation, comparisons and studies print)."""
+    widths = [max(len(h), *(len(l[i]) for l in lines)) if lines else len(h) for i, h in enumerate(header)]
+    fmt = lambda cells: "| " + " | ".join(c.rjust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    return "\n".join([fmt(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(fmt, lines)])

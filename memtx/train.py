@@ -120,7 +120,7 @@ def _gate_and_fill(gate_bias_H, count_B):
 def make_validation(setup: state_lib.Setup):
     """params -> {eval_perplexity, eval_bits_per_token, ...}: the first `train.eval_max_docs`
     documents of `data.eval_split`, through memtx.evaluate's own code and one compiled step."""
-    from memtx.evaluate import evaluate
+    from memtx.evaluation import evaluate
     from memtx.step import make_eval_step
     cfg = setup.cfg
     source_fn = lambda shard_index, num_shards: open_source(  # noqa: E731

@@ -8,7 +8,7 @@ import math
 import pytest
 
 from memtx.config import ConfigError, KNNConfig, validate
-from memtx.evaluate import evaluate_workdir
+from memtx.evaluation import evaluate_workdir
 from memtx.train import train
 from tests.helpers import make_corpus, tiny_config
 

@@ -7,7 +7,7 @@ import re
 import jax
 import pytest
 
-from memtx import evaluate as evaluate_lib
+from memtx import evaluation as evaluate_lib
 from memtx import state as state_lib
 from memtx.data import count_tokens, list_documents
 from memtx.data.sources import FileSource

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from memtx import evaluate as evaluate_lib
+from memtx import evaluation
 from memtx import state as state_lib
 from memtx.cli import run_cli
 from memtx.data import count_tokens, file_source_fn, list_documents
@@ -34,7 +35,7 @@ def _evaluate(corpus, batch_size, mem_len=16, params=None):
     setup = state_lib.build(cfg, state_lib.sharding.make_mesh(cfg, devices))
     params = state_lib.init_state(setup, seed=0)["params"] if params is None else params
     docs = list_documents(corpus)
-    return evaluate_lib.evaluate(setup, params, file_source_fn(docs), verbose=False), docs
+    return evaluation.evaluate(setup, params, file_source_fn(docs), verbose=False), docs
 
 
 def test_every_byte_is_scored_once_and_rows_do_not_interact(trained):

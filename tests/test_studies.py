@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from memtx import evaluate as evaluate_lib
+from memtx import evaluation
 from memtx import state as state_lib
 from memtx.checkpoint import Checkpointer
 from memtx.cli import run_cli
@@ -67,7 +68,7 @@ def test_extrapolation_at_one_segment_is_the_evaluation_perplexity(runs, tmp_pat
     setup, params = _restore(runs["lamemo"])
     cfg = setup.cfg
     docs = split_documents(list_documents(cfg.data.corpus), "train", cfg.data.split_fractions)[:1]
-    expected = evaluate_lib.evaluate(setup, params, file_source_fn(docs), verbose=False)
+    expected = evaluation.evaluate(setup, params, file_source_fn(docs), verbose=False)
     assert points[0]["perplexity"] == pytest.approx(expected["perplexity"], rel=1e-6)
     assert points[0]["tokens"] == points[1]["tokens"] == expected["tokens"]
     # A longer memory is a different computation on documents longer than two segments.

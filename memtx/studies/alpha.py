@@ -27,7 +27,8 @@ from memtx import probes
 from memtx import state as state_lib
 from memtx.cli import UsageError, run_cli
 from memtx.memory import lamemo, registry
-from memtx.evaluate import stream_documents
+from memtx.evaluation import stream_documents
+from memtx.metrics import markdown_table
 from memtx.studies import common
 
 
@@ -87,7 +88,7 @@ def format_table(result: dict) -> str:
         for layer, alpha_M in enumerate(run["alpha_LM"]):
             lines.append([name, str(layer), fmt(alpha_M[0]), fmt(alpha_M[M // 2]), fmt(alpha_M[-1]),
                           fmt(run["mean_alpha_L"][layer])])
-    return common.markdown_table(["run", "layer", "oldest slot", "middle slot", "newest slot", "all slots"], lines)
+    return markdown_table(["run", "layer", "oldest slot", "middle slot", "newest slot", "all slots"], lines)
 
 
 def main(args: argparse.Namespace, rest: list[str]) -> int:

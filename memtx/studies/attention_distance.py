@@ -25,7 +25,8 @@ from memtx import probes
 from memtx import state as state_lib
 from memtx.cli import UsageError, run_cli
 from memtx.memory import model_memory, registry
-from memtx.evaluate import stream_documents
+from memtx.evaluation import stream_documents
+from memtx.metrics import markdown_table
 from memtx.studies import common
 
 
@@ -121,7 +122,7 @@ def format_table(result: dict) -> str:
             lines.append([name, run["memory"], str(run["mem_len"]), str(layer), f"{memory:.1%}", f"{distance:.2f}"])
         lines.append([name, run["memory"], str(run["mem_len"]), "mean", f"{np.mean(run['memory_fraction_L']):.1%}",
                       f"{np.mean(run['mean_distance_L']):.2f}"])
-    return common.markdown_table(["run", "memory", "M", "layer", "mass on memory", "mean distance"], lines)
+    return markdown_table(["run", "memory", "M", "layer", "mass on memory", "mean distance"], lines)
 
 
 def main(args: argparse.Namespace, rest: list[str]) -> int:

@@ -1,5 +1,5 @@
 """What the studies share: the command line, loading a run's checkpoint, a jitted per-segment
-reduction to stream documents through (with memtx.evaluate.stream_documents), and writing the
+reduction to stream documents through (with memtx.evaluation.stream_documents), and writing the
 table, JSON and plot."""
 
 from __future__ import annotations
@@ -143,12 +143,6 @@ def to_json(x):
     if isinstance(x, np.integer):
         return int(x)
     return x
-
-
-def markdown_table(header: list[str], lines: list[list[str]]) -> str:
-    widths = [max(len(h), *(len(l[i]) for l in lines)) if lines else len(h) for i, h in enumerate(header)]
-    fmt = lambda cells: "| " + " | ".join(c.rjust(w) for c, w in zip(cells, widths)) + " |"
-    return "\n".join([fmt(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(fmt, lines)])
 
 
 def pyplot():

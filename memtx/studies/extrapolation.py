@@ -19,7 +19,8 @@ import sys
 
 from memtx import state as state_lib
 from memtx.cli import parse_int_list, run_cli
-from memtx.evaluate import evaluate
+from memtx.evaluation import evaluate
+from memtx.metrics import markdown_table
 from memtx.studies import common
 
 
@@ -85,7 +86,7 @@ def format_table(result: dict) -> str:
     by_run = {name: {p["multiple"]: p for p in run["points"]} for name, run in result["runs"].items()}
     lines = [[str(m), ", ".join(sorted({str(by_run[n][m]["mem_len"]) for n in names})),
               *(f"{by_run[n][m]['perplexity']:.3f}" for n in names)] for m in multiples]
-    return common.markdown_table(["m", "memory M", *names], lines)
+    return markdown_table(["m", "memory M", *names], lines)
 
 
 def main(args: argparse.Namespace, rest: list[str]) -> int:
