@@ -17,6 +17,7 @@ import time
 import jax
 import numpy as np
 
+from memtx import batch as batch_layout
 from memtx import probes, stats
 from memtx import state as state_lib
 from memtx.checkpoint import run_checkpointer
@@ -81,7 +82,7 @@ def stream_documents(setup: state_lib.Setup, params, source_fn: SourceFn, step_f
             break
         row_segments = [None] * rows if batch is None else [
             None if seg is None else Segment(seg[0][1] * num_shards + shard, *seg[1:]) for seg in stream.last_segments]
-        batch = idle_batch(rows, N, source.vocab.pad_id) if batch is None else batch
+        batch = batch_layout.empty(rows, N, source.vocab.pad_id) if batch is None else batch
         scored += int(np.count_nonzero(batch["weights"]))
         memory, step_sums = step_fn(params, memory, state_lib.device_batch(setup, batch))
         pending.append(step_sums)
@@ -142,11 +143,6 @@ def evaluate(setup: state_lib.Setup, params, source_fn: SourceFn, *, log_every: 
         result["knn_gate"] = {str(layer): jax.nn.sigmoid(probes.attention_param(params, int(layer), "gate_bias")).tolist()
                               for layer in cfg.model.knn.layer_indices(cfg.model.num_layers)}
     return result
-
-
-def idle_batch(rows: int, seq_len: int, pad_id: int) -> dict:
-    return {"inputs": np.full((rows, seq_len), pad_id, np.int32), "targets": np.full((rows, seq_len), pad_id, np.int32),
-            "weights": np.zeros((rows, seq_len), np.float32), "reset": np.zeros((rows,), bool)}
 
 
 # ------------------------------------------------------------------------------------- tables

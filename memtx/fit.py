@@ -26,6 +26,7 @@ import sys
 import jax
 import jax.numpy as jnp
 
+from memtx import batch as batch_layout
 from memtx.cli import ArgumentParser, UsageError, resolve_config, run_cli
 from memtx.config import Config, ConfigError, validate
 from memtx.memory import registry
@@ -142,11 +143,7 @@ def compiled_memory(cfg: Config, devices=None) -> dict:
     setup = state_lib.build(cfg, mesh, check_fit=devices is None)
     memory = state_lib.abstract_memory(setup, cfg.data.batch_size, check_fit=devices is None)
     shardings = state_lib.batch_shardings(setup)
-    B, N = cfg.data.batch_size, cfg.data.seq_len
-    batch = {k: jax.ShapeDtypeStruct((B, N) if k != "reset" else (B,),
-                                     jnp.int32 if k in ("inputs", "targets") else
-                                     (jnp.float32 if k == "weights" else jnp.bool_), sharding=shardings[k])
-             for k in ("inputs", "targets", "weights", "reset")}
+    batch = batch_layout.abstract(cfg.data.batch_size, cfg.data.seq_len, shardings)
     step = make_train_step(setup)
     with jax.set_mesh(setup.mesh), nn.logical_axis_rules(sharding.rules(cfg)):
         stats = step.jitted.lower(setup.abstract_state, memory, batch).compile().memory_analysis()

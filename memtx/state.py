@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from memtx import batch as batch_layout
 from memtx import sharding
 from memtx.config import Config, ConfigError
 from memtx.memory import model_memory
@@ -118,8 +119,7 @@ def init_memory_sharded(setup: Setup, batch_size: int) -> dict:
 
 
 def batch_shardings(setup: Setup) -> dict:
-    return {"inputs": setup.batch_sharding, "targets": setup.batch_sharding,
-            "weights": setup.batch_sharding, "reset": setup.row_sharding}
+    return batch_layout.shardings(setup.batch_sharding, setup.row_sharding)
 
 
 def device_batch(setup: Setup, batch: dict) -> dict:

@@ -192,6 +192,7 @@ def predict_documents(setup, params, texts: list[bytes]) -> list[np.ndarray]:
     import jax
     import jax.numpy as jnp
 
+    from memtx import batch as batch_layout
     from memtx import state as state_lib
     from memtx.data.tokenizer import BOS_ID, PAD_ID
     from memtx.memory import model_memory
@@ -218,13 +219,12 @@ def predict_documents(setup, params, texts: list[bytes]) -> list[np.ndarray]:
         segments = max(-(-n // N) for n in lengths) if lengths else 0
         out = [np.zeros(n, np.int32) for n in lengths]
         for s in range(segments):
-            inputs = np.full((B, N), PAD_ID, np.int32)
-            weights = np.zeros((B, N), np.float32)
+            batch = batch_layout.empty(B, N, PAD_ID)  # targets unused: predictions only
+            batch["reset"][:] = s == 0
             for row, (t, n) in enumerate(zip(tokens, lengths)):
                 m = max(0, min(N, n - s * N))
-                inputs[row, :m] = t[s * N:s * N + m]
-                weights[row, :m] = 1.0
-            batch = {"inputs": inputs, "targets": inputs, "weights": weights, "reset": np.full((B,), s == 0)}
+                batch["inputs"][row, :m] = t[s * N:s * N + m]
+                batch["weights"][row, :m] = 1.0
             memory, pred = jitted(params, memory, state_lib.device_batch(setup, batch))
             pred = np.asarray(jax.device_get(pred))
             for row, n in enumerate(lengths):

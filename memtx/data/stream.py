@@ -18,6 +18,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from memtx import batch as batch_layout
 from memtx.data.sources import DocumentSource, Position
 
 Batch = dict[str, np.ndarray]
@@ -108,11 +109,8 @@ class DocumentStream:
         if all(p is None for p in self._row_doc):
             return None
 
-        pad = self.source.vocab.pad_id
-        inputs = np.full((B, N), pad, dtype=np.int32)
-        targets = np.full((B, N), pad, dtype=np.int32)
-        weights = np.zeros((B, N), dtype=np.float32)
-        reset = np.zeros((B,), dtype=bool)
+        batch = batch_layout.empty(B, N, self.source.vocab.pad_id)
+        inputs, targets, weights, reset = (batch[key] for key in batch_layout.KEYS)
         self.last_segments = [None] * B
         for row in range(B):
             tokens = self._row_tokens[row]
@@ -129,7 +127,7 @@ class DocumentStream:
             if pos >= len(tokens) - 1:
                 self._row_doc[row], self._row_tokens[row], pos = None, None, 0
             self._row_pos[row] = pos
-        return {"inputs": inputs, "targets": targets, "weights": weights, "reset": reset}
+        return batch
 
     def __iter__(self) -> Iterator[Batch]:
         return self
