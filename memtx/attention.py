@@ -37,6 +37,13 @@ def distance_sinusoid(distances_K: jax.Array, d_model: int, clamp_len: int = 0) 
     return sinusoid(distances_K, d_model)
 
 
+def gather_by_distance(by_distance_BHNR: jax.Array, distance_NK: jax.Array) -> jax.Array:
+    """[B, H, N, K]: entry (i, j) is by_distance[..., i, distance[i, j]], the per-distance term
+    of query i at its distance to key j (distances outside 0..R-1 are clipped: mask them)."""
+    N, R = by_distance_BHNR.shape[2], by_distance_BHNR.shape[3]
+    return by_distance_BHNR[:, :, jnp.arange(N)[:, None], jnp.clip(distance_NK, 0, R - 1)]
+
+
 def param_with_axes(module: nn.Module, name: str, shape, axes, init):
     return module.param(name, nn.with_logical_partitioning(init, axes), shape)
 
@@ -112,7 +119,7 @@ class RelativeAttention(nn.Module):
         bd_BHNK_by_distance = jnp.einsum("bnhd,khd->bhnk", q_BNHD + v_HD.astype(dtype), r_KHD,
                                          preferred_element_type=jnp.float32)
         distance_NK = M + position + jnp.arange(N)[:, None] - jnp.arange(K)[None, :]
-        bd_BHNK = bd_BHNK_by_distance[:, :, jnp.arange(N)[:, None], jnp.clip(distance_NK, 0, K - 1)]
+        bd_BHNK = gather_by_distance(bd_BHNK_by_distance, distance_NK)
 
         scores = (ac_BHNK + bd_BHNK) * scale_H11
         key_valid_BK = jnp.concatenate([mem_valid_BM, jnp.ones((B, K - M), bool)], axis=1)

@@ -536,6 +536,13 @@ def resolve_mesh_shape(shape: tuple[int, ...], num_devices: int) -> tuple[int, .
     return shape
 
 
+def data_parallel_size(rules, mesh_sizes: dict) -> int:
+    """How many ways the batch rows are split: the product of the mesh axes `act_batch` maps to."""
+    axes = dict(rules).get("act_batch")
+    axes = axes if isinstance(axes, (tuple, list)) else (axes,)
+    return math.prod(mesh_sizes[a] for a in axes if a is not None)
+
+
 def validate(cfg: Config, num_devices: int) -> tuple[int, ...]:
     """Checks consistency; returns the resolved mesh shape. Raises ConfigError naming the key."""
     m, d, o, t = cfg.model, cfg.data, cfg.optim, cfg.train
@@ -672,9 +679,7 @@ def validate(cfg: Config, num_devices: int) -> tuple[int, ...]:
         for axis in (target if isinstance(target, (tuple, list)) else (target,)):
             if axis is not None and axis not in sizes:
                 raise ConfigError(f"config key 'mesh.rules' maps '{name}' to unknown mesh axis '{axis}'")
-    batch_axes = dict(mesh.rules).get("act_batch")
-    batch_axes = batch_axes if isinstance(batch_axes, (tuple, list)) else (batch_axes,)
-    dp = math.prod(sizes[a] for a in batch_axes if a is not None)
+    dp = data_parallel_size(mesh.rules, sizes)
     for key, value in (("data.batch_size", d.batch_size), ("data.eval_batch_size", d.eval_batch_size)):
         if value % dp:
             raise ConfigError(f"config key '{key}' ({value}) is not divisible by the data-parallel size {dp}")

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 
 from memtx import batch as batch_layout
 from memtx.cli import ArgumentParser, UsageError, resolve_config, run_cli
-from memtx.config import Config, ConfigError, validate
+from memtx.config import Config, ConfigError, data_parallel_size, validate
 from memtx.memory import registry
 
 GIB = 2**30
@@ -97,7 +97,7 @@ def estimate(cfg: Config, num_devices: int) -> dict:
     setup = state_lib.build(cfg, mesh, check_fit=False)
     abstract = setup.abstract_state
     memory = state_lib.abstract_memory(setup, cfg.data.batch_size, check_fit=False)
-    data_parallel = math.prod(mesh.shape[a] for a in ("data", "fsdp") if a in mesh.shape)
+    data_parallel = data_parallel_size(cfg.mesh.rules, dict(mesh.shape))
     params = _per_device_bytes(abstract["params"])
     parts = {"parameters": params,
              "optimizer state": _per_device_bytes(abstract["opt_state"]),

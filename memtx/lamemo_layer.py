@@ -25,7 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from memtx.attention import NEG_INF, distance_sinusoid, param_with_axes
+from memtx.attention import NEG_INF, distance_sinusoid, gather_by_distance, param_with_axes
 from memtx.config import ModelConfig
 from memtx.layers import layer_parts
 from memtx.memory import lamemo
@@ -71,7 +71,7 @@ class LaMemoAttention(nn.Module):
         ac_BHNK = jnp.einsum("bnhd,bkhd->bhnk", q_BNHD + u_HD, k_BKHD, preferred_element_type=jnp.float32)
         bd_BHNK_by_distance = jnp.einsum("bnhd,khd->bhnk", q_BNHD + v_HD, r_KHD, preferred_element_type=jnp.float32)
         distance_NK = M + jnp.arange(N)[:, None] - jnp.arange(K)[None, :]
-        bd_BHNK = bd_BHNK_by_distance[:, :, jnp.arange(N)[:, None], jnp.clip(distance_NK, 0, K - 1)]
+        bd_BHNK = gather_by_distance(bd_BHNK_by_distance, distance_NK)
         mask_BHNK = (distance_NK >= 0)[None, None] & key_valid_BK[:, None, None, :]
         scores_BHNK = jnp.where(mask_BHNK, (ac_BHNK + bd_BHNK) * scale, NEG_INF)
         logZ_BHN = jax.nn.logsumexp(scores_BHNK, axis=-1)  # float32
@@ -111,7 +111,7 @@ class LaMemoAttention(nn.Module):
         bd_BHMM_by_distance = jnp.einsum("bmhd,rhd->bhmr", q_mem_BMHD + ahead_bias_HD, r_ahead_MHD,
                                          preferred_element_type=jnp.float32)
         ahead_MW = key_pos_W[None, :] - jnp.arange(M)[:, None]  # j - p
-        bd_BHMW = bd_BHMM_by_distance[:, :, jnp.arange(M)[:, None], jnp.clip(ahead_MW - 1, 0, M - 1)]
+        bd_BHMW = gather_by_distance(bd_BHMM_by_distance, ahead_MW - 1)
         in_window_BW = key_pos_W[None, :] > M - jnp.minimum(num_valid_B, M)[:, None]
         key_ok_BW = in_window_BW & key_valid_BK[:, M - W + 1:M + 1]
         mask_BHMW = (ahead_MW > 0)[None, None] & key_ok_BW[:, None, None, :]
