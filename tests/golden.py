@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from memtx.config import ModelConfig
 from memtx.model import TransformerLM, init_memory, segment_nll
 
 
@@ -56,3 +57,34 @@ def assert_gradients_match(golden, model_config, params_from_reference) -> None:
         scale = np.abs(theirs).max()
         np.testing.assert_allclose(ours, np.asarray(theirs), atol=1e-5 * scale, rtol=1e-5,
                                    err_msg=f"gradient of {jax.tree_util.keystr(path)}")
+
+
+def reference_model_config(ref: dict, mem_len: int, **fields) -> ModelConfig:
+    """Our ModelConfig of a reference model (its config_json), dropout off."""
+    return ModelConfig(vocab_size=ref["n_token"], vocab_pad_multiple=1, num_layers=ref["n_layer"],
+                       d_model=ref["d_model"], num_heads=ref["n_head"], head_dim=ref["d_head"],
+                       d_ff=ref["d_inner"], mem_len=mem_len, pre_norm=ref["pre_lnorm"], dropout=0.0, **fields)
+
+
+def reference_params(g: dict, n_layer: int, attention, extra_biases: dict = ()) -> dict:
+    """The reference state dict (torch Linear weights are (out, in)) as our parameters: what every
+    reference model shares (embedding, output bias, u and v, layer norms, FFN), with
+    `attention(p, prefix, d_model)` mapping one layer's attention weights and `extra_biases`
+    naming more global biases (ours: theirs)."""
+    p = lambda name: jnp.asarray(g[f"param/{name}"])  # noqa: E731
+    d_model = g["param/word_emb.emb_layers.0.weight"].shape[1]
+    biases = {"u_bias": "r_w_bias", "v_bias": "r_r_bias", **dict(extra_biases)}
+    params = {"embedding": p("word_emb.emb_layers.0.weight"), "out_bias": p("crit.out_layers.0.bias"),
+              **{ours: p(theirs) for ours, theirs in biases.items()}}
+    for i in range(n_layer):
+        pre = f"layers.{i}"
+        params[f"layer_{i}"] = {
+            "attn": attention(p, pre, d_model),
+            "attn_norm": {"scale": p(f"{pre}.dec_attn.layer_norm.weight"), "bias": p(f"{pre}.dec_attn.layer_norm.bias")},
+            "ffn": {
+                "wi": p(f"{pre}.pos_ff.CoreNet.0.weight").T, "bi": p(f"{pre}.pos_ff.CoreNet.0.bias"),
+                "wo": p(f"{pre}.pos_ff.CoreNet.3.weight").T, "bo": p(f"{pre}.pos_ff.CoreNet.3.bias"),
+            },
+            "ffn_norm": {"scale": p(f"{pre}.pos_ff.layer_norm.weight"), "bias": p(f"{pre}.pos_ff.layer_norm.bias")},
+        }
+    return params

@@ -18,7 +18,7 @@ import pytest
 from memtx.config import ModelConfig
 from memtx.memory import model_memory
 from memtx.model import TransformerLM, init_memory
-from tests.golden import assert_gradients_match, segment_batch
+from tests.golden import assert_gradients_match, reference_model_config, reference_params, segment_batch
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "golden", "golden_lamemo.npz")
 pytestmark = pytest.mark.skipif(not os.path.exists(GOLDEN), reason=f"golden tensors not found at {GOLDEN}")
@@ -31,40 +31,19 @@ def golden():
 
 
 def model_config(ref: dict, mem_len: int) -> ModelConfig:
-    return ModelConfig(vocab_size=ref["n_token"], vocab_pad_multiple=1, num_layers=ref["n_layer"],
-                       d_model=ref["d_model"], num_heads=ref["n_head"], head_dim=ref["d_head"],
-                       d_ff=ref["d_inner"], mem_len=mem_len, pre_norm=ref["pre_lnorm"], dropout=0.0,
-                       memory="lamemo")
+    return reference_model_config(ref, mem_len, memory="lamemo")
 
 
 def params_from_reference(g: dict, n_layer: int, n_head: int, d_head: int) -> dict:
-    """Maps the reference state dict (torch Linear weights are (out, in)) onto our parameters."""
-    p = lambda name: jnp.asarray(g[f"param/{name}"])
-    d_model = g["param/word_emb.emb_layers.0.weight"].shape[1]
-    params = {
-        "embedding": p("word_emb.emb_layers.0.weight"),
-        "out_bias": p("crit.out_layers.0.bias"),
-        "u_bias": p("r_w_bias"),
-        "v_bias": p("r_r_bias"),
-        "v_minus_bias": p("r_r_bias_future"),
-    }
-    for i in range(n_layer):
-        pre = f"layers.{i}"
-        params[f"layer_{i}"] = {
-            "attn": {
-                "q": p(f"{pre}.dec_attn.q_net.weight").T.reshape(d_model, n_head, d_head),
-                "kv": p(f"{pre}.dec_attn.kv_net.weight").T.reshape(d_model, 2, n_head, d_head),
-                "r_proj": p(f"{pre}.dec_attn.r_net.weight").T.reshape(d_model, n_head, d_head),
-                "out": p(f"{pre}.dec_attn.o_net.weight").T.reshape(n_head, d_head, d_model),
-            },
-            "attn_norm": {"scale": p(f"{pre}.dec_attn.layer_norm.weight"), "bias": p(f"{pre}.dec_attn.layer_norm.bias")},
-            "ffn": {
-                "wi": p(f"{pre}.pos_ff.CoreNet.0.weight").T, "bi": p(f"{pre}.pos_ff.CoreNet.0.bias"),
-                "wo": p(f"{pre}.pos_ff.CoreNet.3.weight").T, "bo": p(f"{pre}.pos_ff.CoreNet.3.bias"),
-            },
-            "ffn_norm": {"scale": p(f"{pre}.pos_ff.layer_norm.weight"), "bias": p(f"{pre}.pos_ff.layer_norm.bias")},
+    def attention(p, pre, d_model):
+        return {
+            "q": p(f"{pre}.dec_attn.q_net.weight").T.reshape(d_model, n_head, d_head),
+            "kv": p(f"{pre}.dec_attn.kv_net.weight").T.reshape(d_model, 2, n_head, d_head),
+            "r_proj": p(f"{pre}.dec_attn.r_net.weight").T.reshape(d_model, n_head, d_head),
+            "out": p(f"{pre}.dec_attn.o_net.weight").T.reshape(n_head, d_head, d_model),
         }
-    return params
+
+    return reference_params(g, n_layer, attention, {"v_minus_bias": "r_r_bias_future"})
 
 
 def close(ours, theirs, what):
