@@ -44,6 +44,19 @@ def gather_by_distance(by_distance_BHNR: jax.Array, distance_NK: jax.Array) -> j
     return by_distance_BHNR[:, :, jnp.arange(N)[:, None], jnp.clip(distance_NK, 0, R - 1)]
 
 
+def dot_product_attention(q_BNHD, k_BKHD, v_BKHD, valid_BK=None):
+    """Softmax(q.k / sqrt(Dh)) v without position terms: [B, N, H, Dh]; keys outside `valid_BK`
+    are masked, and a query with no valid key reads zeros."""
+    scores = jnp.einsum("bnhd,bkhd->bhnk", q_BNHD, k_BKHD, preferred_element_type=jnp.float32)
+    scores = scores / jnp.sqrt(jnp.float32(q_BNHD.shape[-1]))
+    if valid_BK is None:
+        probs = jax.nn.softmax(scores, axis=-1)
+    else:
+        scores = jnp.where(valid_BK[:, None, None, :], scores, NEG_INF)
+        probs = jnp.where(valid_BK[:, None, None, :], jax.nn.softmax(scores, axis=-1), 0.0)
+    return jnp.einsum("bhnk,bkhd->bnhd", probs.astype(v_BKHD.dtype), v_BKHD)
+
+
 def param_with_axes(module: nn.Module, name: str, shape, axes, init):
     return module.param(name, nn.with_logical_partitioning(init, axes), shape)
 

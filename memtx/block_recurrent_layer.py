@@ -30,24 +30,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from memtx.attention import NEG_INF, RelativeAttention, param_with_axes
+from memtx.attention import RelativeAttention, dot_product_attention, param_with_axes
 from memtx.config import ModelConfig
 from memtx.layers import FeedForward, LayerNorm, layer_parts
 from memtx.memory import block_recurrent, xl
 from memtx.xl_layer import XLLayer
-
-
-def attend(q_BNHD, k_BKHD, v_BKHD, valid_BK=None):
-    """Softmax attention without positions, 1/sqrt(Dh) scaled: [B, N, H, Dh] (zeros where no key
-    is valid)."""
-    scores = jnp.einsum("bnhd,bkhd->bhnk", q_BNHD, k_BKHD, preferred_element_type=jnp.float32)
-    scores = scores / jnp.sqrt(jnp.float32(q_BNHD.shape[-1]))
-    if valid_BK is None:
-        probs = jax.nn.softmax(scores, axis=-1)
-    else:
-        scores = jnp.where(valid_BK[:, None, None, :], scores, NEG_INF)
-        probs = jnp.where(valid_BK[:, None, None, :], jax.nn.softmax(scores, axis=-1), 0.0)
-    return jnp.einsum("bhnk,bkhd->bnhd", probs.astype(v_BKHD.dtype), v_BKHD)
 
 
 class Gate(nn.Module):
@@ -80,11 +67,11 @@ class BlockRecurrentLayer(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, h_BND, mem_BMD, mem_valid_BM, u_HD, v_HD, deterministic, state_BSD, fresh_B, valid_RBW):
+    def __call__(self, h_BND, mem_BMD, mem_valid_BM, u_HD, v_HD, deterministic, memory, valid_RBW):
         """h: the blocks as rows, [R * B, W, D] (block-major: row r * B + b is block r of batch
-        row b); mem / mem_valid: each block's window; state_BSD / fresh_B: what the memory holds
-        and which rows start a document; valid_RBW: which block positions are real tokens.
-        Returns (output, the state after the last block, [R, B, S, D] the state each block read)."""
+        row b); mem / mem_valid: each block's window; memory: the Block-Recurrent state (its
+        recurrent state is read); valid_RBW: which block positions are real tokens.
+        Returns (output, the state after the last block)."""
         cfg = self.cfg
         H, Dh, D, S = cfg.num_heads, cfg.dim_per_head, cfg.d_model, cfg.block_recurrent.state_size
         R, B, W = valid_RBW.shape
@@ -109,16 +96,15 @@ class BlockRecurrentLayer(nn.Module):
             state_ffn_norm, state_ffn = LayerNorm(cfg.layer_norm_eps, name="state_ffn_norm"), FeedForward(cfg, name="state_ffn")
             gate_ffn = Gate(cfg, name="gate_ffn")
 
-        c_BSD = jnp.where(fresh_B[:, None, None], initial_SD.astype(state_BSD.dtype)[None], state_BSD)
-        read, state_keys, state_values = [], [], []
+        c_BSD = block_recurrent.read_state(memory, initial_SD)
+        state_keys, state_values = [], []  # of the state each block reads
         for r in range(R):
-            read.append(c_BSD)
             s_BSD = (state_norm(c_BSD) + position_SD).astype(dtype)
             q_self, q_cross, k_s, v_s = (jnp.einsum("bsd,dhe->bshe", s_BSD, w_state[:, j]) for j in range(4))
             state_keys.append(k_s)
             state_values.append(v_s)
-            a_self = attend(q_self, k_s, v_s)
-            a_cross = attend(q_cross, token_k_RBWHD[r], token_v_RBWHD[r], valid_RBW[r])
+            a_self = dot_product_attention(q_self, k_s, v_s)
+            a_cross = dot_product_attention(q_cross, token_k_RBWHD[r], token_v_RBWHD[r], valid_RBW[r])
             h_BSD = (jnp.einsum("bshe,hed->bsd", a_self, w_state_out[0])
                      + jnp.einsum("bshe,hed->bsd", a_cross, w_state_out[1]))
             updated = gate_attn(c_BSD, h_BSD)
@@ -126,11 +112,11 @@ class BlockRecurrentLayer(nn.Module):
                 updated = gate_ffn(updated, state_ffn(state_ffn_norm(updated), deterministic))
             c_BSD = jnp.where(valid_RBW[r].any(-1)[:, None, None], updated, c_BSD)
 
-        # The tokens of block r read the state before it: keys and values of read[r].
+        # The tokens of block r read the state before it: state_keys[r], state_values[r].
         w_q = param_with_axes(self, "token_cross_q", (D, H, Dh), ("embed", "heads", "kv"), init).astype(dtype)
         w_o = param_with_axes(self, "token_cross_out", (H, Dh, D), ("heads", "kv", "embed"), init).astype(dtype)
         q_BNHD = jnp.einsum("bnd,dhe->bnhe", x_BND.astype(dtype), w_q)
-        a_cross_BNHD = attend(q_BNHD, jnp.concatenate(state_keys), jnp.concatenate(state_values))
+        a_cross_BNHD = dot_product_attention(q_BNHD, jnp.concatenate(state_keys), jnp.concatenate(state_values))
         a_BND = a_self_BND + jnp.einsum("bnhe,hed->bnd", a_cross_BNHD, w_o)
         if cfg.pre_norm:
             h_BND = h_BND + drop(a_BND, deterministic=deterministic)
@@ -139,7 +125,7 @@ class BlockRecurrentLayer(nn.Module):
             h_BND = attn_norm(h_BND + drop(a_BND, deterministic=deterministic))
             h_BND = ffn_norm(h_BND + drop(ffn(h_BND, deterministic), deterministic=deterministic))
         self.sow("intermediates", "out", h_BND)
-        return nn.with_logical_constraint(h_BND, ("act_batch", "act_seq", "act_embed")), c_BSD, jnp.stack(read)
+        return nn.with_logical_constraint(h_BND, ("act_batch", "act_seq", "act_embed")), c_BSD
 
 
 def block_windows(mem_BMD, mem_valid_BM, h_BPD, W: int):
@@ -187,9 +173,8 @@ def stack(model, h_BND, emb_BND, state, knn_stores, num_valid_B, u_HD, v_HD, det
         mem_RBMD, mem_valid_RBM = block_windows(state["hidden"][layer], mem_valid_BM, h_BPD, W)
         blocks = to_blocks(h_BPD, W)
         if layer == recurrent:
-            blocks, final_BSD, _ = BlockRecurrentLayer(cfg, name=f"layer_{layer}")(
-                blocks, mem_RBMD, mem_valid_RBM, u_HD, v_HD, deterministic, state["state"], state["blocks"] == 0,
-                valid_RBW)
+            blocks, final_BSD = BlockRecurrentLayer(cfg, name=f"layer_{layer}")(
+                blocks, mem_RBMD, mem_valid_RBM, u_HD, v_HD, deterministic, state, valid_RBW)
         else:
             blocks, _ = XLLayer(cfg, name=f"layer_{layer}")(blocks, mem_RBMD, mem_valid_RBM, u_HD, v_HD, deterministic)
         h_BPD = from_blocks(blocks, B)

@@ -22,7 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from memtx.attention import NEG_INF, param_with_axes
+from memtx.attention import dot_product_attention, param_with_axes
 from memtx.config import ModelConfig
 from memtx.layers import layer_norm
 from memtx.memory import compressive, slots
@@ -67,10 +67,7 @@ def content_attention(cfg: ModelConfig, layer_params, h_BND, rows_BMD, rows_vali
     q = jnp.einsum("bnd,dhe->bnhe", h_BND.astype(rows_BMD.dtype), w[:, 0])
     k = jnp.einsum("bmd,dhe->bmhe", rows_BMD, w[:, 1])
     v = jnp.einsum("bmd,dhe->bmhe", rows_BMD, w[:, 2])
-    scores = jnp.einsum("bnhe,bmhe->bhnm", q, k, preferred_element_type=jnp.float32) / jnp.sqrt(jnp.float32(q.shape[-1]))
-    scores = jnp.where(rows_valid_BM[:, None, None, :], scores, NEG_INF)
-    probs = jnp.where(rows_valid_BM[:, None, None, :], jax.nn.softmax(scores, axis=-1), 0.0)
-    return jnp.einsum("bhnm,bmhe->bnhe", probs.astype(v.dtype), v)
+    return dot_product_attention(q, k, v, rows_valid_BM)
 
 
 def reconstruction_loss(cfg: ModelConfig, params, inputs_LBND, num_valid_B, block_LBND, valid_BN, groups_LBGD,

@@ -62,6 +62,14 @@ class LaMemoConfig:
     look_ahead: bool = True  # False: slots are never refreshed (the Transformer-XL memory, recomputed)
     encoding: str = "disentangled"  # disentangled (|i-j|, v_minus) | xl: signed distance p-j < 0 and v
 
+    def check(self, m: ModelConfig, d: DataConfig) -> None:
+        """ConfigError for a bad value (with model.memory "lamemo")."""
+        if self.encoding not in ("disentangled", "xl"):
+            raise ConfigError(f"config key 'model.lamemo.encoding' must be disentangled or xl, got '{self.encoding}'")
+
+    def describe(self) -> str:
+        return ""
+
 
 @dataclass
 class CompressiveConfig:
@@ -597,11 +605,8 @@ def validate(cfg: Config, num_devices: int) -> tuple[int, ...]:
     if m.qk_norm and not kind.qk_norm:
         raise ConfigError(f"config key 'model.qk_norm' does not apply with model.memory '{kind.name}' "
                           "(it follows its authors' attention)")
-    section = getattr(m, kind.options) if kind.options else None  # other kinds' sections are defaults (above)
-    if hasattr(section, "check"):
-        section.check(m, d)
-    if m.lamemo.encoding not in ("disentangled", "xl"):
-        raise ConfigError(f"config key 'model.lamemo.encoding' must be disentangled or xl, got '{m.lamemo.encoding}'")
+    if kind.options:  # other kinds' sections hold their defaults (above)
+        getattr(m, kind.options).check(m, d)
     if knn.enabled:
         for layer in knn.layers:
             if not 0 <= layer < m.num_layers:

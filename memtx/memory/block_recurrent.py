@@ -43,8 +43,7 @@ def bytes_for(cfg, batch_size: int) -> int:
 
 
 def reset_rows(memory: dict, reset_B: jax.Array) -> dict:
-    return {**memory, "length": jnp.where(reset_B, 0, memory["length"]),
-            "blocks": jnp.where(reset_B, 0, memory["blocks"])}
+    return {**xl.reset_rows(memory, reset_B), "blocks": jnp.where(reset_B, 0, memory["blocks"])}
 
 
 def valid_mask(memory: dict) -> jax.Array:

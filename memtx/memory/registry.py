@@ -26,7 +26,7 @@ class MemoryKind:
     label: str  # how tables and plots name it
     state_module: str  # the state's pure functions
     layer_module: str  # its `stack` (and its layers)
-    options: str | None = None  # the ModelConfig section of its own options, valid with this kind only
+    options: str | None = None  # its ModelConfig section (check(model, data), describe()), valid with it only
     knn: bool = True  # can carry the kNN memory (`model.knn`) in its layers
     kv_cache: bool = True  # generation may run one token at a time with a key/value cache
     qk_norm: bool = True  # `model.qk_norm` applies to its attention
@@ -66,9 +66,8 @@ def describe(model_cfg, with_knn: bool = True) -> str:
     """The memory a model has, in words: "XL memory 128, kNN memory 8192"."""
     kind, m = of(model_cfg), model_cfg
     text = f"{kind.label} memory {m.mem_len}"
-    section = getattr(m, kind.options) if kind.options else None
-    if hasattr(section, "describe"):
-        text += section.describe()
+    if kind.options:
+        text += getattr(m, kind.options).describe()
     return text + (f", kNN memory {m.knn.size}" if with_knn and m.knn.enabled else "")
 
 
