@@ -104,31 +104,3 @@ def test_killed_run_resumes_from_its_last_checkpoint(tmp_path, kill_at):
     a, b = losses(tmp_path / "straight"), losses(tmp_path / "killed")
     assert sorted(b) == list(range(1, 31))
     np.testing.assert_allclose([b[s] for s in range(1, 31)], [a[s] for s in range(1, 31)], rtol=0, atol=1e-6)
-
-
-def test_sigterm_saves_the_step_it_is_at_and_the_rerun_continues(tmp_path):
-    """A preempted VM gets SIGTERM: the run saves the step it has reached (not a multiple of
-    checkpoint_every), says so, exits 0, and the same command continues from there."""
-    corpus = str(make_corpus(tmp_path / "corpus"))
-    cfg = tiny_config(corpus, steps=40, checkpoint_every=100)
-    workdir = tmp_path / "run"
-    workdir.mkdir()
-    save_json(cfg, str(workdir / "config.json"))
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
-    command = [sys.executable, "-m", "memtx.train", "--workdir", str(workdir)]
-    proc = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines = []
-    for line in proc.stdout:
-        lines.append(line)
-        if line.startswith("step 3/"):
-            proc.send_signal(signal.SIGTERM)
-    proc.wait()
-    out = "".join(lines)
-    assert proc.returncode == 0, out
-    saved = [line for line in lines if line.startswith("SIGTERM: saved step")]
-    assert len(saved) == 1, out
-    step = int(saved[0].split()[3].rstrip(";"))
-    assert 3 <= step < 40 and (workdir / "checkpoints" / str(step)).is_dir()
-    rerun = subprocess.run(command, env=env, cwd=ROOT, check=True, capture_output=True, text=True)
-    assert f"resumed from step {step}" in rerun.stdout
-    assert sorted(losses(workdir)) == list(range(1, 41))
