@@ -1,17 +1,20 @@
-"""Train-step time with a kNN memory of growing size, as a ratio to the same model without one,
-and the lookup's time beside its floor (the scoring matmul alone).
+"""Train-step time with a kNN memory of growing size, per search backend, as a ratio to the same
+model without one; the lookup's time beside its floor (the scoring matmul alone), XLA's peak
+temporary memory of the lookup, and recall@k of approximate backends against exact search.
 
     python benchmarks/knn_step_time.py [--config configs/knn.py:cpu] [--sizes 0,1536,8192,65536,262144]
-        [--steps 5] [--config.model.knn.backend=chunked ...]
+        [--backends exact,blocked,bucketed] [--steps 5] [--lookup-only] [--config.KEY=VALUE ...]
 
 Size 0 is the baseline: the same model with the kNN memory switched off. Every store is full
-(the steady state of a long document). Synthetic byte tokens: this measures the model.
+(the steady state of a long document). Synthetic byte tokens: this measures the model. To time
+this tree against an earlier commit in one run: benchmarks/compare_revisions.py.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import os
 import statistics
 import sys
@@ -24,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.step_time import measure
-from memtx.cli import ArgumentParser, resolve_config, run_cli
+from memtx.cli import ArgumentParser, UsageError, resolve_config, run_cli
 from memtx.memory import knn
 
 
@@ -38,42 +41,80 @@ def timed(fn, *args, repeats: int) -> float:
     return statistics.median(times)
 
 
-def lookup_times(cfg, size: int, repeats: int) -> tuple[float, float]:
-    """(median lookup seconds, median seconds of the scoring matmul alone) for one memory layer."""
+def lookup_figures(cfg, size: int, repeats: int) -> dict:
+    """One memory layer's lookup over a full store of random unit keys: median seconds, the floor
+    (the scoring matmul alone), XLA's temporary bytes, and recall@k against exact search."""
     m, c = cfg.model, cfg.model.knn
     B, H, N, D = cfg.data.batch_size, m.num_heads, cfg.data.seq_len, m.dim_per_head
     rng = np.random.default_rng(0)
-    store = knn.init(B, H, size, D, jnp.dtype(c.dtype))
-    store = {**store, "keys": jnp.asarray(rng.standard_normal(store["keys"].shape), c.dtype),
-             "count": jnp.full((B,), size, jnp.int32)}
-    queries = jnp.asarray(rng.standard_normal((B, H, N, D)), jnp.dtype(m.dtype))
-    search = jax.jit(lambda s, q: knn.search(s, q, c.k, c.backend, c.recall_target, c.chunk_size)[:2])
-    floor = jax.jit(lambda s, q: jnp.einsum("bhnd,bhsd->bhns", q, s["keys"].astype(q.dtype),
+
+    def unit(shape):
+        x = rng.standard_normal(shape).astype(np.float32)
+        return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+    keys_BHSD, queries_BHND = jnp.asarray(unit((B, H, size, D))), jnp.asarray(unit((B, H, N, D)))
+    store = knn.init(B, H, size, D, c.dtype)
+    store = {**store, "keys": knn.quantize_keys(keys_BHSD, store["keys"].dtype), "count": jnp.full((B,), size, jnp.int32)}
+    queries = queries_BHND.astype(m.dtype)
+    search = jax.jit(functools.partial(knn.search, k=c.k, backend=c.backend, recall_target=c.recall_target,
+                                       chunk_size=c.chunk_size, bucket_size=c.bucket_size))
+    floor = jax.jit(lambda s, q: jnp.einsum("bhnd,bhsd->bhns", q, knn.stored_keys(s["keys"], q.dtype),
                                             preferred_element_type=jnp.float32).max(-1))
-    return timed(search, store, queries, repeats=repeats), timed(floor, store, queries, repeats=repeats)
+    temp = search.lower(store, queries).compile().memory_analysis()
+    out = {"lookup_s": timed(lambda s, q: search(s, q)[:2], store, queries, repeats=repeats),
+           "floor_s": timed(floor, store, queries, repeats=repeats),
+           "temp_bytes": getattr(temp, "temp_size_in_bytes", 0) if temp is not None else 0, "recall": None}
+    if c.backend not in knn.EXACT_BACKENDS or c.dtype != "float32":
+        exact = knn.search({**store, "keys": keys_BHSD}, queries_BHND, c.k, "exact")  # float32, whole matrix
+        got = search(store, queries)
+        out["recall"] = recall(exact, got)
+    return out
+
+
+def recall(reference, got) -> float:
+    """Mean over queries of the fraction of the true top-k (valid entries) that came back."""
+    ref_slots, ref_valid = np.asarray(reference[1]), np.asarray(reference[2])
+    slots, valid = np.asarray(got[1]), np.asarray(got[2])
+    k = ref_slots.shape[-1]
+    ref_slots, slots = ref_slots.reshape(-1, k), slots.reshape(-1, k)
+    ref_valid, valid = ref_valid.reshape(-1, k), valid.reshape(-1, k)
+    hits = [len(set(a[va]) & set(b[vb])) / max(1, va.sum()) for a, va, b, vb in zip(ref_slots, ref_valid, slots, valid)]
+    return float(np.mean(hits))
 
 
 def main(args, rest) -> int:
     cfg = resolve_config(args.config, None, rest)
     sizes = [int(s) for s in args.sizes.split(",")]
+    backends = args.backends.split(",") if args.backends else [cfg.model.knn.backend]
+    for name in backends:
+        if name not in knn.BACKENDS:
+            raise UsageError(f"--backends: unknown backend '{name}' (one of {', '.join(knn.BACKENDS)})")
     device = jax.devices()[0]
     m = cfg.model
     print(f"{args.config}: {m.num_layers} layers, d {m.d_model}, {m.num_heads} heads x {m.dim_per_head}, "
           f"batch {cfg.data.batch_size} x segment {cfg.data.seq_len}, XL cache {m.mem_len}, k {m.knn.k}, "
-          f"backend {m.knn.backend}, store {m.knn.dtype}; {jax.device_count()} x {device.device_kind}")
-    print("| kNN memory | step (ms) | ratio to no memory | tokens/s | lookup (ms) | scoring matmul floor (ms) |")
-    print("|-----------:|----------:|-------------------:|---------:|------------:|--------------------------:|")
+          f"store {m.knn.dtype}, tiles of {m.knn.chunk_size}; {jax.device_count()} x {device.device_kind}")
+    print("| backend | kNN memory | step (ms) | ratio to no memory | tokens/s | lookup (ms) | floor (ms) "
+          "| lookup / floor | lookup temp (MiB) | recall@k |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     base = None
     for size in sizes:
-        c = copy.deepcopy(cfg)
-        c.model.knn.enabled = size > 0
-        c.model.knn.size = max(size, c.model.knn.k)
-        r = measure(c, args.steps, fill_knn=True)
-        base = base or r["step_ms"] if size == 0 else base
-        ratio = f"{r['step_ms'] / base:.2f}x" if base else "-"
-        lookup, floor = lookup_times(c, size, args.steps) if size else (0.0, 0.0)
-        print(f"| {size:10,d} | {r['step_ms']:9.1f} | {ratio:>18} | {r['tokens_per_s']:8,.0f} | "
-              f"{lookup * 1e3:11.1f} | {floor * 1e3:25.1f} |", flush=True)
+        for name in backends if size else backends[:1]:
+            c = copy.deepcopy(cfg)
+            c.model.knn.enabled = size > 0
+            c.model.knn.size = max(size, c.model.knn.k)
+            c.model.knn.backend = name
+            step = None if args.lookup_only else measure(c, args.steps, fill_knn=True)
+            if size == 0:
+                base = step and step["step_ms"]
+            look = lookup_figures(c, size, args.steps) if size else None
+            label = name if size else "(none)"
+            step_txt = f"{step['step_ms']:.1f} | {step['step_ms'] / base:.2f}x | {step['tokens_per_s']:,.0f}" \
+                if step and base else "- | - | -"
+            look_txt = (f"{look['lookup_s'] * 1e3:.1f} | {look['floor_s'] * 1e3:.1f} | "
+                        f"{look['lookup_s'] / look['floor_s']:.2f}x | {look['temp_bytes'] / 2**20:,.0f} | "
+                        + ("exact" if look["recall"] is None else f"{look['recall']:.3f}")) if look else "- | - | - | - | -"
+            print(f"| {label} | {size:,d} | {step_txt} | {look_txt} |", flush=True)
     return 0
 
 
@@ -81,5 +122,7 @@ if __name__ == "__main__":
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="configs/knn.py:cpu")
     p.add_argument("--sizes", default="0,1536,8192,65536,262144")
+    p.add_argument("--backends", default="", help="comma-separated (default: the config's backend)")
     p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--lookup-only", action="store_true", help="time the lookups alone, not the train step")
     sys.exit(run_cli(main, p))

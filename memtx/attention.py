@@ -4,8 +4,9 @@ For query i (absolute position M+i) and key j the distance is d = M+i-j (masked 
 
     score(i, j) = [ (q_i + u)·k_j + (q_i + v)·(W_R · sinusoid(d)) ] / sqrt(Dh)
 
-The position term is computed once per distance (`bd_BHNK_by_distance`) and then gathered by
-distance, instead of the pad-and-reshape "relative shift" of the reference code.
+The position term is computed once per distance and then moved to its keys: for a whole segment
+by the pad-and-reshape "relative shift" (`relative_shift`: copies only, in the forward and the
+backward pass), for the few rows of a generation step by a gather (`gather_by_distance`).
 """
 
 from __future__ import annotations
@@ -42,6 +43,18 @@ def gather_by_distance(by_distance_BHNR: jax.Array, distance_NK: jax.Array) -> j
     of query i at its distance to key j (distances outside 0..R-1 are clipped: mask them)."""
     N, R = by_distance_BHNR.shape[2], by_distance_BHNR.shape[3]
     return by_distance_BHNR[:, :, jnp.arange(N)[:, None], jnp.clip(distance_NK, 0, R - 1)]
+
+
+def relative_shift(by_reversed_distance_BHNK: jax.Array, M: int) -> jax.Array:
+    """[B, H, N, K], K = M + N: entry (i, j) is by_reversed_distance[..., i, K-1-d] at the distance
+    d = M+i-j of query i to key j, for every j <= M+i (entries with j > M+i are other rows' values:
+    mask them). Transformer-XL's relative shift: pad a zero column in front, view the [N, K+1]
+    block as [K+1, N], drop the first row and view the rest as [N, K]; row i comes out shifted
+    left by N-1-i. Unlike a gather, its gradient is a copy too (a gather's is a scatter-add)."""
+    B, H, N, K = by_reversed_distance_BHNK.shape
+    assert K == M + N, (K, M, N)
+    padded = jnp.pad(by_reversed_distance_BHNK, ((0, 0), (0, 0), (0, 0), (1, 0)))
+    return padded.reshape(B, H, K + 1, N)[:, :, 1:].reshape(B, H, N, K)
 
 
 def dot_product_attention(q_BNHD, k_BKHD, v_BKHD, valid_BK=None):
@@ -129,10 +142,13 @@ class RelativeAttention(nn.Module):
 
         ac_BHNK = jnp.einsum("bnhd,bkhd->bhnk", q_BNHD + u_HD.astype(dtype), k_BKHD,
                              preferred_element_type=jnp.float32)
-        bd_BHNK_by_distance = jnp.einsum("bnhd,khd->bhnk", q_BNHD + v_HD.astype(dtype), r_KHD,
-                                         preferred_element_type=jnp.float32)
         distance_NK = M + position + jnp.arange(N)[:, None] - jnp.arange(K)[None, :]
-        bd_BHNK = gather_by_distance(bd_BHNK_by_distance, distance_NK)
+        if cache is None:  # a whole segment: against distances K-1..0, then shifted into place
+            bd_BHNK = relative_shift(jnp.einsum("bnhd,khd->bhnk", q_BNHD + v_HD.astype(dtype), r_KHD[::-1],
+                                                preferred_element_type=jnp.float32), M)
+        else:
+            bd_BHNK = gather_by_distance(jnp.einsum("bnhd,khd->bhnk", q_BNHD + v_HD.astype(dtype), r_KHD,
+                                                    preferred_element_type=jnp.float32), distance_NK)
 
         scores = (ac_BHNK + bd_BHNK) * scale_H11
         key_valid_BK = jnp.concatenate([mem_valid_BM, jnp.ones((B, K - M), bool)], axis=1)
@@ -165,8 +181,8 @@ class RelativeAttention(nn.Module):
         # the k winners' scores are recomputed from their gathered keys, so the gradient reaching
         # the queries costs O(N k D).
         _, slots_BHNK, valid_BHNK = knn.search(memory, jax.lax.stop_gradient(query_BHND), c.k, c.backend,
-                                               c.recall_target, c.chunk_size)
-        keys_BHNKD = knn.gather(memory["keys"], slots_BHNK).astype(query_BHND.dtype)
+                                               c.recall_target, c.chunk_size, c.bucket_size)
+        keys_BHNKD = knn.stored_keys(knn.gather(memory["keys"], slots_BHNK), query_BHND.dtype)
         scores_BHNK = jnp.einsum("bhnd,bhnkd->bhnk", query_BHND, keys_BHNKD, preferred_element_type=jnp.float32)
         logits = jnp.where(valid_BHNK, scores_BHNK * scale_H[None, :, None, None], NEG_INF)
         probs_BHNK = jnp.where(valid_BHNK, jax.nn.softmax(logits, axis=-1), 0.0)  # all invalid: zeros, not 1/k

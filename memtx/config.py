@@ -21,7 +21,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-from memtx.memory import registry
+from memtx.memory import knn as knn_memory, registry
 
 
 class ConfigError(ValueError):
@@ -36,10 +36,13 @@ class KNNConfig:
     layers: tuple[int, ...] = ()  # memory layer indices; empty: the 4th layer from the top (L-4), as meliad
     size: int = 8192  # slots per row and head (not a parameter: any size at evaluation; 0: none)
     k: int = 32  # retrieved entries per query
-    backend: str = "exact"  # exact (lax.top_k) | approx (lax.approx_max_k; TPU) | chunked
-    recall_target: float = 0.95  # approx backend
-    chunk_size: int = 4096  # chunked backend
-    dtype: str = "float32"  # storage: float32 | bfloat16 (half the bytes)
+    # exact (lax.top_k) | approx (lax.approx_max_k; TPU) | blocked (exact, tiled) |
+    # bucketed (approximate, tiled) | chunked (exact, tiled): memtx/memory/knn.py
+    backend: str = "exact"
+    recall_target: float = 0.95  # approx and bucketed backends
+    chunk_size: int = 4096  # slots per tile of the tiled backends
+    bucket_size: int = 16  # blocked backend: consecutive slots per bucket
+    dtype: str = "float32"  # storage: float32 | bfloat16 (half the bytes) | int8 (int8 keys, bfloat16 values)
     gate_bias_init: float = 0.0  # initial b_h of the gate g = sigmoid(b_h) (0: g = 0.5)
 
     def layer_indices(self, num_layers: int) -> tuple[int, ...]:
@@ -616,13 +619,16 @@ def validate(cfg: Config, num_devices: int) -> tuple[int, ...]:
         positive("model.knn.k", knn.k)
         if 0 < knn.size < knn.k:
             raise ConfigError(f"config key 'model.knn.k' ({knn.k}) is larger than model.knn.size ({knn.size})")
-        if knn.backend not in ("exact", "approx", "chunked"):
-            raise ConfigError(f"config key 'model.knn.backend' must be exact, approx or chunked, got '{knn.backend}'")
+        if knn.backend not in knn_memory.BACKENDS:
+            raise ConfigError(f"config key 'model.knn.backend' must be one of {', '.join(knn_memory.BACKENDS)}, "
+                              f"got '{knn.backend}'")
         if not 0 < knn.recall_target <= 1:
             raise ConfigError(f"config key 'model.knn.recall_target' must be in (0, 1], got {knn.recall_target}")
         positive("model.knn.chunk_size", knn.chunk_size)
-        if knn.dtype not in ("float32", "bfloat16"):
-            raise ConfigError(f"config key 'model.knn.dtype' must be float32 or bfloat16, got '{knn.dtype}'")
+        positive("model.knn.bucket_size", knn.bucket_size)
+        if knn.dtype not in knn_memory.STORE_DTYPES:
+            raise ConfigError(f"config key 'model.knn.dtype' must be one of {', '.join(knn_memory.STORE_DTYPES)}, "
+                              f"got '{knn.dtype}'")
     positive("data.seq_len", d.seq_len)
     positive("data.batch_size", d.batch_size)
     positive("data.eval_batch_size", d.eval_batch_size)

@@ -25,7 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from memtx.attention import NEG_INF, distance_sinusoid, gather_by_distance, param_with_axes
+from memtx.attention import NEG_INF, distance_sinusoid, gather_by_distance, param_with_axes, relative_shift
 from memtx.config import ModelConfig
 from memtx.layers import layer_parts
 from memtx.memory import lamemo
@@ -69,9 +69,9 @@ class LaMemoAttention(nn.Module):
         r_KHD = jnp.einsum("kd,dhe->khe", distance_sinusoid(jnp.arange(K), D, cfg.clamp_len).astype(dtype),
                            w_r)  # distance 0..K-1
         ac_BHNK = jnp.einsum("bnhd,bkhd->bhnk", q_BNHD + u_HD, k_BKHD, preferred_element_type=jnp.float32)
-        bd_BHNK_by_distance = jnp.einsum("bnhd,khd->bhnk", q_BNHD + v_HD, r_KHD, preferred_element_type=jnp.float32)
+        bd_BHNK = relative_shift(jnp.einsum("bnhd,khd->bhnk", q_BNHD + v_HD, r_KHD[::-1],
+                                            preferred_element_type=jnp.float32), M)
         distance_NK = M + jnp.arange(N)[:, None] - jnp.arange(K)[None, :]
-        bd_BHNK = gather_by_distance(bd_BHNK_by_distance, distance_NK)
         mask_BHNK = (distance_NK >= 0)[None, None] & key_valid_BK[:, None, None, :]
         scores_BHNK = jnp.where(mask_BHNK, (ac_BHNK + bd_BHNK) * scale, NEG_INF)
         logZ_BHN = jax.nn.logsumexp(scores_BHNK, axis=-1)  # float32

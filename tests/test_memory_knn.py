@@ -10,7 +10,8 @@ from memtx.config import ConfigError, KNNConfig, ModelConfig
 from memtx.memory import knn
 from memtx.model import TransformerLM, init_memory, segment_nll
 
-BACKENDS = [("exact", {}), ("approx", {}), ("chunked", {"chunk_size": 16})]
+BACKENDS = [("exact", {}), ("approx", {}), ("chunked", {"chunk_size": 16}),
+            ("blocked", {"chunk_size": 16, "bucket_size": 4})]
 
 
 class ReferenceStore:
@@ -178,13 +179,14 @@ def test_gradients_reach_queries_scale_and_gate_but_not_the_store():
     assert np.abs(np.asarray(attn["log_scale"])).min() > 0
 
 
-@pytest.mark.parametrize("backend", ["approx", "chunked"])
+@pytest.mark.parametrize("backend", ["approx", "chunked", "blocked"])
 def test_backends_give_the_model_the_same_result(backend):
     rng = np.random.default_rng(3)
     segments = [rng.integers(0, 40, (2, 6)) for _ in range(4)]
     results = {}
     for name in ("exact", backend):
         cfg, model, params = knn_model(size=10, backend=name, mem_len=0)  # small: wraps around
+        cfg.knn.bucket_size = 2  # blocked: 5 buckets of 2 in tiles of 8 (the second one padded)
         memory = init_memory(cfg, 2)
         out = []
         for s, seg in enumerate(segments):
