@@ -24,6 +24,7 @@ import numpy as np
 
 from memtx import sharding, state as state_lib
 from memtx.cli import ArgumentParser, resolve_config, run_cli
+from memtx.flops import mfu
 from memtx.step import make_train_step
 
 
@@ -55,7 +56,8 @@ def measure(cfg, steps: int, fill_knn: bool = False) -> dict:
         jax.block_until_ready(metrics)
         times.append(time.perf_counter() - t)
     median = statistics.median(times)
-    return {"compile_s": compile_s, "step_ms": median * 1e3, "tokens_per_s": B * N / median}
+    utilisation = mfu(cfg, B * N / median, len(setup.mesh.devices.flat), setup.mesh.devices.flat[0].device_kind)
+    return {"compile_s": compile_s, "step_ms": median * 1e3, "tokens_per_s": B * N / median, "mfu": utilisation}
 
 
 def main(args, rest) -> int:
@@ -63,13 +65,15 @@ def main(args, rest) -> int:
     devices = jax.devices()
     print(f"{args.config}: {cfg.model.num_layers} layers, d {cfg.model.d_model}, batch {cfg.data.batch_size} x "
           f"segment {cfg.data.seq_len}, {cfg.model.dtype}; {len(devices)} x {devices[0].device_kind} ({jax.default_backend()})")
-    print("| memory M | compile (s) | median step (ms) | tokens/s |")
-    print("|---------:|------------:|-----------------:|---------:|")
+    print("| memory M | compile (s) | median step (ms) | tokens/s | MFU |")
+    print("|---------:|------------:|-----------------:|---------:|----:|")
     for mem_len in (0, cfg.data.seq_len):
         c = copy.deepcopy(cfg)
         c.model.mem_len = mem_len
         r = measure(c, args.steps)
-        print(f"| {mem_len:8d} | {r['compile_s']:11.1f} | {r['step_ms']:16.1f} | {r['tokens_per_s']:8,.0f} |", flush=True)
+        utilisation = "-" if r["mfu"] is None else f"{r['mfu']:.1%}"  # no peak FLOP/s known for CPUs
+        print(f"| {mem_len:8d} | {r['compile_s']:11.1f} | {r['step_ms']:16.1f} | {r['tokens_per_s']:8,.0f} | "
+              f"{utilisation} |", flush=True)
     return 0
 
 

@@ -70,6 +70,21 @@ def dot_product_attention(q_BNHD, k_BKHD, v_BKHD, valid_BK=None):
     return jnp.einsum("bhnk,bkhd->bnhd", probs.astype(v_BKHD.dtype), v_BKHD)
 
 
+def softmax_attend(scores_BHNK, v_BKHD, dropout: float = 0.0, rng=None):
+    """(softmax(scores), softmax(scores) @ v [B, N, H, Dh]); the product is normalised after the
+    matmul (the division touches N x Dh numbers, not N x K), and the probabilities are computed
+    only if the caller uses them. With `rng`, attention dropout at rate `dropout` (applied to the
+    unnormalised weights: the same as to the probabilities). Every query row needs an unmasked key."""
+    e_BHNK = jnp.exp(scores_BHNK - jax.lax.stop_gradient(scores_BHNK.max(-1, keepdims=True)))
+    sum_BHN1 = e_BHNK.sum(-1, keepdims=True)
+    weights = e_BHNK
+    if rng is not None and dropout > 0:
+        weights = jnp.where(jax.random.bernoulli(rng, 1.0 - dropout, e_BHNK.shape), e_BHNK / (1.0 - dropout), 0.0)
+    out_BHND = jnp.einsum("bhnk,bkhd->bhnd", weights.astype(v_BKHD.dtype), v_BKHD,
+                          preferred_element_type=jnp.float32) / sum_BHN1
+    return e_BHNK / sum_BHN1, jnp.swapaxes(out_BHND, 1, 2).astype(v_BKHD.dtype)
+
+
 def param_with_axes(module: nn.Module, name: str, shape, axes, init):
     return module.param(name, nn.with_logical_partitioning(init, axes), shape)
 
@@ -136,29 +151,24 @@ class RelativeAttention(nn.Module):
             q_BNHD = l2_normalize(q_BNHD)
             log_scale_H = param_with_axes(self, "log_scale", (H,), ("heads",),
                                           nn.initializers.constant(0.5 * math.log(Dh)))
-            scale_H11 = jnp.exp(log_scale_H)[:, None, None]
+            scale_HD = jnp.exp(log_scale_H)[:, None]
         else:
-            scale_H11 = 1.0 / jnp.sqrt(jnp.float32(Dh))
-
-        ac_BHNK = jnp.einsum("bnhd,bkhd->bhnk", q_BNHD + u_HD.astype(dtype), k_BKHD,
-                             preferred_element_type=jnp.float32)
-        distance_NK = M + position + jnp.arange(N)[:, None] - jnp.arange(K)[None, :]
-        if cache is None:  # a whole segment: against distances K-1..0, then shifted into place
-            bd_BHNK = relative_shift(jnp.einsum("bnhd,khd->bhnk", q_BNHD + v_HD.astype(dtype), r_KHD[::-1],
-                                                preferred_element_type=jnp.float32), M)
-        else:
-            bd_BHNK = gather_by_distance(jnp.einsum("bnhd,khd->bhnk", q_BNHD + v_HD.astype(dtype), r_KHD,
-                                                    preferred_element_type=jnp.float32), distance_NK)
-
-        scores = (ac_BHNK + bd_BHNK) * scale_H11
+            scale_HD = jnp.full((H, 1), 1.0 / math.sqrt(Dh))
+        # The scale is applied to the queries (N x H x Dh numbers) rather than to the scores (N x K).
+        qu_BNHD = ((q_BNHD + u_HD.astype(dtype)) * scale_HD).astype(dtype)
+        qv_BNHD = ((q_BNHD + v_HD.astype(dtype)) * scale_HD).astype(dtype)
         key_valid_BK = jnp.concatenate([mem_valid_BM, jnp.ones((B, K - M), bool)], axis=1)
-        mask_BHNK = (distance_NK >= 0)[None, None] & key_valid_BK[:, None, None, :]
-        scores = jnp.where(mask_BHNK, scores, NEG_INF)
-        probs_BHNK = jax.nn.softmax(scores, axis=-1)
-        self.sow("intermediates", "attn_prob", probs_BHNK)
-        probs_BHNK = nn.Dropout(cfg.attn_dropout)(probs_BHNK, deterministic=deterministic)
-
-        out_BNHD = jnp.einsum("bhnk,bkhd->bnhd", probs_BHNK.astype(dtype), v_BKHD)
+        if cache is None:  # a whole segment, query block by query block
+            out_BNHD = self.segment_attention(qu_BNHD, qv_BNHD, k_BKHD, v_BKHD, r_KHD, key_valid_BK, deterministic)
+        else:  # a few rows at `position`: their position terms gathered by distance
+            distance_NK = M + position + jnp.arange(N)[:, None] - jnp.arange(K)[None, :]
+            ac_BHNK = jnp.einsum("bnhd,bkhd->bhnk", qu_BNHD, k_BKHD, preferred_element_type=jnp.float32)
+            bd_BHNK = gather_by_distance(jnp.einsum("bnhd,khd->bhnk", qv_BNHD, r_KHD,
+                                                    preferred_element_type=jnp.float32), distance_NK)
+            mask_BHNK = (distance_NK >= 0)[None, None] & key_valid_BK[:, None, None, :]
+            probs_BHNK, out_BNHD = softmax_attend(jnp.where(mask_BHNK, ac_BHNK + bd_BHNK, NEG_INF), v_BKHD,
+                                                  cfg.attn_dropout, self.dropout_rng(deterministic))
+            self.sow("intermediates", "attn_prob", probs_BHNK)
         if knn_memory is not None:
             gate_bias_H = param_with_axes(self, "gate_bias", (H,), ("heads",),
                                           nn.initializers.constant(cfg.knn.gate_bias_init))
@@ -167,6 +177,42 @@ class RelativeAttention(nn.Module):
             query_BHND = jnp.swapaxes(q_BNHD, 1, 2)
             out_BNHD = self.mix_in_memory(out_BNHD, query_BHND, jnp.exp(log_scale_H), gate_bias_H, knn_memory)
         return jnp.einsum("bnhd,hde->bne", out_BNHD, w_o), {"k": k_BKHD, "v": v_BKHD, "r": r_KHD}
+
+    def dropout_rng(self, deterministic: bool):
+        """A key for attention dropout, or None when there is none to apply."""
+        return None if deterministic or self.cfg.attn_dropout == 0 else self.make_rng("dropout")
+
+    def segment_attention(self, qu_BNHD, qv_BNHD, k_BKHD, v_BKHD, r_KHD, key_valid_BK, deterministic):
+        """Attention of a whole segment's queries over [memory ; segment]: [B, N, H, Dh]. Queries
+        go in blocks of `cfg.query_block` rows; block rows s..e-1 score only keys 0..M+e-1 (the
+        later ones are in their future), so about half of the causal score matrix is never
+        computed. The position term of a block is its relative shift over distances M+e-1..0."""
+        cfg = self.cfg
+        B, N, H, Dh = qu_BNHD.shape
+        K = k_BKHD.shape[1]
+        M = K - N
+        Q = cfg.query_block or N
+        rng = self.dropout_rng(deterministic)
+        outs, probs = [], []
+        for start in range(0, N, Q):
+            stop = min(start + Q, N)
+            Kb, Nb = M + stop, stop - start
+            ac_BHNK = jnp.einsum("bnhd,bkhd->bhnk", qu_BNHD[:, start:stop], k_BKHD[:, :Kb],
+                                 preferred_element_type=jnp.float32)
+            # r broadcast over the batch: the same batched matmul as the content term (the unbatched
+            # "bnhd,khd" form is laid out with a transpose that costs as much again on CPU)
+            r_BKHD = jnp.broadcast_to(r_KHD[:Kb][::-1][None], (B, Kb, H, Dh))
+            bd_BHNK = relative_shift(jnp.einsum("bnhd,bkhd->bhnk", qv_BNHD[:, start:stop], r_BKHD,
+                                                preferred_element_type=jnp.float32), Kb - Nb)
+            distance_NK = (M + start) + jnp.arange(Nb)[:, None] - jnp.arange(Kb)[None, :]
+            mask_BHNK = (distance_NK >= 0)[None, None] & key_valid_BK[:, None, None, :Kb]
+            p_BHNK, out_BNHD = softmax_attend(jnp.where(mask_BHNK, ac_BHNK + bd_BHNK, NEG_INF), v_BKHD[:, :Kb],
+                                              cfg.attn_dropout, rng if rng is None else jax.random.fold_in(rng, start))
+            outs.append(out_BNHD)
+            probs.append(jnp.pad(p_BHNK, ((0, 0), (0, 0), (0, 0), (0, K - Kb))))
+        # The whole probability matrix exists only when an intermediates collection asks for it.
+        self.sow("intermediates", "attn_prob", jnp.concatenate(probs, axis=2))
+        return jnp.concatenate(outs, axis=1)
 
     def mix_in_memory(self, local_BNHD, query_BHND, scale_H, gate_bias_H, knn_memory):
         """out = g * a_mem + (1 - g) * a_local per head, g = sigmoid(gate_bias); a query with no valid

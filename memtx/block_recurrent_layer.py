@@ -32,7 +32,7 @@ import jax.numpy as jnp
 
 from memtx.attention import RelativeAttention, dot_product_attention, param_with_axes
 from memtx.config import ModelConfig
-from memtx.layers import FeedForward, LayerNorm, layer_parts
+from memtx.layers import FeedForward, LayerNorm, layer_class, layer_parts
 from memtx.memory import block_recurrent, xl
 from memtx.xl_layer import XLLayer
 
@@ -173,10 +173,10 @@ def stack(model, h_BND, emb_BND, state, knn_stores, num_valid_B, u_HD, v_HD, det
         mem_RBMD, mem_valid_RBM = block_windows(state["hidden"][layer], mem_valid_BM, h_BPD, W)
         blocks = to_blocks(h_BPD, W)
         if layer == recurrent:
-            blocks, final_BSD = BlockRecurrentLayer(cfg, name=f"layer_{layer}")(
+            blocks, final_BSD = layer_class(BlockRecurrentLayer, cfg)(cfg, name=f"layer_{layer}")(
                 blocks, mem_RBMD, mem_valid_RBM, u_HD, v_HD, deterministic, state, valid_RBW)
         else:
-            blocks, _ = XLLayer(cfg, name=f"layer_{layer}")(blocks, mem_RBMD, mem_valid_RBM, u_HD, v_HD, deterministic)
+            blocks, _ = layer_class(XLLayer, cfg)(cfg, name=f"layer_{layer}")(blocks, mem_RBMD, mem_valid_RBM, u_HD, v_HD, deterministic)
         h_BPD = from_blocks(blocks, B)
     num_blocks_B = -(-num_valid_B // W)
     state = block_recurrent.write(state, jnp.stack(inputs)[:, :, :N], final_BSD, num_blocks_B, num_valid_B)

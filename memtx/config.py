@@ -137,6 +137,10 @@ class BlockRecurrentConfig:
                 f"{self.gate} gates{', no state FFN' if self.skip_ffn else ''})")
 
 
+# jax.checkpoint_policies by name (model.remat): what a rematerialised layer keeps from its forward pass.
+REMAT_POLICIES = ("nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable", "everything_saveable")
+
+
 @dataclass
 class ModelConfig:
     vocab_size: int = 259  # byte vocabulary: 256 bytes + PAD, BOS, EOS
@@ -168,6 +172,13 @@ class ModelConfig:
     layer_norm_eps: float = 1e-5
     init_std: float = 0.02
     dtype: str = "float32"  # compute dtype: float32 | bfloat16 (parameters stay float32)
+    # Whole-segment attention in blocks of this many queries, each scoring only the keys before
+    # its last row (memtx/attention.py): less work under the causal mask; 0: the segment at once.
+    query_block: int = 0
+    # Rematerialise every layer in the backward pass, keeping what this jax.checkpoint_policies
+    # policy saves (memtx/layers.py REMAT_POLICIES: nothing_saveable, dots_saveable,
+    # dots_with_no_batch_dims_saveable, everything_saveable); "": keep all activations.
+    remat: str = ""
     # Adaptive input/softmax (memtx/adaptive.py): cluster boundaries; empty: one tied embedding.
     # With cutoffs the vocabulary is not padded (vocab_pad_multiple is ignored).
     adaptive_cutoffs: tuple[int, ...] = ()
@@ -244,6 +255,20 @@ class TrainConfig:
     # Before compiling, compare memtx.fit's per-device estimate (parameters, optimizer, memories,
     # activations) with the devices' memory and stop in one line if it cannot fit.
     check_memory: bool = True
+    # Gradient accumulation: each step's batch runs as this many micro-batches of
+    # data.batch_size / grad_accum_steps rows (row r in micro-batch r mod grad_accum_steps, so every
+    # data-parallel shard takes part in each), each with its own rows of the memory, and the
+    # summed gradient makes one update: the same update as the whole batch, in less activation memory.
+    grad_accum_steps: int = 1
+    # The persistent compilation cache (a directory, local or gs://): a rerun or resumed run
+    # with the same config and JAX skips compiling. "": off.
+    compilation_cache_dir: str = ""
+    # Steps (first, last) whose execution is traced with jax.profiler into WORKDIR/profile (for
+    # TensorBoard's profile plugin or Perfetto); (): none.
+    profile_steps: tuple[int, ...] = ()
+    # Peak FLOP/s of one device for model FLOPs utilisation (MFU) in the progress line and the
+    # metrics; 0: the table in memtx/flops.py by device kind (no MFU for a kind it lacks, e.g. CPUs).
+    peak_flops_per_device: float = 0.0
 
 
 @dataclass
@@ -579,6 +604,11 @@ def validate(cfg: Config, num_devices: int) -> tuple[int, ...]:
             raise ConfigError(f"config key 'model.{key}' must be in [0, 1), got {getattr(m, key)}")
     if m.dtype not in ("float32", "bfloat16"):
         raise ConfigError(f"config key 'model.dtype' must be float32 or bfloat16, got '{m.dtype}'")
+    if m.query_block < 0:
+        raise ConfigError(f"config key 'model.query_block' must be >= 0 (0: the whole segment), got {m.query_block}")
+    if m.remat and m.remat not in REMAT_POLICIES:
+        raise ConfigError(f"config key 'model.remat' must be empty or one of {', '.join(REMAT_POLICIES)}, "
+                          f"got '{m.remat}'")
     if m.d_model % 2:
         raise ConfigError(f"config key 'model.d_model' must be even (sinusoid positions), got {m.d_model}")
     cuts = tuple(m.adaptive_cutoffs)
@@ -675,6 +705,15 @@ def validate(cfg: Config, num_devices: int) -> tuple[int, ...]:
     positive("train.log_every", t.log_every)
     positive("train.checkpoint_every", t.checkpoint_every)
     positive("train.keep_checkpoints", t.keep_checkpoints)
+    positive("train.grad_accum_steps", t.grad_accum_steps)
+    if d.batch_size % t.grad_accum_steps:
+        raise ConfigError(f"config key 'train.grad_accum_steps' ({t.grad_accum_steps}) must divide data.batch_size "
+                          f"({d.batch_size})")
+    if t.profile_steps and (len(t.profile_steps) != 2 or not 0 < t.profile_steps[0] <= t.profile_steps[1]):
+        raise ConfigError(f"config key 'train.profile_steps' must be (first, last) with 0 < first <= last, "
+                          f"got {t.profile_steps}")
+    if t.peak_flops_per_device < 0:
+        raise ConfigError(f"config key 'train.peak_flops_per_device' must be >= 0, got {t.peak_flops_per_device}")
     for key in ("eval_every", "eval_max_docs"):
         if getattr(t, key) < 0:
             raise ConfigError(f"config key 'train.{key}' must be >= 0 (0: {'never' if key == 'eval_every' else 'every document'}), got {getattr(t, key)}")
@@ -694,4 +733,7 @@ def validate(cfg: Config, num_devices: int) -> tuple[int, ...]:
     for key, value in (("data.batch_size", d.batch_size), ("data.eval_batch_size", d.eval_batch_size)):
         if value % dp:
             raise ConfigError(f"config key '{key}' ({value}) is not divisible by the data-parallel size {dp}")
+    if (d.batch_size // t.grad_accum_steps) % dp:
+        raise ConfigError(f"config key 'train.grad_accum_steps' ({t.grad_accum_steps}) leaves micro-batches of "
+                          f"{d.batch_size // t.grad_accum_steps} rows, not divisible by the data-parallel size {dp}")
     return shape

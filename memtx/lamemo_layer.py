@@ -27,7 +27,7 @@ import jax.numpy as jnp
 
 from memtx.attention import NEG_INF, distance_sinusoid, gather_by_distance, param_with_axes, relative_shift
 from memtx.config import ModelConfig
-from memtx.layers import layer_parts
+from memtx.layers import layer_class, layer_parts
 from memtx.memory import lamemo
 
 ALPHA_EPS = 1e-6
@@ -197,7 +197,7 @@ def stack(model, h_BND, emb_BND, state, knn_stores, num_valid_B, u_HD, v_HD, det
     refreshed_C, refreshed_logS, cur_C, cur_logZ = [], [], [], []
     for layer in range(cfg.num_layers):
         needed = layer < cfg.num_layers - 1 or model.last_memory_output
-        h_BND, mem_BMD, new_C, new_logS, a, logZ = LaMemoLayer(cfg, memory_output=needed, name=f"layer_{layer}")(
+        h_BND, mem_BMD, new_C, new_logS, a, logZ = layer_class(LaMemoLayer, cfg)(cfg, memory_output=needed, name=f"layer_{layer}")(
             h_BND, mem_BMD, mem_valid_BM, state["C"][layer], state["logS"][layer], u_HD, v_HD, v_minus_HD,
             num_valid_B, deterministic)
         refreshed_C.append(new_C), refreshed_logS.append(new_logS), cur_C.append(a), cur_logZ.append(logZ)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -52,3 +54,13 @@ def layer_parts(cfg: ModelConfig):
     them; called inside a layer's compact __call__, they become its submodules."""
     return (FeedForward(cfg, name="ffn"), LayerNorm(cfg.layer_norm_eps, name="attn_norm"),
             LayerNorm(cfg.layer_norm_eps, name="ffn_norm"), nn.Dropout(cfg.dropout))
+
+
+def layer_class(cls: type[nn.Module], cfg: ModelConfig) -> type[nn.Module]:
+    """The layer class a stack builds: `cls`, or with `cfg.remat` (a jax.checkpoint_policies name,
+    config.REMAT_POLICIES) its rematerialised version, whose activations are recomputed in the backward pass except what
+    the policy saves. The layer's `deterministic` argument is static (a Python bool)."""
+    if not cfg.remat:
+        return cls
+    static = list(inspect.signature(cls.__call__).parameters).index("deterministic")  # self is 0
+    return nn.remat(cls, policy=getattr(jax.checkpoint_policies, cfg.remat), static_argnums=(static,))

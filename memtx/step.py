@@ -11,28 +11,58 @@ import jax.numpy as jnp
 import optax
 
 from memtx import probes, sharding
+from memtx.memory import model_memory
 from memtx.model import segment_nll
 from memtx.optimizer import learning_rate_schedule
 from memtx.state import Setup, batch_shardings, memory_shardings
 
 
 def make_train_step(setup: Setup):
+    """(state, memory, batch) -> (state, memory, metrics): one optimizer update. With
+    `train.grad_accum_steps` A > 1 the batch runs as A micro-batches in a scan (micro-batch a: rows
+    a, a+A, ...), each with its memory rows, and their summed gradient of the whole batch's mean
+    loss makes the update."""
     cfg, model, tx = setup.cfg, setup.model, setup.tx
     schedule = learning_rate_schedule(cfg.optim, cfg.train.steps)
     base_key = jax.random.key(cfg.train.seed + 1)
+    A = cfg.train.grad_accum_steps
+    memory_batch_axes = jax.tree.map(lambda axes: axes.index("act_batch"), model_memory.logical_axes(cfg.model),
+                                     is_leaf=lambda x: isinstance(x, tuple))
 
-    def train_step(state, memory, batch):
-        rngs = {"dropout": jax.random.fold_in(base_key, state["step"])} if cfg.model.dropout > 0 or cfg.model.attn_dropout > 0 else None
-
+    def gradients(params, memory, batch, total_tokens, rngs, aux_weight):
+        """Gradient of this (micro-)batch's share of the mean loss: its NLL sum / the step's tokens."""
         def loss_fn(params):
             nll_BN, new_memory, aux = segment_nll(model, params, memory, batch, deterministic=rngs is None, rngs=rngs,
                                                   with_aux_loss=True)
-            tokens = jnp.sum(batch["weights"])
-            lm_loss = jnp.sum(nll_BN) / jnp.maximum(tokens, 1.0)
+            lm_loss = jnp.sum(nll_BN) / jnp.maximum(total_tokens, 1.0)
             # A memory's own loss (the compression network's) trains parameters the LM loss does not reach.
-            return lm_loss + (0.0 if aux is None else aux), (new_memory, tokens, lm_loss, aux)
+            return lm_loss + (0.0 if aux is None else aux_weight * aux), (new_memory, lm_loss, aux)
 
-        (_, (memory, tokens, loss, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+        (_, (memory, loss, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        return grads, memory, loss, aux
+
+    def train_step(state, memory, batch):
+        dropout = cfg.model.dropout > 0 or cfg.model.attn_dropout > 0
+        key = jax.random.fold_in(base_key, state["step"])
+        tokens = jnp.sum(batch["weights"])
+        if A == 1:
+            grads, memory, loss, aux = gradients(state["params"], memory, batch, tokens,
+                                                 {"dropout": key} if dropout else None, 1.0)
+        else:
+            def micro(grads_sum, xs):
+                index, micro_batch, micro_memory = xs
+                rngs = {"dropout": jax.random.fold_in(key, index)} if dropout else None
+                grads, micro_memory, loss, aux = gradients(state["params"], micro_memory, micro_batch, tokens, rngs,
+                                                           1.0 / A)
+                return jax.tree.map(jnp.add, grads_sum, grads), (micro_memory, loss, aux)
+
+            zeros = jax.tree.map(jnp.zeros_like, state["params"])
+            micro_batches = jax.tree.map(lambda x: split_rows(x, 0, A), batch)
+            micro_memories = jax.tree.map(lambda x, axis: split_rows(x, axis, A), memory, memory_batch_axes)
+            grads, (micro_memories, losses, auxes) = jax.lax.scan(
+                micro, zeros, (jnp.arange(A), micro_batches, micro_memories))
+            memory = jax.tree.map(lambda x, axis: merge_rows(x, axis), micro_memories, memory_batch_axes)
+            loss, aux = jnp.sum(losses), None if auxes is None else jnp.mean(auxes)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         metrics = {"loss": loss, "tokens": tokens, "grad_norm": optax.tree.norm(grads),
@@ -46,6 +76,20 @@ def make_train_step(setup: Setup):
                      out_shardings=(setup.state_shardings, mem_sh, sharding.replicated(setup.mesh)),
                      donate_argnums=(0, 1))
     return under_mesh(setup, jitted)
+
+
+def split_rows(x, axis: int, parts: int):
+    """[..., B, ...] (B at `axis`) -> [parts, ..., B / parts, ...]; part a holds rows a, a + parts, ...
+    (strided, so each data-parallel shard's contiguous rows feed every part)."""
+    shape = x.shape
+    x = x.reshape(shape[:axis] + (shape[axis] // parts, parts) + shape[axis + 1:])
+    return jnp.moveaxis(x, axis + 1, 0)
+
+
+def merge_rows(x, axis: int):
+    """The inverse of split_rows."""
+    x = jnp.moveaxis(x, 0, axis + 1)
+    return x.reshape(x.shape[:axis] + (x.shape[axis] * x.shape[axis + 1],) + x.shape[axis + 2:])
 
 
 def make_eval_step(setup: Setup):

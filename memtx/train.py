@@ -28,6 +28,7 @@ from memtx.data.stream import ShardedStream
 from memtx.distributed import initialize_from_env, is_main_process, main_print
 from memtx.memory import registry
 from memtx.fit import SHRINK, check_fits_here, is_out_of_memory
+from memtx.flops import mfu
 from memtx.metrics import MetricsWriter, MetricsWriteError, Progress, format_duration
 from memtx.step import make_train_step
 from memtx.workdir_lock import WorkdirLock
@@ -143,6 +144,14 @@ def make_validation(setup: state_lib.Setup):
     return validate
 
 
+def use_compilation_cache(directory: str) -> None:
+    """JAX's persistent compilation cache in `directory` from the next compilation on ("": none)."""
+    if directory:
+        from jax.experimental.compilation_cache import compilation_cache
+        jax.config.update("jax_compilation_cache_dir", directory)
+        compilation_cache.reset_cache()  # a process that compiled before reads the setting again
+
+
 def train(cfg: Config, workdir: str) -> dict:
     """Runs (or continues) training; returns a summary. Checkpoints and metrics go to `workdir`.
 
@@ -151,6 +160,7 @@ def train(cfg: Config, workdir: str) -> dict:
     metrics and config.json. Checkpoints go to `train.checkpoint_dir` (default
     WORKDIR/checkpoints), which every process must reach: a shared file system or gs://."""
     setup = state_lib.build(cfg)  # validates the config and the mesh before any compilation
+    use_compilation_cache(cfg.train.compilation_cache_dir)
     check_fits_here(cfg)  # the whole step's memory, estimated, against the devices'
     main = is_main_process()
     # This process's document shards, each in a seeded order, filling its rows of the batch.
@@ -182,6 +192,32 @@ class Preemption:
 
     def __exit__(self, *exc) -> None:
         signal.signal(signal.SIGTERM, self._previous)
+
+
+class ProfileWindow:
+    """Traces the steps train.profile_steps = (first, last) with jax.profiler into WORKDIR/profile."""
+
+    def __init__(self, cfg: Config, workdir: str):
+        self.steps = tuple(cfg.train.profile_steps)
+        self.directory = os.path.join(workdir, "profile")
+        self.tracing = False
+
+    def before(self, step: int) -> None:
+        """Called before running step `step` (1-based)."""
+        if self.steps and step == self.steps[0]:
+            jax.profiler.start_trace(self.directory)
+            self.tracing = True
+
+    def after(self, step: int, metrics) -> None:
+        if self.tracing and step >= self.steps[1]:
+            self.stop(metrics)
+
+    def stop(self, metrics=None) -> None:
+        if self.tracing:
+            jax.block_until_ready(metrics)
+            jax.profiler.stop_trace()
+            self.tracing = False
+            main_print(f"profile of steps {self.steps[0]}..{self.steps[1]} written to {self.directory}", flush=True)
 
 
 class StepLog:
@@ -217,6 +253,9 @@ class StepLog:
         timing = {} if first == self.start else {  # the first window includes compilation
             "step_time_s": (now - since) / (step - first),
             "tokens_per_s": (step - first) * self.tokens_per_step / (now - since)}
+        utilisation = timing and mfu(self.cfg, timing["tokens_per_s"], jax.device_count(), jax.devices()[0].device_kind)
+        if utilisation:
+            timing["mfu"] = utilisation
         self.window = (step, now)
         new_tokens = len(self.pending) * self.tokens_per_step
         loss = self._flush({**timing, **extra})
@@ -224,6 +263,7 @@ class StepLog:
             skipped = self.stream.skipped
             self.progress.report(step, new_tokens, f"loss {loss:.4f} ({loss / math.log(2):.3f} bits/token) "
                                  f"lr {self.last['lr']:.2e} gnorm {self.last['grad_norm']:.2f}"
+                                 + (f" MFU {utilisation:.1%}" if utilisation else "")
                                  + (f" skipped docs {skipped}" if skipped else ""))
 
     def _flush(self, extra: dict) -> float:
@@ -312,12 +352,15 @@ def _train_locked(cfg: Config, workdir: str, setup, stream, num_shards: int) -> 
     t = cfg.train
     stop_at = min(t.steps, start + t.stop_after) if t.stop_after else t.steps
     log = StepLog(cfg, workdir, start, ckpt, stream)
-    step, t0 = start, time.perf_counter()
+    profile = ProfileWindow(cfg, workdir)
+    step, t0, metrics = start, time.perf_counter(), None
     try:
         with Preemption() as preemption:
             while step < stop_at:
+                profile.before(step + 1)
                 state, memory, metrics = train_step(state, memory, state_lib.device_batch(setup, stream.next_batch()))
                 step += 1
+                profile.after(step, metrics)
                 log.add(step, metrics)
                 save_now = step % t.checkpoint_every == 0 or step == stop_at or preemption.requested
                 eval_now = validate is not None and (step % t.eval_every == 0 or step == stop_at)
@@ -338,6 +381,7 @@ def _train_locked(cfg: Config, workdir: str, setup, stream, num_shards: int) -> 
     finally:
         failing = sys.exc_info()[1]  # already failing: finishing the saves must not hide why
         try:
+            profile.stop(metrics)
             ckpt.wait()
             ckpt.close()
             log.close()

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 
 from memtx.attention import RelativeAttention
 from memtx.config import ModelConfig
-from memtx.layers import layer_parts
+from memtx.layers import layer_class, layer_parts
 from memtx.memory import knn, xl
 
 
@@ -51,7 +51,7 @@ def run_layers(model, h_BND, mem_LBMD, mem_valid_BM, knn_stores, num_valid_B, u_
     for layer in range(cfg.num_layers):
         layer_inputs.append(h_BND)
         store = knn_stores.get(str(layer))
-        h_BND, layer_cache = XLLayer(cfg, name=f"layer_{layer}")(
+        h_BND, layer_cache = layer_class(XLLayer, cfg)(cfg, name=f"layer_{layer}")(
             h_BND, mem_LBMD[layer], mem_valid_BM, u_HD, v_HD, deterministic, store,
             None if cache is None else cache[layer], position)
         new_cache.append(layer_cache)
