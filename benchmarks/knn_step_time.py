@@ -67,19 +67,8 @@ def lookup_figures(cfg, size: int, repeats: int) -> dict:
     if c.backend not in knn.EXACT_BACKENDS or c.dtype != "float32":
         exact = knn.search({**store, "keys": keys_BHSD}, queries_BHND, c.k, "exact")  # float32, whole matrix
         got = search(store, queries)
-        out["recall"] = recall(exact, got)
+        out["recall"] = knn.recall(exact, got)
     return out
-
-
-def recall(reference, got) -> float:
-    """Mean over queries of the fraction of the true top-k (valid entries) that came back."""
-    ref_slots, ref_valid = np.asarray(reference[1]), np.asarray(reference[2])
-    slots, valid = np.asarray(got[1]), np.asarray(got[2])
-    k = ref_slots.shape[-1]
-    ref_slots, slots = ref_slots.reshape(-1, k), slots.reshape(-1, k)
-    ref_valid, valid = ref_valid.reshape(-1, k), valid.reshape(-1, k)
-    hits = [len(set(a[va]) & set(b[vb])) / max(1, va.sum()) for a, va, b, vb in zip(ref_slots, ref_valid, slots, valid)]
-    return float(np.mean(hits))
 
 
 def main(args, rest) -> int:

@@ -23,18 +23,6 @@ def _unit(x):
     return x / np.linalg.norm(x, axis=-1, keepdims=True)
 
 
-def _recall(reference, got):
-    """Mean over queries of |true top-k among the valid ones ∩ returned valid ones| / |true|."""
-    _, ref_slots, ref_valid = (np.asarray(a) for a in reference)
-    _, slots, valid = (np.asarray(a) for a in got)
-    hits = []
-    for index in np.ndindex(ref_valid.shape[:3]):
-        truth = set(ref_slots[index][ref_valid[index]])
-        if truth:
-            hits.append(len(truth & set(slots[index][valid[index]])) / len(truth))
-    return float(np.mean(hits))
-
-
 @pytest.mark.parametrize("size,chunk,bucket", [(64, 16, 4), (100, 32, 8), (300, 64, 4), (257, 1000, 16)])
 def test_blocked_returns_exactly_the_neighbours_of_lax_top_k(size, chunk, bucket):
     """Same slots in the same order as `exact`, with partly filled rows, a store that is not a
@@ -65,7 +53,7 @@ def test_bucketed_meets_its_recall_target_and_is_not_exact(k, target):
     queries = jnp.asarray(_unit(rng.standard_normal((B, H, N, D))).astype(np.float32))
     exact = knn.search(store, queries, k, "exact")
     bucketed = knn.search(store, queries, k, "bucketed", recall_target=target, chunk_size=512)
-    recall = _recall(exact, bucketed)
+    recall = knn.recall(exact, bucketed)
     assert target <= recall < 1.0, recall  # below 1: the approximation really ran
     assert knn.bucket_count(k, target) < S
 
@@ -85,7 +73,7 @@ def test_low_precision_stores_keep_recall_and_shrink_the_bytes():
     for dtype in ("bfloat16", "int8"):
         store = _store(keys, [S, S], dtype)
         for backend in ("exact", "blocked"):
-            assert _recall(exact, knn.search(store, queries, k, backend, chunk_size=512)) >= 0.95, (dtype, backend)
+            assert knn.recall(exact, knn.search(store, queries, k, backend, chunk_size=512)) >= 0.95, (dtype, backend)
     stored = _store(keys, [S, S], "int8")
     assert stored["keys"].dtype == jnp.int8 and stored["values"].dtype == jnp.bfloat16
     np.testing.assert_allclose(knn.stored_keys(stored["keys"], jnp.float32), keys, atol=0.5 / 127 + 1e-7)

@@ -39,6 +39,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 BACKENDS = ("exact", "approx", "blocked", "bucketed", "chunked")
@@ -242,6 +243,18 @@ def _chunked_top_k(memory, queries_BHND, k, chunk_size):
 
     (top, slots), _ = lax.scan(merge, init, (jnp.arange(tiles.shape[0]), tiles))
     return top, slots
+
+
+def recall(reference, got) -> float:
+    """Recall@k of a search result against a reference one (both `search` outputs): the mean over
+    queries with a valid reference neighbour of the fraction of those neighbours that came back.
+    Host-side (NumPy), for tests and benchmarks."""
+    ref_slots, ref_valid, slots, valid = (np.asarray(a) for a in (reference[1], reference[2], got[1], got[2]))
+    k = ref_slots.shape[-1]
+    hits = [len(set(a[va]) & set(b[vb])) / va.sum()
+            for a, va, b, vb in zip(ref_slots.reshape(-1, k), ref_valid.reshape(-1, k), slots.reshape(-1, k),
+                                    valid.reshape(-1, k)) if va.any()]
+    return float(np.mean(hits))
 
 
 def gather(memory_values_BHSD: jax.Array, slots_BHNK: jax.Array) -> jax.Array:
