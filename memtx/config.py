@@ -179,6 +179,11 @@ class ModelConfig:
     # policy saves (memtx/layers.py REMAT_POLICIES: nothing_saveable, dots_saveable,
     # dots_with_no_batch_dims_saveable, everything_saveable); "": keep all activations.
     remat: str = ""
+    # Run each run of identical consecutive layers as one jax.lax.scan over parameters stacked on a
+    # leading "layers" axis (memtx/layers.py): compile time stays flat in depth. Layers that differ
+    # (a kNN layer, LaMemo's last) stay unrolled. Changes the parameter tree ("layers_0_to_10"), so a
+    # checkpoint is read with the value it was written with (layers.stack_params converts).
+    scan_layers: bool = False
     # Adaptive input/softmax (memtx/adaptive.py): cluster boundaries; empty: one tied embedding.
     # With cutoffs the vocabulary is not padded (vocab_pad_multiple is ignored).
     adaptive_cutoffs: tuple[int, ...] = ()
@@ -635,6 +640,10 @@ def validate(cfg: Config, num_devices: int) -> tuple[int, ...]:
             if getattr(knn, f.name) != getattr(KNNConfig(), f.name):
                 raise ConfigError(f"config key 'model.knn.{f.name}' is a kNN memory option, which "
                                   f"model.memory '{kind.name}' does not have")
+    if m.scan_layers and not kind.scan:
+        raise ConfigError(f"config key 'model.scan_layers' does not apply with model.memory '{kind.name}' "
+                          f"(its layers are not identical; kinds that scan: "
+                          f"{', '.join(k.name for k in registry.KINDS.values() if k.scan)})")
     if m.qk_norm and not kind.qk_norm:
         raise ConfigError(f"config key 'model.qk_norm' does not apply with model.memory '{kind.name}' "
                           "(it follows its authors' attention)")

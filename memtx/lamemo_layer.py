@@ -27,7 +27,7 @@ import jax.numpy as jnp
 
 from memtx.attention import NEG_INF, distance_sinusoid, gather_by_distance, param_with_axes, relative_shift
 from memtx.config import ModelConfig
-from memtx.layers import layer_class, layer_parts
+from memtx.layers import layer_class, layer_parts, layer_runs, run_name, scan_run
 from memtx.memory import lamemo
 
 ALPHA_EPS = 1e-6
@@ -180,6 +180,12 @@ class LaMemoLayer(nn.Module):
         return o_cur_BND, o_mem_BMD, new_C, new_logS, a, logZ
 
 
+def scan_runs(cfg: ModelConfig) -> list[tuple[int, int]]:
+    """The stack's layer ranges (layers.layer_runs): with `model.scan_layers` the last layer, which
+    skips its memory rows, runs alone and the others as one scan."""
+    return layer_runs(cfg, (cfg.num_layers - 1,))
+
+
 def stack(model, h_BND, emb_BND, state, knn_stores, num_valid_B, u_HD, v_HD, deterministic, cache=None,
           position=None):
     """Layer l reads memory rows m (E_mem for l = 0, else layer l-1's refreshed o_mem) and x;
@@ -194,13 +200,25 @@ def stack(model, h_BND, emb_BND, state, knn_stores, num_valid_B, u_HD, v_HD, det
                                      nn.initializers.normal(cfg.init_std))
     mem_valid_BM = lamemo.valid_mask(state)
     mem_BMD = nn.Dropout(cfg.dropout)(state["emb"].astype(h_BND.dtype), deterministic=deterministic)
-    refreshed_C, refreshed_logS, cur_C, cur_logZ = [], [], [], []
-    for layer in range(cfg.num_layers):
-        needed = layer < cfg.num_layers - 1 or model.last_memory_output
-        h_BND, mem_BMD, new_C, new_logS, a, logZ = layer_class(LaMemoLayer, cfg)(cfg, memory_output=needed, name=f"layer_{layer}")(
-            h_BND, mem_BMD, mem_valid_BM, state["C"][layer], state["logS"][layer], u_HD, v_HD, v_minus_HD,
-            num_valid_B, deterministic)
-        refreshed_C.append(new_C), refreshed_logS.append(new_logS), cur_C.append(a), cur_logZ.append(logZ)
-    state = lamemo.write(state, emb_BND, jnp.stack(refreshed_C), jnp.stack(refreshed_logS),
-                         jnp.stack(cur_C), jnp.stack(cur_logZ), num_valid_B)
+    outputs = ([], [], [], [])  # per range: refreshed C', logS', this segment's a, logZ [n, ...]
+    for a, b in scan_runs(cfg):
+        if b - a > 1:  # identical layers as one scan (every one but the last computes its memory rows)
+            def body(layer, carry, xs, shared):
+                (h_BND, mem_BMD), (C_BMHD, logS_BMH) = carry, xs
+                h_BND, mem_BMD, *rest = layer(h_BND, mem_BMD, shared[0], C_BMHD, logS_BMH, *shared[1:], deterministic)
+                return (h_BND, mem_BMD), tuple(rest)
+
+            (h_BND, mem_BMD), ys = scan_run(
+                LaMemoLayer, cfg, a, b, body, (h_BND, mem_BMD), (state["C"][a:b], state["logS"][a:b]),
+                (mem_valid_BM, u_HD, v_HD, v_minus_HD, num_valid_B), memory_output=True)
+        else:
+            needed = a < cfg.num_layers - 1 or model.last_memory_output
+            h_BND, mem_BMD, *ys = layer_class(LaMemoLayer, cfg)(cfg, memory_output=needed, name=run_name(a, b))(
+                h_BND, mem_BMD, mem_valid_BM, state["C"][a], state["logS"][a], u_HD, v_HD, v_minus_HD,
+                num_valid_B, deterministic)
+            ys = [y[None] for y in ys]
+        for out, y in zip(outputs, ys):
+            out.append(y)
+    refreshed_C, refreshed_logS, cur_C, cur_logZ = (jnp.concatenate(out) for out in outputs)
+    state = lamemo.write(state, emb_BND, refreshed_C, refreshed_logS, cur_C, cur_logZ, num_valid_B)
     return h_BND, state, knn_stores, None

@@ -10,12 +10,14 @@ What the attention modules sow, per layer (each a tuple of the values sown in on
 
 from __future__ import annotations
 
+from memtx.layers import layer_tree  # a scanned run (model.scan_layers) holds its layers stacked
+
 
 def attention(inter: dict, layer: int, name: str):
     """What layer `layer`'s attention sowed under `name` (its first call's value)."""
-    return inter[f"layer_{layer}"]["attn"][name][0]
+    return layer_tree(inter, layer)["attn"][name][0]
 
 
 def attention_param(params: dict, layer: int, name: str):
     """Parameter `name` of layer `layer`'s attention (e.g. "gate_bias", "qkv")."""
-    return params[f"layer_{layer}"]["attn"][name]
+    return layer_tree(params, layer)["attn"][name]

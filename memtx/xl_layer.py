@@ -8,7 +8,7 @@ import jax.numpy as jnp
 
 from memtx.attention import RelativeAttention
 from memtx.config import ModelConfig
-from memtx.layers import layer_class, layer_parts
+from memtx.layers import layer_class, layer_parts, layer_runs, run_name, scan_run, stack_trees, unstack_tree
 from memtx.memory import knn, xl
 
 
@@ -41,6 +41,12 @@ class XLLayer(nn.Module):
         return nn.with_logical_constraint(h_BND, ("act_batch", "act_seq", "act_embed")), cache
 
 
+def scan_runs(cfg: ModelConfig) -> list[tuple[int, int]]:
+    """The stack's layer ranges (layers.layer_runs): with `model.scan_layers` the kNN layers, whose
+    attention differs, run alone and the rest as scans."""
+    return layer_runs(cfg, cfg.knn.layer_indices(cfg.num_layers) if cfg.knn.enabled else ())
+
+
 def run_layers(model, h_BND, mem_LBMD, mem_valid_BM, knn_stores, num_valid_B, u_HD, v_HD, deterministic,
                cache=None, position=None):
     """Every XLLayer over its memory rows `mem_LBMD[layer]`; writes each kNN layer's store with
@@ -48,18 +54,31 @@ def run_layers(model, h_BND, mem_LBMD, mem_valid_BM, knn_stores, num_valid_B, u_
     Returns (output, each layer's input [L, B, N, D], kNN stores, attention caches)."""
     cfg = model.cfg
     knn_stores, layer_inputs, new_cache = dict(knn_stores), [], []
-    for layer in range(cfg.num_layers):
-        layer_inputs.append(h_BND)
-        store = knn_stores.get(str(layer))
-        h_BND, layer_cache = layer_class(XLLayer, cfg)(cfg, name=f"layer_{layer}")(
-            h_BND, mem_LBMD[layer], mem_valid_BM, u_HD, v_HD, deterministic, store,
-            None if cache is None else cache[layer], position)
+    for a, b in scan_runs(cfg):
+        if b - a > 1:  # identical layers as one scan; each also returns its input and its cache
+            def body(layer, h_BND, xs, shared):
+                (mem_BMD, layer_cache), (mem_valid_BM, u_HD, v_HD, position) = xs, shared
+                out_BND, layer_cache = layer(h_BND, mem_BMD, mem_valid_BM, u_HD, v_HD, deterministic, None,
+                                             layer_cache, position)
+                return out_BND, (h_BND, layer_cache)
+
+            h_BND, (inputs_nBND, caches) = scan_run(
+                XLLayer, cfg, a, b, body, h_BND, (mem_LBMD[a:b], None if cache is None else stack_trees(cache[a:b])),
+                (mem_valid_BM, u_HD, v_HD, position))
+            layer_inputs.append(inputs_nBND)
+            new_cache += unstack_tree(caches, b - a)
+            continue
+        layer_inputs.append(h_BND[None])
+        store = knn_stores.get(str(a))
+        h_BND, layer_cache = layer_class(XLLayer, cfg)(cfg, name=run_name(a, b))(
+            h_BND, mem_LBMD[a], mem_valid_BM, u_HD, v_HD, deterministic, store,
+            None if cache is None else cache[a], position)
         new_cache.append(layer_cache)
         # size 0: nothing is ever stored (every read is empty)
         if store is not None and store["keys"].shape[2] > 0 and cache is None:
             M = mem_LBMD.shape[2]
-            knn_stores[str(layer)] = knn.write(store, layer_cache["k"][:, M:], layer_cache["v"][:, M:], num_valid_B)
-    return h_BND, jnp.stack(layer_inputs), knn_stores, new_cache
+            knn_stores[str(a)] = knn.write(store, layer_cache["k"][:, M:], layer_cache["v"][:, M:], num_valid_B)
+    return h_BND, jnp.concatenate(layer_inputs), knn_stores, new_cache
 
 
 def stack(model, h_BND, emb_BND, state, knn_stores, num_valid_B, u_HD, v_HD, deterministic, cache=None,

@@ -31,6 +31,8 @@ KINDS = {
     "lamemo": dict(mem_len=5, memory="lamemo"),
     "rpe": dict(mem_len=0),
     "xl_prenorm_qknorm": dict(mem_len=5, pre_norm=True, qk_norm=True),
+    # both layers as one scan: the cache goes through it stacked
+    "xl_scanned": dict(mem_len=5, scan_layers=True),
     # M < N: every segment also passes positions the FIFO cannot keep to the compressed memory
     "compressive": dict(mem_len=2, memory="compressive", compressive=CompressiveConfig(size=4, rate=2)),
     # 2 blocks per segment: the second reads the state the first wrote

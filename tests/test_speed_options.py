@@ -1,5 +1,6 @@
 """Switches that change speed or memory, never the result (beyond float rounding): attention in
-query blocks, rematerialised layers, gradient accumulation over micro-batches."""
+query blocks, rematerialised layers, identical layers as one scan, gradient accumulation over
+micro-batches."""
 
 import dataclasses
 
@@ -74,8 +75,77 @@ def test_remat_really_recomputes_and_query_blocks_skip_the_future():
     assert flops(dataclasses.replace(cfg, query_block=64)) < 0.8 * plain
 
 
+SCANNED = [("xl", {}), ("xl", {"mem_len": 0}), ("xl", {"knn": KNNConfig(enabled=True, layers=(2,), size=16, k=4)}),
+           ("lamemo", {}), ("xl", {"pre_norm": True, "qk_norm": True, "remat": "nothing_saveable"})]
+
+
+@pytest.mark.parametrize("kind,extra", SCANNED, ids=["xl", "rpe", "knn", "lamemo", "prenorm-remat"])
+def test_scanned_layers_change_nothing(kind, extra):
+    """5 layers, unrolled against `model.scan_layers` with the same parameters in the stacked
+    layout: the same losses, gradients, memory and probes (a kNN layer in the middle splits the
+    scan in two; LaMemo's last layer runs alone)."""
+    from memtx import layers, probes
+    from memtx.memory import registry
+    cfg, _, params = small_model(**{"memory": kind, "num_layers": 5, **extra})
+    scanned_cfg = dataclasses.replace(cfg, scan_layers=True)
+    runs = registry.of(scanned_cfg).layers.scan_runs(scanned_cfg)
+    assert any(b - a > 1 for a, b in runs) and sum(b - a for a, b in runs) == 5
+    scanned_params = layers.stack_params(params, runs)
+    assert set(scanned_params) - set(params) == {layers.run_name(a, b) for a, b in runs if b - a > 1}
+    reference, reference_memory = _losses_and_grads(cfg, params, _segments())
+    outputs, memory = _losses_and_grads(scanned_cfg, scanned_params, _segments())
+    _assert_close(([(nll, layers.unstack_params(g)) for nll, g in outputs], memory), (reference, reference_memory))
+    inter = [segment_nll(TransformerLM(c), p, init_memory(c, 2), _segments()[0], with_intermediates=True)[2]
+             for c, p in ((cfg, params), (scanned_cfg, scanned_params))]
+    name = "alpha" if kind == "lamemo" else "attn_prob"
+    for layer in range(5):
+        _assert_close(probes.attention(inter[1], layer, name), probes.attention(inter[0], layer, name))
+        _assert_close(probes.attention_param(scanned_params, layer, "r_proj"),
+                      probes.attention_param(params, layer, "r_proj"))
+
+
+def test_scanned_stack_compiles_to_one_layer_body_at_any_depth():
+    """The lowered train gradient grows with depth unrolled and stays flat scanned (the reason for
+    the switch: compile time flat in depth; benchmarks/compile_time.py measures it)."""
+    def size(num_layers, scan):
+        cfg, _, params = small_model(num_layers=num_layers, scan_layers=scan)
+        model, batch = TransformerLM(cfg), _segments()[0]
+        loss = jax.grad(lambda p: segment_nll(model, p, init_memory(cfg, 2), batch)[0].sum())
+        return len(jax.jit(loss).lower(params).as_text())
+
+    assert size(8, False) > 2.5 * size(2, False)
+    assert size(8, True) < 1.1 * size(2, True)
+
+
+def test_train_step_on_a_mesh_with_scanned_layers():
+    """Initialised scanned (parameters stacked on the unsharded "layers" axis) on a (2, 2, 2) mesh,
+    the train step's first loss equals the unrolled model's with the same parameters."""
+    from memtx import layers
+    from memtx import state as state_lib
+    from memtx.config import Config, DataConfig, MeshConfig, ModelConfig, OptimConfig, TrainConfig
+    from memtx.step import make_train_step
+    cfg = Config(model=ModelConfig(num_layers=3, d_model=32, num_heads=2, d_ff=64, mem_len=8, scan_layers=True),
+                 data=DataConfig(seq_len=8, batch_size=4), optim=OptimConfig(warmup_steps=1), train=TrainConfig(steps=2),
+                 mesh=MeshConfig(shape=(2, 2, 2)))
+    setup = state_lib.build(cfg, state_lib.sharding.make_mesh(cfg, jax.devices()))
+    state = state_lib.init_state(setup, seed=0)
+    qkv = state["params"]["layers_0_to_2"]["layer"]["attn"]["qkv"]
+    assert qkv.shape[0] == 3 and qkv.sharding.spec[0] is None
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 256, (4, 9), dtype=np.int32)
+    batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "weights": np.ones((4, 8), np.float32),
+             "reset": np.ones((4,), bool)}
+    params = layers.unstack_params(jax.device_get(state["params"]))
+    unrolled = dataclasses.replace(cfg.model, scan_layers=False)
+    nll, _ = segment_nll(TransformerLM(unrolled), params, init_memory(unrolled, 4), batch)
+    _, _, metrics = make_train_step(setup)(state, state_lib.init_memory_sharded(setup, 4),
+                                           state_lib.device_batch(setup, batch))
+    np.testing.assert_allclose(float(metrics["loss"]), float(nll.sum() / 32), rtol=1e-5)
+
+
 @pytest.mark.parametrize("change,key", [({"remat": "everything"}, "model.remat"),
-                                        ({"query_block": -1}, "model.query_block")])
+                                        ({"query_block": -1}, "model.query_block"),
+                                        ({"scan_layers": True, "memory": "compressive"}, "model.scan_layers")])
 def test_bad_speed_options_are_one_line_errors(change, key):
     from memtx.config import Config, validate
     cfg = Config()

@@ -32,6 +32,7 @@ class MemoryKind:
     qk_norm: bool = True  # `model.qk_norm` applies to its attention
     refreshes: bool = False  # its memory slots are recomputed from each segment (LaMemo's look-ahead)
     whole_segment: bool = True  # every layer's queries are the whole segment over [memory ; segment]
+    scan: bool = False  # its stack runs identical layers as one scan with `model.scan_layers` (its `scan_runs(cfg)`)
 
     @property
     def state(self) -> ModuleType:
@@ -52,9 +53,9 @@ def register(kind: MemoryKind) -> MemoryKind:
     return kind
 
 
-register(MemoryKind("xl", "XL", "memtx.memory.xl", "memtx.xl_layer"))
+register(MemoryKind("xl", "XL", "memtx.memory.xl", "memtx.xl_layer", scan=True))
 register(MemoryKind("lamemo", "LaMemo", "memtx.memory.lamemo", "memtx.lamemo_layer", options="lamemo", knn=False,
-                    kv_cache=False, qk_norm=False, refreshes=True))
+                    kv_cache=False, qk_norm=False, refreshes=True, scan=True))
 register(MemoryKind("compressive", "Compressive", "memtx.memory.compressive", "memtx.compressive_layer",
                     options="compressive"))
 register(MemoryKind("block_recurrent", "Block-Recurrent", "memtx.memory.block_recurrent",
