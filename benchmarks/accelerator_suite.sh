@@ -4,7 +4,8 @@
 #   1. the paper-size kNN train step at 0 / 8K / 65K / 262K slots for every backend, as a ratio
 #      to no memory, with each lookup beside its floor and the approximate backends' recall@32;
 #   2. LaMemo against Transformer-XL wall time at the wt103 preset;
-#   3. the wt103 Transformer-XL's step time, tokens/s and MFU (model FLOPs / the device's peak).
+#   3. the wt103 Transformer-XL's step time, tokens/s and MFU (model FLOPs / the device's peak);
+#   4. its compile and step time against depth, the layers unrolled and scanned (model.scan_layers).
 #
 #   bash benchmarks/accelerator_suite.sh [OUT_DIR]      (default: results/accelerator)
 #
@@ -19,3 +20,5 @@ py=${PYTHON:-python3}
     --backends approx,blocked,bucketed,exact --steps 5 | tee "$out/knn_step_time.md"
 "$py" benchmarks/lamemo_step_time.py --config configs/lamemo.py:wt103 --steps 10 | tee "$out/lamemo_vs_xl.md"
 "$py" benchmarks/step_time.py --config configs/txl.py:wt103 --steps 10 | tee "$out/txl_wt103_mfu.md"
+"$py" benchmarks/compile_time.py --config configs/txl.py:wt103 --depths 4,8,16,32 --steps 5 \
+    | tee "$out/compile_time.md"
