@@ -64,7 +64,7 @@ def lookup_figures(cfg, size: int, repeats: int) -> dict:
     out = {"lookup_s": timed(lambda s, q: search(s, q)[:2], store, queries, repeats=repeats),
            "floor_s": timed(floor, store, queries, repeats=repeats),
            "temp_bytes": getattr(temp, "temp_size_in_bytes", 0) if temp is not None else 0, "recall": None}
-    if c.backend not in knn.EXACT_BACKENDS or c.dtype != "float32":
+    if knn.resolve_backend(c.backend, size) not in knn.EXACT_BACKENDS or c.dtype != "float32":
         exact = knn.search({**store, "keys": keys_BHSD}, queries_BHND, c.k, "exact")  # float32, whole matrix
         got = search(store, queries)
         out["recall"] = knn.recall(exact, got)
@@ -97,7 +97,8 @@ def main(args, rest) -> int:
             if size == 0:
                 base = step and step["step_ms"]
             look = lookup_figures(c, size, args.steps) if size else None
-            label = name if size else "(none)"
+            resolved = knn.resolve_backend(name, size)
+            label = ("(none)" if not size else name if resolved == name else f"{name} ({resolved})")
             step_txt = f"{step['step_ms']:.1f} | {step['step_ms'] / base:.2f}x | {step['tokens_per_s']:,.0f}" \
                 if step and base else "- | - | -"
             look_txt = (f"{look['lookup_s'] * 1e3:.1f} | {look['floor_s'] * 1e3:.1f} | "

@@ -27,7 +27,7 @@ def paper(size: int, xl_cache: bool) -> Config:
         name=f"knn_paper_{size}{'_xl' if xl_cache else ''}",
         model=ModelConfig(num_layers=12, d_model=1024, num_heads=8, head_dim=128, d_ff=4096,
                           mem_len=512 if xl_cache else 0, pre_norm=True, dtype="bfloat16", qk_norm=True,
-                          knn=KNNConfig(enabled=True, layers=(8,), size=size, k=32, backend="approx")),
+                          knn=KNNConfig(enabled=True, layers=(8,), size=size, k=32, backend="auto")),
         data=DataConfig(seq_len=512, batch_size=8, eval_batch_size=8),
         optim=OptimConfig(learning_rate=3e-4, warmup_steps=1000, clip_norm=0.25),
         train=TrainConfig(steps=500_000, log_every=200, checkpoint_every=5000))
@@ -39,7 +39,7 @@ def cpu_sized(size: int, xl_cache: bool) -> Config:
         # meliad normalises q and k in every layer of its kNN models (qk_norm). The memory is in layer
         # 1: the default L-4 would be layer 0, whose keys carry nothing but the byte itself.
         model=ModelConfig(num_layers=4, d_model=128, num_heads=4, d_ff=512, mem_len=64 if xl_cache else 0,
-                          qk_norm=True, knn=KNNConfig(enabled=True, layers=(1,), size=size, k=32, backend="exact")),
+                          qk_norm=True, knn=KNNConfig(enabled=True, layers=(1,), size=size, k=32, backend="auto")),
         data=DataConfig(seq_len=64, batch_size=8, eval_batch_size=8),
         optim=OptimConfig(learning_rate=2e-3, warmup_steps=200, clip_norm=0.25),
         train=TrainConfig(steps=2500, log_every=100, checkpoint_every=500))

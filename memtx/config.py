@@ -36,9 +36,10 @@ class KNNConfig:
     layers: tuple[int, ...] = ()  # memory layer indices; empty: the 4th layer from the top (L-4), as meliad
     size: int = 8192  # slots per row and head (not a parameter: any size at evaluation; 0: none)
     k: int = 32  # retrieved entries per query
-    # exact (lax.top_k) | approx (lax.approx_max_k; TPU) | blocked (exact, tiled) |
+    # auto (approx on TPU; elsewhere exact up to 8K slots, blocked above) | exact (lax.top_k) |
+    # approx (lax.approx_max_k; approximate on TPU only) | blocked (exact, tiled) |
     # bucketed (approximate, tiled) | chunked (exact, tiled): memtx/memory/knn.py
-    backend: str = "exact"
+    backend: str = "auto"
     recall_target: float = 0.95  # approx and bucketed backends
     chunk_size: int = 4096  # slots per tile of the tiled backends
     bucket_size: int = 16  # blocked backend: consecutive slots per bucket

@@ -76,7 +76,8 @@ def activation_bytes(cfg: Config, batch_per_device: int, param_bytes: int) -> in
     keys = kind.state.attended_rows(m, N)
     keys_knn = 0
     if m.knn.enabled:  # retrieved keys/values and their scores, and the search's scores over every slot
-        search = min(m.knn.chunk_size, m.knn.size) if m.knn.backend in knn.TILED_BACKENDS else m.knn.size
+        backend = knn.resolve_backend(m.knn.backend, m.knn.size, "tpu")  # auto: as on TPU, the larger (whole matrix)
+        search = min(m.knn.chunk_size, m.knn.size) if backend in knn.TILED_BACKENDS else m.knn.size
         keys_knn = len(m.knn.layer_indices(m.num_layers)) * b * heads * N * (m.knn.k * (2 * dh + 2) + 2 * search) * 4
     per_layer = b * N * (6 * m.d_model + 3 * heads * dh + m.d_ff) * act  # residual, norms, q/k/v/out, FFN
     per_layer += b * keys * m.d_model * act * 2  # keys/values over memory + segment

@@ -78,3 +78,22 @@ def test_low_precision_stores_keep_recall_and_shrink_the_bytes():
     assert stored["keys"].dtype == jnp.int8 and stored["values"].dtype == jnp.bfloat16
     np.testing.assert_allclose(knn.stored_keys(stored["keys"], jnp.float32), keys, atol=0.5 / 127 + 1e-7)
     assert knn.state_bytes(2, 4, 1024, 32, "int8") * 8 == knn.state_bytes(2, 4, 1024, 32, "float32") * 3
+
+
+def test_auto_backend_is_approx_on_tpu_and_exact_neighbours_elsewhere(monkeypatch):
+    """`auto` stands for approx on TPU and, elsewhere, exact up to AUTO_EXACT_MAX_SLOTS slots and
+    blocked above; on this CPU its neighbours are lax.top_k's on either side of the threshold."""
+    limit = knn.AUTO_EXACT_MAX_SLOTS
+    assert knn.resolve_backend("auto", limit, "tpu") == knn.resolve_backend("auto", 10 * limit, "tpu") == "approx"
+    for platform in ("gpu", "cpu"):
+        assert knn.resolve_backend("auto", limit, platform) == "exact"
+        assert knn.resolve_backend("auto", limit + 1, platform) == "blocked"
+    assert knn.resolve_backend("bucketed", 10, "tpu") == "bucketed"  # a named backend stands for itself
+    monkeypatch.setattr(knn, "AUTO_EXACT_MAX_SLOTS", 64)  # the two sides at test size
+    rng = np.random.default_rng(3)
+    queries = jnp.asarray(rng.standard_normal((2, 2, 5, 8)).astype(np.float32))
+    for size in (64, 200):
+        store = _store(rng.standard_normal((2, 2, size, 8)).astype(np.float32), [size, size // 2])
+        assert knn.resolve_backend("auto", size) == ("exact" if size == 64 else "blocked")
+        np.testing.assert_array_equal(knn.search(store, queries, 4, "auto", bucket_size=4)[1],
+                                      knn.search(store, queries, 4, "exact")[1])

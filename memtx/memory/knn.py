@@ -31,6 +31,8 @@ Search backends, all behind `search`:
             its bucket, so the expected recall is about 1 - (k-1)/(2L); L is the smallest power of
             two meeting `recall_target` (the partial reduction approx_max_k does on TPU)
   chunked   exact: a scan over slot chunks keeping a running top-k (the first tiled backend)
+  auto      by platform and store size (`resolve_backend`): approx on TPU; elsewhere exact up to
+            AUTO_EXACT_MAX_SLOTS slots and blocked above (exact neighbours on CPU and GPU)
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-BACKENDS = ("exact", "approx", "blocked", "bucketed", "chunked")
+BACKENDS = ("auto", "exact", "approx", "blocked", "bucketed", "chunked")
 EXACT_BACKENDS = ("exact", "blocked", "chunked")
 TILED_BACKENDS = ("blocked", "bucketed", "chunked")  # never hold the whole queries x slots score matrix
 STORE_DTYPES = ("float32", "bfloat16", "int8")
@@ -51,6 +53,21 @@ LOGICAL_AXES = {"keys": ("act_batch", "act_heads", "act_mem", "act_kv"),
                 "values": ("act_batch", "act_heads", "act_mem", "act_kv"),
                 "pointer": ("act_batch",), "count": ("act_batch",)}
 NEG_INF = -1e30
+# auto off TPU: the whole score matrix up to this many slots, blocked above. On this project's CPU
+# the default kNN preset's train step is faster with exact at 8K slots (README, Speed) and its
+# lookup faster with blocked from 16K on.
+AUTO_EXACT_MAX_SLOTS = 8192
+
+
+def resolve_backend(backend: str, num_slots: int, platform: str | None = None) -> str:
+    """The backend `auto` stands for on `platform` (default: JAX's default backend): `approx` on TPU,
+    where approx_max_k is approximate and fast; elsewhere, where it is a full sort, `exact` up to
+    AUTO_EXACT_MAX_SLOTS slots and `blocked` above. Other backends stand for themselves."""
+    if backend != "auto":
+        return backend
+    if (platform or jax.default_backend()) == "tpu":
+        return "approx"
+    return "exact" if num_slots <= AUTO_EXACT_MAX_SLOTS else "blocked"
 
 
 def store_dtypes(dtype) -> tuple:
@@ -144,6 +161,7 @@ def search(memory: dict, queries_BHND: jax.Array, k: int, backend: str = "exact"
     S = memory["keys"].shape[2]
     if backend not in BACKENDS:
         raise ValueError(f"unknown kNN search backend '{backend}' (one of {', '.join(BACKENDS)})")
+    backend = resolve_backend(backend, S)
     if backend == "blocked" and S // bucket_size > k:
         top, slots = _blocked_top_k(memory, queries_BHND, k, chunk_size, bucket_size)
     elif backend == "bucketed" and S > bucket_count(k, recall_target):
