@@ -392,6 +392,12 @@ class Checkpointer:
         ("['layer_0']['ffn']['wi'] is (32, 64) there, (48, 96) here"), or None. Checked before
         restoring, so that another model's checkpoint is one clean line, not orbax's failure."""
         saved = self.saved_param_shapes(step)
+        here = [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_flatten_with_path(abstract_params)[0]]
+        stacked_there, stacked_here = (any(name.startswith("['layers_") for name in names) for names in (saved, here))
+        if saved and stacked_there != stacked_here:  # model.scan_layers: the same layers under other names
+            return (f"its layers are {'stacked (model.scan_layers=true)' if stacked_there else 'unrolled'}, this "
+                    f"config's are {'stacked' if stacked_here else 'unrolled (model.scan_layers=false)'}; set "
+                    "model.scan_layers as it was, or convert with memtx.layers.stack_params / unstack_params")
         for path, leaf in jax.tree_util.tree_flatten_with_path(abstract_params)[0]:
             name = jax.tree_util.keystr(path)
             if name in saved and saved[name] and tuple(saved[name]) != tuple(leaf.shape):

@@ -70,3 +70,22 @@ def test_warm_start_says_what_is_new_and_what_is_dropped(tmp_path, capsys):
     assert "['layer_1']['attn']['gate_bias']" in new and "['layer_1']['attn']['log_scale']" in new
     assert "['layer_0']" not in new  # every other parameter came from the checkpoint
     assert dropped.strip() == "['u_bias']"
+
+
+def test_a_checkpoint_of_the_other_layer_layout_is_a_one_line_error(tmp_path):
+    """Unrolled parameters ("layer_0") restored, resumed or warm-started as a scanned model
+    ("layers_0_to_1"): one line naming model.scan_layers, never a fresh start."""
+    corpus = str(make_corpus(tmp_path / "corpus"))
+    unrolled = tiny_config(corpus, steps=3, checkpoint_every=3)
+    train(unrolled, str(tmp_path / "run"))
+    scanned = tiny_config(corpus, steps=6, checkpoint_every=3)
+    scanned.model.scan_layers = True
+    with pytest.raises(ConfigError, match="model.scan_layers") as info:
+        _params(scanned, tmp_path / "run")
+    assert "\n" not in str(info.value) and "unrolled" in str(info.value)
+    with pytest.raises(ConfigError, match="model.scan_layers") as info:  # resuming the run with the other layout
+        train(scanned, str(tmp_path / "run"))
+    assert "\n" not in str(info.value)
+    scanned.train.init_from = str(tmp_path / "run")
+    with pytest.raises(ConfigError, match="model.scan_layers"):
+        train(scanned, str(tmp_path / "warm"))
