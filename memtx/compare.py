@@ -24,7 +24,6 @@ is set by --seeds, and data.seed may not differ between configs.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
@@ -32,7 +31,7 @@ import re
 import sys
 from dataclasses import dataclass
 
-from memtx import stats
+from memtx import compilation_cache, stats
 from memtx.cli import ArgumentParser, UsageError, resolve_config, run_cli
 from memtx.config import Config, load_json, parse_overrides, to_dict
 from memtx.data.fingerprint import describe as describe_fingerprint
@@ -274,28 +273,9 @@ def _json(x):
     return None if isinstance(x, float) and not math.isfinite(x) else x
 
 
-@contextlib.contextmanager
-def compilation_cache(path: str):
-    """JAX's persistent compilation cache in `path` ("off": none) while comparing: every seed of a
-    config after the first, and every evaluation after the first, reuse compiled steps. A cache
-    the user configured is used as it is; the setting before is restored afterwards."""
-    import jax
-    from jax.experimental.compilation_cache import compilation_cache as cc
-    before = jax.config.jax_compilation_cache_dir
-    if path == "off" or before:
-        yield
-        return
-    cc.set_cache_dir(path)
-    try:
-        yield
-    finally:
-        cc.reset_cache()
-        jax.config.update("jax_compilation_cache_dir", before)
-
-
 def main(args: argparse.Namespace, rest: list[str]) -> int:
     specs, common = check_args(args, rest)
-    with compilation_cache(args.compilation_cache or os.path.join(args.out, "compilation_cache")):
+    with compilation_cache.within(args.compilation_cache or os.path.join(args.out, "compilation_cache")):
         cfgs = train_all(specs, common, args)
         evals = evaluate_all(specs, cfgs, args)
     result = summarize(specs, cfgs, evals, args, common)

@@ -24,6 +24,7 @@ import argparse
 import os
 import sys
 
+from memtx import compilation_cache
 from memtx.cli import ArgumentParser, UsageError, parse_int_list, run_cli
 from memtx.config import stable_hash
 from memtx.data.fingerprint import corpus_fingerprint
@@ -149,6 +150,8 @@ def main(args: argparse.Namespace, rest: list[str]) -> int:
     if args.far_reach is not None and args.far_reach < 1:
         raise UsageError(f"--far-reach must be >= 1, got {args.far_reach}")
     cfgs = [run_config(workdir, args.config, rest, args.split) for workdir in args.workdir]
+    for cfg in cfgs:  # the runs' own caches (the last one configured wins: JAX keeps one)
+        compilation_cache.use(cfg.train.compilation_cache_dir)
     if args.corpus is not None:  # every document there: one split holding them all
         if args.split:
             raise UsageError("--corpus evaluates every document of PATH; it takes no --split")

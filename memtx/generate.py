@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from memtx import compilation_cache
 from memtx import state as state_lib
 from memtx.checkpoint import run_checkpointer
 from memtx.cli import ArgumentParser, UsageError, resolve_config, run_cli
@@ -180,6 +181,7 @@ def load(workdir: str, config_spec: str | None, overrides: list[str], step: int 
     if not os.path.isdir(workdir):
         raise UsageError(f"work directory '{workdir}' does not exist")
     cfg = resolve_config(config_spec, workdir, list(overrides))
+    compilation_cache.use(cfg.train.compilation_cache_dir)  # the run's, if it has one
     setup = state_lib.build(cfg)
     ckpt = run_checkpointer(cfg, workdir, async_save=False)
     step = ckpt.latest_good_step() if step is None else step

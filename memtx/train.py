@@ -16,7 +16,7 @@ import time
 
 import jax
 
-from memtx import probes
+from memtx import compilation_cache, probes
 from memtx import state as state_lib
 from memtx.checkpoint import CheckpointWriteError, run_checkpointer, writable_directory
 from memtx.cli import ArgumentParser, resolve_config, run_cli
@@ -144,14 +144,6 @@ def make_validation(setup: state_lib.Setup):
     return validate
 
 
-def use_compilation_cache(directory: str) -> None:
-    """JAX's persistent compilation cache in `directory` from the next compilation on ("": none)."""
-    if directory:
-        from jax.experimental.compilation_cache import compilation_cache
-        jax.config.update("jax_compilation_cache_dir", directory)
-        compilation_cache.reset_cache()  # a process that compiled before reads the setting again
-
-
 def train(cfg: Config, workdir: str) -> dict:
     """Runs (or continues) training; returns a summary. Checkpoints and metrics go to `workdir`.
 
@@ -160,7 +152,7 @@ def train(cfg: Config, workdir: str) -> dict:
     metrics and config.json. Checkpoints go to `train.checkpoint_dir` (default
     WORKDIR/checkpoints), which every process must reach: a shared file system or gs://."""
     setup = state_lib.build(cfg)  # validates the config and the mesh before any compilation
-    use_compilation_cache(cfg.train.compilation_cache_dir)
+    compilation_cache.use(cfg.train.compilation_cache_dir)
     check_fits_here(cfg)  # the whole step's memory, estimated, against the devices'
     main = is_main_process()
     # This process's document shards, each in a seeded order, filling its rows of the batch.

@@ -206,6 +206,7 @@ def test_micro_batches_must_divide_the_batch_and_the_data_parallel_size():
 
 
 def test_train_writes_a_profile_fills_the_compilation_cache_and_reports_mfu(tmp_path, capsys):
+    """... and evaluating the run compiles into the same cache (its config names it)."""
     import json
 
     from jax.experimental.compilation_cache import compilation_cache
@@ -219,6 +220,13 @@ def test_train_writes_a_profile_fills_the_compilation_cache_and_reports_mfu(tmp_
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)  # cache even quick compilations
     try:
         train(cfg, str(tmp_path / "run"))
+        cached = set((tmp_path / "cache").iterdir())
+        jax.config.update("jax_compilation_cache_dir", None)
+        compilation_cache.reset_cache()  # a fresh process: evaluation finds the cache in the run's config
+        from memtx import evaluate
+        assert evaluate.main(*evaluate.parser().parse_known_args(
+            ["--workdir", str(tmp_path / "run"), "--split", "train", "--config.data.eval_max_docs=2"])) == 0
+        assert set((tmp_path / "cache").iterdir()) > cached  # the evaluation's steps joined it
     finally:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", before)
         jax.config.update("jax_compilation_cache_dir", None)
