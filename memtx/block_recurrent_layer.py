@@ -32,7 +32,7 @@ import jax.numpy as jnp
 
 from memtx.attention import RelativeAttention, dot_product_attention, param_with_axes
 from memtx.config import ModelConfig
-from memtx.layers import FeedForward, LayerNorm, layer_class, layer_parts
+from memtx.layers import FeedForward, LayerNorm, layer_class, layer_parts, layer_runs, run_name, scan_run
 from memtx.memory import block_recurrent, xl
 from memtx.xl_layer import XLLayer
 
@@ -153,6 +153,16 @@ def from_blocks(x_RBW, B: int):
     return x.reshape(B, RB // B * W, *x_RBW.shape[2:])
 
 
+def recurrent_layer(cfg: ModelConfig) -> int:
+    return cfg.block_recurrent.layer % cfg.num_layers
+
+
+def scan_runs(cfg: ModelConfig) -> list[tuple[int, int]]:
+    """The stack's layer ranges (layers.layer_runs): with `model.scan_layers` the recurrent layer
+    runs alone and the XL layers before and after it as scans."""
+    return layer_runs(cfg, (recurrent_layer(cfg),))
+
+
 def stack(model, h_BND, emb_BND, state, knn_stores, num_valid_B, u_HD, v_HD, deterministic, cache=None,
           position=None):
     """Every layer over the segment's blocks (the recurrent one also over its state); then the XL
@@ -166,18 +176,28 @@ def stack(model, h_BND, emb_BND, state, knn_stores, num_valid_B, u_HD, v_HD, det
     valid_BP = jnp.arange(P)[None, :] < num_valid_B[:, None]
     valid_RBW = jnp.swapaxes(valid_BP.reshape(B, P // W, W), 0, 1)
     mem_valid_BM = xl.valid_mask(state)
-    recurrent = br.layer % cfg.num_layers
     inputs, final_BSD = [], None
-    for layer in range(cfg.num_layers):
-        inputs.append(h_BPD)
-        mem_RBMD, mem_valid_RBM = block_windows(state["hidden"][layer], mem_valid_BM, h_BPD, W)
+    for a, b in scan_runs(cfg):
+        if b - a > 1:  # identical XL layers as one scan; each also returns its input
+            def body(layer, h_BPD, mem_BMD, shared):
+                mem_valid_BM, u_HD, v_HD = shared
+                mem_RBMD, mem_valid_RBM = block_windows(mem_BMD, mem_valid_BM, h_BPD, W)
+                blocks, _ = layer(to_blocks(h_BPD, W), mem_RBMD, mem_valid_RBM, u_HD, v_HD, deterministic)
+                return from_blocks(blocks, B), h_BPD
+
+            h_BPD, inputs_nBPD = scan_run(XLLayer, cfg, a, b, body, h_BPD, state["hidden"][a:b],
+                                           (mem_valid_BM, u_HD, v_HD))
+            inputs.append(inputs_nBPD)
+            continue
+        inputs.append(h_BPD[None])
+        mem_RBMD, mem_valid_RBM = block_windows(state["hidden"][a], mem_valid_BM, h_BPD, W)
         blocks = to_blocks(h_BPD, W)
-        if layer == recurrent:
-            blocks, final_BSD = layer_class(BlockRecurrentLayer, cfg)(cfg, name=f"layer_{layer}")(
+        if a == recurrent_layer(cfg):
+            blocks, final_BSD = layer_class(BlockRecurrentLayer, cfg)(cfg, name=run_name(a, b))(
                 blocks, mem_RBMD, mem_valid_RBM, u_HD, v_HD, deterministic, state, valid_RBW)
         else:
-            blocks, _ = layer_class(XLLayer, cfg)(cfg, name=f"layer_{layer}")(blocks, mem_RBMD, mem_valid_RBM, u_HD, v_HD, deterministic)
+            blocks, _ = layer_class(XLLayer, cfg)(cfg, name=run_name(a, b))(blocks, mem_RBMD, mem_valid_RBM, u_HD, v_HD, deterministic)
         h_BPD = from_blocks(blocks, B)
     num_blocks_B = -(-num_valid_B // W)
-    state = block_recurrent.write(state, jnp.stack(inputs)[:, :, :N], final_BSD, num_blocks_B, num_valid_B)
+    state = block_recurrent.write(state, jnp.concatenate(inputs)[:, :, :N], final_BSD, num_blocks_B, num_valid_B)
     return h_BPD[:, :N], state, knn_stores, None

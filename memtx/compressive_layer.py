@@ -24,8 +24,9 @@ import jax.numpy as jnp
 
 from memtx.attention import dot_product_attention, param_with_axes
 from memtx.config import ModelConfig
-from memtx.layers import layer_norm
+from memtx.layers import layer_norm, layer_tree
 from memtx.memory import compressive, slots
+from memtx import xl_layer
 from memtx.xl_layer import run_layers
 
 
@@ -80,12 +81,17 @@ def reconstruction_loss(cfg: ModelConfig, params, inputs_LBND, num_valid_B, bloc
     denominator = jnp.maximum(jnp.sum(weight_BN), 1) * cfg.num_heads * cfg.dim_per_head
     total = jnp.float32(0)
     for layer in range(L):
-        layer_params = params[f"layer_{layer}"]
+        layer_params = layer_tree(params, layer)  # scanned (model.scan_layers) or not
         target = content_attention(cfg, layer_params, inputs_LBND[layer], block_LBND[layer], valid_BN)
         rebuilt = content_attention(cfg, layer_params, inputs_LBND[layer], groups_LBGD[layer], groups_valid_BG)
         error_BN = jnp.sum(jnp.square((target - rebuilt).astype(jnp.float32)), axis=(2, 3))
         total = total + jnp.sum(jnp.where(weight_BN, error_BN, 0.0)) / denominator
     return total
+
+
+def scan_runs(cfg: ModelConfig) -> list[tuple[int, int]]:
+    """The stack's layer ranges: those of the XL stack it runs."""
+    return xl_layer.scan_runs(cfg)
 
 
 def stack(model, h_BND, emb_BND, state, knn_stores, num_valid_B, u_HD, v_HD, deterministic, cache=None,

@@ -182,7 +182,7 @@ class ModelConfig:
     remat: str = ""
     # Run each run of identical consecutive layers as one jax.lax.scan over parameters stacked on a
     # leading "layers" axis (memtx/layers.py): compile time stays flat in depth. Layers that differ
-    # (a kNN layer, LaMemo's last) stay unrolled. Changes the parameter tree ("layers_0_to_10"), so a
+    # (a kNN layer, LaMemo's last, the recurrent one) stay unrolled. Changes the parameter tree ("layers_0_to_10"), so a
     # checkpoint is read with the value it was written with (layers.stack_params converts).
     scan_layers: bool = False
     # Adaptive input/softmax (memtx/adaptive.py): cluster boundaries; empty: one tied embedding.

@@ -76,10 +76,14 @@ def test_remat_really_recomputes_and_query_blocks_skip_the_future():
 
 
 SCANNED = [("xl", {}), ("xl", {"mem_len": 0}), ("xl", {"knn": KNNConfig(enabled=True, layers=(2,), size=16, k=4)}),
-           ("lamemo", {}), ("xl", {"pre_norm": True, "qk_norm": True, "remat": "nothing_saveable"})]
+           ("lamemo", {}), ("xl", {"pre_norm": True, "qk_norm": True, "remat": "nothing_saveable"}),
+           ("compressive", kind_options("compressive")),
+           ("block_recurrent", {"block_recurrent": dataclasses.replace(
+               kind_options("block_recurrent")["block_recurrent"], layer=2)})]
 
 
-@pytest.mark.parametrize("kind,extra", SCANNED, ids=["xl", "rpe", "knn", "lamemo", "prenorm-remat"])
+@pytest.mark.parametrize("kind,extra", SCANNED, ids=["xl", "rpe", "knn", "lamemo", "prenorm-remat", "compressive",
+                                                     "block_recurrent"])
 def test_scanned_layers_change_nothing(kind, extra):
     """5 layers, unrolled against `model.scan_layers` with the same parameters in the stacked
     layout: the same losses, gradients, memory and probes (a kNN layer in the middle splits the
@@ -95,8 +99,12 @@ def test_scanned_layers_change_nothing(kind, extra):
     reference, reference_memory = _losses_and_grads(cfg, params, _segments())
     outputs, memory = _losses_and_grads(scanned_cfg, scanned_params, _segments())
     _assert_close(([(nll, layers.unstack_params(g)) for nll, g in outputs], memory), (reference, reference_memory))
-    inter = [segment_nll(TransformerLM(c), p, init_memory(c, 2), _segments()[0], with_intermediates=True)[2]
-             for c, p in ((cfg, params), (scanned_cfg, scanned_params))]
+    runs = [segment_nll(TransformerLM(c), p, m, _segments()[1], with_intermediates=True, with_aux_loss=True)
+            for c, p, m in ((cfg, params, reference_memory), (scanned_cfg, scanned_params, memory))]
+    inter = [run[2] for run in runs]
+    if kind == "compressive":  # its attention-reconstruction loss reads each layer's parameters
+        assert runs[0][3] is not None and float(runs[0][3]) > 0
+        _assert_close(runs[1][3], runs[0][3])
     name = "alpha" if kind == "lamemo" else "attn_prob"
     for layer in range(5):
         _assert_close(probes.attention(inter[1], layer, name), probes.attention(inter[0], layer, name))
@@ -144,8 +152,7 @@ def test_train_step_on_a_mesh_with_scanned_layers():
 
 
 @pytest.mark.parametrize("change,key", [({"remat": "everything"}, "model.remat"),
-                                        ({"query_block": -1}, "model.query_block"),
-                                        ({"scan_layers": True, "memory": "compressive"}, "model.scan_layers")])
+                                        ({"query_block": -1}, "model.query_block")])
 def test_bad_speed_options_are_one_line_errors(change, key):
     from memtx.config import Config, validate
     cfg = Config()

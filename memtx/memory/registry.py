@@ -57,10 +57,10 @@ register(MemoryKind("xl", "XL", "memtx.memory.xl", "memtx.xl_layer", scan=True))
 register(MemoryKind("lamemo", "LaMemo", "memtx.memory.lamemo", "memtx.lamemo_layer", options="lamemo", knn=False,
                     kv_cache=False, qk_norm=False, refreshes=True, scan=True))
 register(MemoryKind("compressive", "Compressive", "memtx.memory.compressive", "memtx.compressive_layer",
-                    options="compressive"))
+                    options="compressive", scan=True))
 register(MemoryKind("block_recurrent", "Block-Recurrent", "memtx.memory.block_recurrent",
                     "memtx.block_recurrent_layer", options="block_recurrent", knn=False, kv_cache=False, qk_norm=False,
-                    whole_segment=False))
+                    whole_segment=False, scan=True))
 
 
 def describe(model_cfg, with_knn: bool = True) -> str:
