@@ -641,10 +641,6 @@ def validate(cfg: Config, num_devices: int) -> tuple[int, ...]:
             if getattr(knn, f.name) != getattr(KNNConfig(), f.name):
                 raise ConfigError(f"config key 'model.knn.{f.name}' is a kNN memory option, which "
                                   f"model.memory '{kind.name}' does not have")
-    if m.scan_layers and not kind.scan:
-        raise ConfigError(f"config key 'model.scan_layers' does not apply with model.memory '{kind.name}' "
-                          f"(its layers are not identical; kinds that scan: "
-                          f"{', '.join(k.name for k in registry.KINDS.values() if k.scan)})")
     if m.qk_norm and not kind.qk_norm:
         raise ConfigError(f"config key 'model.qk_norm' does not apply with model.memory '{kind.name}' "
                           "(it follows its authors' attention)")

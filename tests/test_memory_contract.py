@@ -54,6 +54,9 @@ def test_every_kind_has_what_the_registry_promises():
         for function in ("init_for", "reset_rows", "valid_mask", "bytes_for"):
             assert callable(getattr(state, function)), (kind.name, function)
         assert callable(kind.layers.stack), kind.name
+        scanned = ModelConfig(memory=kind.name, num_layers=6, scan_layers=True, **_options(kind))
+        runs = kind.layers.scan_runs(scanned)  # model.scan_layers: consecutive ranges covering every layer
+        assert [a for a, _ in runs] == [0] + [b for _, b in runs[:-1]] and runs[-1][1] == 6, (kind.name, runs)
         cfg = ModelConfig(memory=kind.name, **_options(kind))
         memory = jax.eval_shape(lambda: init_memory(cfg, 3))
         axes = model_memory.logical_axes(cfg)

@@ -4,7 +4,8 @@ A kind is a state module (pure functions over its pytree: `init_for(cfg, batch_s
 `reset_rows(state, reset_B)`, `valid_mask(state)` (the slots the layers attend, [B, slots]),
 `LOGICAL_AXES`, `bytes_for(cfg, batch_size)`) and a layer stack
 (`stack(model, h_BND, emb_BND, state, knn_stores, num_valid_B, u_HD, v_HD, deterministic, cache,
-position) -> (h_BND, state, knn_stores, cache)`, which runs every layer and writes the memories),
+position) -> (h_BND, state, knn_stores, cache)`, which runs every layer and writes the memories,
+and `scan_runs(cfg)`, its layer ranges for `model.scan_layers`),
 registered here once. The model, the steps, checkpoints, `memtx.fit`, the studies and generation
 ask this table; nothing else in the package compares memory names. Adding a kind is one state
 file, one layer file and one entry below.
@@ -32,7 +33,6 @@ class MemoryKind:
     qk_norm: bool = True  # `model.qk_norm` applies to its attention
     refreshes: bool = False  # its memory slots are recomputed from each segment (LaMemo's look-ahead)
     whole_segment: bool = True  # every layer's queries are the whole segment over [memory ; segment]
-    scan: bool = False  # its stack runs identical layers as one scan with `model.scan_layers` (its `scan_runs(cfg)`)
 
     @property
     def state(self) -> ModuleType:
@@ -53,14 +53,14 @@ def register(kind: MemoryKind) -> MemoryKind:
     return kind
 
 
-register(MemoryKind("xl", "XL", "memtx.memory.xl", "memtx.xl_layer", scan=True))
+register(MemoryKind("xl", "XL", "memtx.memory.xl", "memtx.xl_layer"))
 register(MemoryKind("lamemo", "LaMemo", "memtx.memory.lamemo", "memtx.lamemo_layer", options="lamemo", knn=False,
-                    kv_cache=False, qk_norm=False, refreshes=True, scan=True))
+                    kv_cache=False, qk_norm=False, refreshes=True))
 register(MemoryKind("compressive", "Compressive", "memtx.memory.compressive", "memtx.compressive_layer",
-                    options="compressive", scan=True))
+                    options="compressive"))
 register(MemoryKind("block_recurrent", "Block-Recurrent", "memtx.memory.block_recurrent",
                     "memtx.block_recurrent_layer", options="block_recurrent", knn=False, kv_cache=False, qk_norm=False,
-                    whole_segment=False, scan=True))
+                    whole_segment=False))
 
 
 def describe(model_cfg, with_knn: bool = True) -> str:
