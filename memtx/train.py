@@ -346,15 +346,20 @@ def _train_locked(cfg: Config, workdir: str, setup, stream, num_shards: int) -> 
     log = StepLog(cfg, workdir, start, ckpt, stream)
     profile = ProfileWindow(cfg, workdir)
     step, t0, metrics = start, time.perf_counter(), None
-    try:
-        with Preemption() as preemption:
+    # SIGTERM is handled until the last save has finished: one arriving while it is written waits
+    # for it instead of killing the process half-way through (the default action).
+    with Preemption() as preemption:
+        try:
             while step < stop_at:
                 profile.before(step + 1)
                 state, memory, metrics = train_step(state, memory, state_lib.device_batch(setup, stream.next_batch()))
                 step += 1
                 profile.after(step, metrics)
                 log.add(step, metrics)
-                save_now = step % t.checkpoint_every == 0 or step == stop_at or preemption.requested
+                # Read once: a SIGTERM arriving later in this step (while it is logged or evaluated)
+                # is handled after the next one, so the step announced as saved is always saved.
+                preempted = preemption.requested
+                save_now = step % t.checkpoint_every == 0 or step == stop_at or preempted
                 eval_now = validate is not None and (step % t.eval_every == 0 or step == stop_at)
                 if step % t.log_every == 0 or save_now or eval_now:
                     log.report(step, memory_metrics(cfg, state["params"], memory))
@@ -362,24 +367,24 @@ def _train_locked(cfg: Config, workdir: str, setup, stream, num_shards: int) -> 
                     log.evaluation(step, validate(state["params"]))
                 if save_now:
                     ckpt.save(step, state, memory, stream.state())
-                if preemption.requested:
+                if preempted:
                     main_print(f"SIGTERM: saved step {step}; rerun the same command to resume", flush=True)
                     break
-    except Exception as e:  # noqa: BLE001 - jaxlib's XlaRuntimeError; re-raised unless out of device memory
-        if isinstance(e, ConfigError) or not is_out_of_memory(e):
-            raise
-        raise ConfigError(f"the train step does not fit in the devices' memory ({' '.join(str(e).split())[:160]}): "
-                          f"{SHRINK}") from None
-    finally:
-        failing = sys.exc_info()[1]  # already failing: finishing the saves must not hide why
-        try:
-            profile.stop(metrics)
-            ckpt.wait()
-            ckpt.close()
-            log.close()
-        except (CheckpointWriteError, MetricsWriteError):
-            if failing is None:
+        except Exception as e:  # noqa: BLE001 - jaxlib's XlaRuntimeError; re-raised unless out of device memory
+            if isinstance(e, ConfigError) or not is_out_of_memory(e):
                 raise
+            raise ConfigError(f"the train step does not fit in the devices' memory "
+                              f"({' '.join(str(e).split())[:160]}): {SHRINK}") from None
+        finally:
+            failing = sys.exc_info()[1]  # already failing: finishing the saves must not hide why
+            try:
+                profile.stop(metrics)
+                ckpt.wait()
+                ckpt.close()
+                log.close()
+            except (CheckpointWriteError, MetricsWriteError):
+                if failing is None:
+                    raise
     elapsed = time.perf_counter() - t0
     main_print(f"trained steps {start}..{step} in {format_duration(elapsed)}; checkpoints in {ckpt.directory}", flush=True)
     return {"start_step": start, "end_step": step, "seconds": elapsed, "last": log.last}
