@@ -1,6 +1,10 @@
-"""Test setup: 8 forced CPU devices so sharded code runs on a laptop or CI machine."""
+"""Test setup: 8 forced CPU devices so sharded code runs on a laptop or CI machine, and one JAX
+persistent compilation cache for the whole session, so that a program compiled by one test (or
+one subprocess: the settings travel in the environment) is loaded, not compiled, by the next."""
 
 import os
+import shutil
+import tempfile
 
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -11,8 +15,53 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # the suite died that way in evaluation steps, three runs of three. Twice the devices has not.
 os.environ.setdefault("NPROC", "16")
 
+# The session's compilation cache: MEMTX_TEST_CACHE names a directory to keep between runs (a
+# developer's loop); by default a temporary one, removed at the end. Every compilation is cached
+# (the default skips those under a second, which are most of this suite's), and JAX reads these
+# variables when it is imported, here and in every subprocess a test starts.
+_OWN_CACHE = not os.environ.get("MEMTX_TEST_CACHE")
+SESSION_CACHE = os.environ.get("MEMTX_TEST_CACHE") or tempfile.mkdtemp(prefix="memtx-test-jax-cache-")
+os.environ["JAX_COMPILATION_CACHE_DIR"] = SESSION_CACHE
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "-1"
+
+import pytest  # noqa: E402
+
 
 def pytest_collection_modifyitems(items):
     """Tests marked `tensorflow` run last: TensorFlow, once imported, stays in the process, and the
     rest of the suite (and the model code) must run without it."""
     items.sort(key=lambda item: item.get_closest_marker("tensorflow") is not None)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _OWN_CACHE:
+        shutil.rmtree(SESSION_CACHE, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def _session_compilation_cache():
+    """Puts the session's cache back after a test that pointed JAX elsewhere (the tests of
+    train.compilation_cache_dir and of memtx.compare's cache do)."""
+    yield
+    import sys
+    if "jax" not in sys.modules:
+        return
+    import jax
+    if jax.config.jax_compilation_cache_dir != SESSION_CACHE or not jax.config.jax_enable_compilation_cache:
+        from jax.experimental.compilation_cache import compilation_cache
+        jax.config.update("jax_enable_compilation_cache", True)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+        jax.config.update("jax_compilation_cache_dir", SESSION_CACHE)
+        compilation_cache.reset_cache()
+
+
+@pytest.fixture
+def without_session_cache():
+    """No persistent compilation cache for the duration of a test (the conftest's is restored
+    after it): for tests of memtx's own cache settings, and of what compiles."""
+    import jax
+    from jax.experimental.compilation_cache import compilation_cache
+    jax.config.update("jax_compilation_cache_dir", None)
+    compilation_cache.reset_cache()
+    yield

@@ -381,8 +381,9 @@ class JitCalled(AssertionError):
 
 
 @pytest.fixture
-def no_compilation(monkeypatch):
-    """jax.jit raises; every XLA backend compilation (eager primitives included) is recorded."""
+def no_compilation(monkeypatch, without_session_cache):
+    """jax.jit raises; every XLA backend compilation (eager primitives included) is recorded (with
+    the session's persistent cache off: a program loaded from it is not a backend compilation)."""
     compiled = []
 
     def listener(event, seconds, **kwargs):
