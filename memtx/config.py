@@ -70,6 +70,9 @@ class LaMemoConfig:
         """ConfigError for a bad value (with model.memory "lamemo")."""
         if self.encoding not in ("disentangled", "xl"):
             raise ConfigError(f"config key 'model.lamemo.encoding' must be disentangled or xl, got '{self.encoding}'")
+        if m.query_block:  # its causal and look-ahead terms score the whole segment at once
+            raise ConfigError(f"config key 'model.query_block' ({m.query_block}) does not apply with model.memory "
+                              "'lamemo' (LaMemo's attention has no query blocks); set it to 0")
 
     def describe(self) -> str:
         return ""
