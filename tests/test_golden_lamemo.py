@@ -8,7 +8,6 @@ buffer, right-aligned, so the reference's M_ref rows are our last M_ref slots.
 """
 
 import json
-import os
 
 import jax
 import jax.numpy as jnp
@@ -18,10 +17,11 @@ import pytest
 from memtx.config import ModelConfig
 from memtx.memory import model_memory
 from memtx.model import TransformerLM, init_memory
-from tests.golden import assert_gradients_match, reference_model_config, reference_params, segment_batch
+from tests.golden import (assert_gradients_match, golden_path, reference_model_config, reference_params,
+                          requires_golden, segment_batch)
 
-GOLDEN = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "golden", "golden_lamemo.npz")
-pytestmark = pytest.mark.skipif(not os.path.exists(GOLDEN), reason=f"golden tensors not found at {GOLDEN}")
+GOLDEN = golden_path("golden_lamemo.npz")
+pytestmark = requires_golden(GOLDEN)
 ATOL = 1e-5
 
 
@@ -51,6 +51,7 @@ def close(ours, theirs, what):
 
 
 @pytest.mark.parametrize("scen", ["base", "longmem", "shortmem"])
+@pytest.mark.slow
 def test_forward_matches_reference(golden, scen):
     ref = json.loads(str(golden["config_json"]))
     info = ref["scenarios"][scen]
@@ -113,5 +114,6 @@ def test_forward_matches_reference(golden, scen):
                   f"logS, layer {layer}, {where}")
 
 
+@pytest.mark.slow
 def test_gradients_match_reference(golden):
     assert_gradients_match(golden, model_config, params_from_reference)

@@ -6,7 +6,6 @@ authors' code with cutoffs [20, 35], div_val 2; per segment the scaled input emb
 
 import dataclasses
 import json
-import os
 
 import jax.numpy as jnp
 import numpy as np
@@ -15,10 +14,11 @@ import pytest
 from memtx.adaptive import AdaptiveIO
 from memtx.config import Config, ConfigError, validate
 from memtx.model import TransformerLM, init_memory, segment_nll
+from tests.golden import golden_path, requires_golden
 from tests.test_golden_lamemo import close, model_config, params_from_reference, segment_batch
 
-GOLDEN = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "golden", "golden_lamemo_adaptive.npz")
-golden_only = pytest.mark.skipif(not os.path.exists(GOLDEN), reason=f"golden tensors not found at {GOLDEN}")
+GOLDEN = golden_path("golden_lamemo_adaptive.npz")
+golden_only = requires_golden(GOLDEN)
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ memory and attention probabilities per scenario and segment, and gradients of on
 """
 
 import json
-import os
 
 import jax
 import jax.numpy as jnp
@@ -15,10 +14,11 @@ import pytest
 from memtx.config import ModelConfig
 from memtx.memory import model_memory
 from memtx.model import TransformerLM, init_memory
-from tests.golden import assert_gradients_match, reference_model_config, reference_params, segment_batch
+from tests.golden import (assert_gradients_match, golden_path, reference_model_config, reference_params,
+                          requires_golden, segment_batch)
 
-GOLDEN = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "golden", "golden_txl.npz")
-pytestmark = pytest.mark.skipif(not os.path.exists(GOLDEN), reason=f"golden tensors not found at {GOLDEN}")
+GOLDEN = golden_path("golden_txl.npz")
+pytestmark = requires_golden(GOLDEN)
 
 
 @pytest.fixture(scope="module")
