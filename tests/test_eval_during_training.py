@@ -20,6 +20,7 @@ def knn_config(corpus, **train):
     return cfg
 
 
+@pytest.mark.slow
 def test_validation_during_training_equals_memtx_evaluate(tmp_path):
     corpus = str(make_corpus(tmp_path / "corpus", num_docs=8))
     workdir = tmp_path / "run"
@@ -67,6 +68,10 @@ def test_bad_validation_settings_are_one_line_errors(tmp_path):
             validate(cfg, 1)
         assert "\n" not in str(info.value)
     cfg = tiny_config(corpus, steps=3, eval_every=1)  # split 1,0,0: no validation documents
-    with pytest.raises(Exception, match="validation") as info:
+    from memtx.data import CorpusError
+    with pytest.raises(CorpusError, match=r"split 'validation' of corpus .* has no documents") as info:
         train(cfg, str(tmp_path / "run"))
     assert "\n" not in str(info.value)
+    # Found before the first step, not at the first evaluation: nothing trained, nothing saved.
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+    assert not (tmp_path / "run" / "checkpoints").exists() or not any((tmp_path / "run" / "checkpoints").iterdir())
