@@ -528,11 +528,25 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, names: str) -> str:
 
 
 @pytest.mark.parametrize("args, names", CLI_CASES, ids=[" ".join(a[1:]) for a, _ in CLI_CASES])
-def test_train_cli_bad_config_is_one_line(tmp_path, args, names):
+def test_train_cli_bad_config_is_one_line(tmp_path, args, names, capsys, monkeypatch):
+    """In-process, through the command's own run_cli (the process boundary is tested once below)."""
+    from memtx import train as train_lib
+    from memtx.cli import run_cli
+    monkeypatch.chdir(ROOT)
     workdir = tmp_path / "work"
-    proc = run_module("memtx.train", "--workdir", str(workdir), *args)
-    assert_one_line_error(proc, names)
+    code = run_cli(train_lib.main, train_lib.parser(), ["--workdir", str(workdir), *args])
+    out = capsys.readouterr()
+    assert_one_line_error(subprocess.CompletedProcess([], code, out.out, out.err), names)
     assert not workdir.exists()  # rejected before anything was written
+
+
+def test_train_cli_bad_config_is_one_line_from_a_process(tmp_path):
+    """`python -m memtx.train` itself: exit code 2, one line on stderr, nothing written."""
+    workdir = tmp_path / "work"
+    proc = run_module("memtx.train", "--workdir", str(workdir), "--config", "configs/txl.py:cpu",
+                      "--config.model.num_layrs=2")
+    assert_one_line_error(proc, "model.num_layers")
+    assert not workdir.exists()
 
 
 def test_evaluate_cli_missing_workdir_is_one_line():

@@ -76,6 +76,7 @@ def teacher_forced_logits(cfg, model, params, documents):
 
 
 @pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.slow
 def test_greedy_logits_equal_the_teacher_forced_forward(kind):
     cfg, model, params = setup(kind)
     gen = Generator(cfg, params, PAD)
@@ -141,6 +142,7 @@ def run_cli(*args, cwd):
     return out
 
 
+@pytest.mark.slow
 def test_command_line_continues_a_prompt_from_a_trained_run(tmp_path):
     corpus = tmp_path / "corpus"
     corpus.mkdir()
@@ -163,7 +165,4 @@ def test_command_line_continues_a_prompt_from_a_trained_run(tmp_path):
     again = run_cli("--workdir", str(tmp_path / "run"), "--prompt", "abcab" * 10, "--max-tokens", "40",
                     "--seed", "3", "--top-k", "5", cwd=tmp_path)
     assert again.stdout == out.stdout  # the seed fixes the sample
-    bad = run_cli("--workdir", str(tmp_path / "run"), "--max-tokens", "4", cwd=tmp_path)
-    assert bad.returncode == 2 and "exactly one of --prompt" in bad.stderr and "Traceback" not in bad.stderr
-    bad = run_cli("--workdir", str(tmp_path / "run"), "--prompt", "x", "--top-p", "0", cwd=tmp_path)
-    assert bad.returncode == 2 and "--top-p" in bad.stderr and "Traceback" not in bad.stderr
+    # Bad flags (no prompt, --top-p 0, ...) are one-line errors: tests/test_hostile_inputs.py, in-process.

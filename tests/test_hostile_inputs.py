@@ -198,7 +198,7 @@ CASES = [
     ("gen_top_p_zero", ("generate", ["--workdir", "@run", "--prompt", "x", "--top-p", "0"]), "--top-p"),
     ("gen_max_tokens_negative", ("generate", ["--workdir", "@run", "--prompt", "x", "--max-tokens", "-1"]),
      "--max-tokens"),
-    ("gen_no_prompt", ("generate", ["--workdir", "@run"]), "--prompt"),
+    ("gen_no_prompt", ("generate", ["--workdir", "@run"]), "exactly one of --prompt"),
     ("gen_prompt_file_missing", ("generate", ["--workdir", "@run", "--prompt-file", "/no/such"]), "/no/such"),
 ]
 
