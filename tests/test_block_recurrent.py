@@ -76,6 +76,7 @@ def reference_state_update(cfg, params, tokens, valid):
 
 
 @pytest.mark.parametrize("gate, skip_ffn", [("fixed", False), ("lstm", False), ("fixed", True)])
+@pytest.mark.slow
 def test_one_block_updates_the_state_as_the_numpy_reference(gate, skip_ffn):
     cfg, model, params = _model(gate=gate, skip_ffn=skip_ffn)
     rng = np.random.default_rng(0)
@@ -111,6 +112,7 @@ def test_without_a_window_the_state_is_the_only_path_between_blocks():
     np.testing.assert_allclose(np.asarray(reset_a), np.asarray(reset_b), atol=1e-6)
 
 
+@pytest.mark.slow
 def test_the_state_update_learns_from_the_blocks_after_it_in_the_segment():
     """The gradient reaches the state-update parameters only through later blocks of the same
     segment (the state is constant between segments): several blocks per segment train them, one
@@ -124,7 +126,7 @@ def test_the_state_update_learns_from_the_blocks_after_it_in_the_segment():
             nll, _ = segment_nll(model, params, init_memory(cfg, 2), segment_batch(tokens, [True, True]))
             return nll.mean()
 
-        grads = jax.grad(loss)(params)["layer_1"]
+        grads = jax.jit(jax.grad(loss))(params)["layer_1"]
         return float(jnp.abs(grads["gate_attn"]["z"]).sum() + jnp.abs(grads["gate_ffn"]["z"]).sum())
 
     assert gate_gradient(2) > 1e-4

@@ -160,6 +160,7 @@ def test_retrieval_changes_the_output_and_empty_memory_is_ignored():
     np.testing.assert_allclose(stale, without, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_gradients_reach_queries_scale_and_gate_but_not_the_store():
     cfg, model, params = knn_model(mem_len=0)
     rng = np.random.default_rng(2)
@@ -172,7 +173,7 @@ def test_gradients_reach_queries_scale_and_gate_but_not_the_store():
         return nll.mean()
 
     store = memory["knn"]["1"]
-    grad_params, grad_keys, grad_values = jax.grad(loss, argnums=(0, 1, 2))(params, store["keys"], store["values"])
+    grad_params, grad_keys, grad_values = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(params, store["keys"], store["values"])
     assert not np.asarray(grad_keys).any() and not np.asarray(grad_values).any()
     attn = grad_params["layer_1"]["attn"]
     assert np.abs(np.asarray(attn["gate_bias"])).min() > 0

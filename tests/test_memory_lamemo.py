@@ -57,12 +57,13 @@ def test_memory_zero_is_transformer_rpe():
     assert memory["lamemo"]["C"].shape[2] == 0
 
 
+@pytest.mark.slow
 def test_gradient_is_finite_with_empty_memory_slots():
     cfg, model, params = _model_and_params()
     tokens = np.random.default_rng(4).integers(0, 40, (2, 6))
     memory = model_memory.reset_rows(init_memory(cfg, 2), jnp.array([True, True]))
     _, memory = segment_nll(model, params, memory, segment_batch(tokens[:, :3], [True, True]))  # 3 of 8 slots valid
-    grads = jax.grad(lambda p: segment_nll(model, p, memory, segment_batch(tokens, [False, False]))[0].mean())(params)
+    grads = jax.jit(jax.grad(lambda p: segment_nll(model, p, memory, segment_batch(tokens, [False, False]))[0].mean()))(params)
     assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
 
 
