@@ -51,6 +51,7 @@ def truncate(path: Path) -> None:
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
 
+@pytest.mark.slow
 def test_every_finished_save_has_an_integrity_record(runs):
     _, full, _ = runs
     ckpt = Checkpointer(str(full / "checkpoints"), async_save=False)
@@ -123,6 +124,7 @@ def test_nothing_restorable_is_one_line_and_moves_nothing(runs, tmp_path, capsys
     assert sorted(os.listdir(run / "checkpoints")) == before
 
 
+@pytest.mark.slow
 def test_a_full_disk_is_one_line_and_the_run_resumes_exactly(tmp_path):
     """Training on a 2 MiB tmpfs until a save no longer fits: one error line naming the step, the
     directory and the reason; the run, moved to a roomier disk, resumes from its last complete
@@ -193,6 +195,7 @@ def test_missing_items_and_empty_steps_fall_back(runs, tmp_path, capsys, damage)
     assert losses(run) == pytest.approx(losses(full), abs=1e-6)
 
 
+@pytest.mark.slow
 def test_another_models_checkpoint_is_one_line(runs, tmp_path, capsys):
     """Checkpoints copied in from a model of another width: training and evaluation say so in
     one line (nothing is set aside: the files are intact)."""

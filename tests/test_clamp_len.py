@@ -22,6 +22,7 @@ def test_distances_beyond_the_clamp_share_its_encoding():
 
 
 @pytest.mark.parametrize("memory", ["xl", "lamemo"])
+@pytest.mark.slow
 def test_clamping_only_changes_distances_beyond_it(memory):
     N, M = 6, 6  # distances 0..M+N-1 = 11
     cfg = ModelConfig(vocab_size=40, vocab_pad_multiple=8, num_layers=2, d_model=16, num_heads=2, d_ff=32,

@@ -29,6 +29,7 @@ def test_config_by_name_from_another_directory_and_print_config(tmp_path):
     assert gen.returncode == 0 and json.loads(gen.stdout)["model"]["memory"] == "lamemo"
 
 
+@pytest.mark.slow
 def test_unknown_names_and_presets_list_the_valid_ones(tmp_path):
     out = run("memtx.train", "--config", "txl:nope", "--workdir", str(tmp_path / "run"), cwd=tmp_path)
     assert out.returncode == 2 and "Traceback" not in out.stderr
@@ -39,6 +40,7 @@ def test_unknown_names_and_presets_list_the_valid_ones(tmp_path):
     assert len(out.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_configs_resolve_from_an_installed_wheel(tmp_path):
     """The config files are package data: installed from a wheel (not this clone), `txl:cpu`
     resolves to the copy inside the installed package, from any working directory."""

@@ -22,6 +22,7 @@ def _compare(argv):
     return run_cli(compare.main, compare.parser(), argv)
 
 
+@pytest.mark.slow
 def test_two_configs_two_seeds_on_the_same_batches(tmp_path, capsys):
     corpus = make_corpus(tmp_path / "corpus", num_docs=4, max_bytes=1500)
     config = tmp_path / "tiny.py"

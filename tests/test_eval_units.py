@@ -52,6 +52,7 @@ def test_progress_counts_tokens_and_ends_at_the_total(tmp_path, capsys):
     assert all("tok/s" in line for line in lines[1:])
 
 
+@pytest.mark.slow
 def test_bits_per_byte_with_a_sentencepiece_vocabulary(tmp_path):
     corpus = str(make_corpus(tmp_path / "c"))
     spm_path = train_spm(corpus, str(tmp_path / "spm"), vocab_size=600, max_mb=1)

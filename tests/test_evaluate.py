@@ -38,6 +38,7 @@ def _evaluate(corpus, batch_size, mem_len=16, params=None):
     return evaluation.evaluate(setup, params, file_source_fn(docs), verbose=False), docs
 
 
+@pytest.mark.slow
 def test_every_byte_is_scored_once_and_rows_do_not_interact(trained):
     corpus, _ = trained
     one_row, docs = _evaluate(corpus, batch_size=1)
@@ -75,6 +76,7 @@ def test_memory_length_changes_the_result_but_not_the_accounting(trained):
     assert no_memory["nll_sum"] != pytest.approx(long_memory["nll_sum"], rel=1e-6)
 
 
+@pytest.mark.slow
 def test_cli_evaluates_a_checkpoint_with_a_longer_memory(trained, capsys):
     corpus, workdir = trained
     code = run_cli(evaluate_lib.main, evaluate_lib.parser(),
@@ -111,6 +113,7 @@ def test_cli_reports_a_missing_checkpoint_in_one_line(tmp_path, capsys):
     assert code == 2 and err.startswith("error: no checkpoint") and err.count("\n") == 1
 
 
+@pytest.mark.slow
 def test_one_checkpoint_evaluated_at_several_knn_memory_sizes(trained, tmp_path, capsys):
     from memtx.config import KNNConfig
     corpus, baseline = trained
@@ -159,6 +162,7 @@ def test_cli_corpus_evaluates_every_document_there(trained, tmp_path, capsys):
     assert code == 2 and "does not exist" in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_evaluations_with_different_limits_keep_separate_files(trained, capsys):
     """Provenance: two evaluations of one checkpoint with different document limits write two
     files, each recording its limit, corpus fingerprint and step; repeating one rewrites its own

@@ -37,6 +37,7 @@ def batch(tokens, reset):
             "reset": jnp.asarray(reset)}
 
 
+@pytest.mark.slow
 def test_empty_store_reads_zeros_so_the_output_is_one_minus_g_times_local_attention():
     """With one gate value for every head, out = W_O((1-g)·a_local) = (1-g)·W_O(a_local): the kNN
     layer's attention projection on an empty store is (1-g) times the same layer's without a store."""

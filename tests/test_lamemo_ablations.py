@@ -55,6 +55,7 @@ def _xl_params(lamemo_params):
 
 
 @pytest.mark.parametrize("pre_norm", [False, True])
+@pytest.mark.slow
 def test_without_look_ahead_the_forward_pass_is_transformer_xl(pre_norm):
     # Each slot keeps the attention output it had when it was current, and the layers recompute the
     # memory rows from it: exactly the hidden states Transformer-XL caches (the paper: 24.56 = XL).
@@ -97,6 +98,7 @@ def test_without_interpolation_a_slot_forgets_its_carried_output(interpolation):
         np.testing.assert_allclose(new_memory["lamemo"]["C"], new_memory_p["lamemo"]["C"], atol=1e-5)
 
 
+@pytest.mark.slow
 def test_xl_encoding_is_the_signed_distance_with_the_look_back_bias():
     # sinusoid(-d) = [-sin(d), cos(d)]: the XL encoding's look-ahead equals the disentangled one's
     # with the sin rows of W_R negated and v_minus = v. Only the look-ahead (C', logS') is compared,

@@ -69,6 +69,7 @@ def test_every_kind_has_what_the_registry_promises():
 
 
 @pytest.mark.parametrize("name, knn", VARIANTS, ids=IDS)
+@pytest.mark.slow
 def test_a_reset_row_reads_nothing_of_the_previous_document(name, knn):
     cfg, model, params = _model(name, knn)
     rng = np.random.default_rng(0)
@@ -119,6 +120,7 @@ def test_padding_is_never_written(name, knn):
 
 
 @pytest.mark.parametrize("name, knn", VARIANTS, ids=IDS)
+@pytest.mark.slow
 def test_a_resumed_run_has_the_losses_of_an_uninterrupted_one(name, knn, tmp_path):
     from memtx import train as train_lib
 

@@ -73,6 +73,7 @@ def write_config(workdir: Path, corpus: str, **train) -> None:
     save_json(cfg, str(workdir / "config.json"))
 
 
+@pytest.mark.slow
 def test_two_processes_train_like_one_and_resume_in_one(corpus, tmp_path):
     write_config(tmp_path / "one", corpus)
     write_config(tmp_path / "two", corpus, stop_after=3)
@@ -130,6 +131,7 @@ def test_a_mesh_that_does_not_match_the_global_devices_fails_before_compiling(co
         assert "first step" not in r.stdout
 
 
+@pytest.mark.slow
 def test_a_process_that_never_starts_or_a_duplicate_id_fail_in_one_line(corpus, tmp_path):
     """The roll call before JAX's runtime: process 1 of 2 never started (process 0 alone), and
     process 1 started twice (process 1 missing its own id's twin: every process says so)."""

@@ -105,8 +105,10 @@ def test_bad_specs_are_refused():
         recall.RecallSpec(value_len=0)
 
 
+@pytest.mark.slow
 def test_a_model_with_knn_memory_recalls_what_it_cannot_see(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device, as users run it
+    # one CPU device and XLA's optimisations on, as users run it
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_DISABLE_MOST_OPTIMIZATIONS")}
     env.update(PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
     cmd = [sys.executable, "scripts/recall_task.py", "--steps", "1200", "--train-docs", "500", "--eval-docs", "48",
            "--skip-baseline", "--workdir", str(tmp_path / "recall")]
@@ -123,6 +125,7 @@ def test_a_model_with_knn_memory_recalls_what_it_cannot_see(tmp_path):
     assert with_memory["accuracy"] > chance + 0.05, results
 
 
+@pytest.mark.slow
 def test_recall_task_takes_config_overrides_and_prints_its_config(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "scripts/recall_task.py", "--workdir", str(tmp_path / "r"), "--steps", "50"]

@@ -37,6 +37,7 @@ def assert_same_losses(run, reference, steps: int = STEPS) -> None:
                                rtol=0, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_stop_and_resume_gives_identical_losses(tmp_path):
     corpus = str(make_corpus(tmp_path / "corpus"))
     straight = tiny_config(corpus, steps=12)
@@ -65,6 +66,7 @@ def stop_resume_and_compare(cfg, tmp_path, stop: int) -> dict[int, float]:
     return losses(tmp_path / "straight")
 
 
+@pytest.mark.slow
 def test_resume_without_an_xl_cache(tmp_path):
     """mem_len 0 (Transformer+RPE, or a kNN model without an XL cache) leaves zero-size memory
     leaves, which orbax cannot write: the checkpoint must still save and resume exactly."""
@@ -123,6 +125,7 @@ def run_until(workdir: Path, marker: str, sig: int) -> tuple[subprocess.Popen, s
 
 
 @pytest.mark.parametrize("kill_at", [14, 12])
+@pytest.mark.slow
 def test_killed_run_resumes_from_its_last_checkpoint(straight, tmp_path, kill_at):
     """SIGKILL in the middle of training (async saves in flight), then rerun the same command.
     At step 12 the kill lands as step 12's checkpoint is being written (the progress line is
@@ -136,6 +139,7 @@ def test_killed_run_resumes_from_its_last_checkpoint(straight, tmp_path, kill_at
     assert_same_losses(run, reference)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_the_step_it_is_at_and_the_rerun_continues(straight, tmp_path):
     """A preempted VM gets SIGTERM: the run saves the step it has reached (not a multiple of
     checkpoint_every unless by chance), waits for the save, says so, exits 0, and the same command
@@ -156,6 +160,7 @@ def test_sigterm_saves_the_step_it_is_at_and_the_rerun_continues(straight, tmp_p
     assert_same_losses(run, reference)
 
 
+@pytest.mark.slow
 def test_sigterm_late_in_a_step_saves_the_next_step_it_announces(straight, tmp_path, monkeypatch, capsys):
     """The race that made the first SIGTERM test flaky, made deterministic: the signal arrives
     while step 5 is being reported, after the loop decided not to save step 5. The run must save
@@ -180,6 +185,7 @@ def test_sigterm_late_in_a_step_saves_the_next_step_it_announces(straight, tmp_p
     assert_same_losses(run, reference)
 
 
+@pytest.mark.slow
 def test_sigterm_while_the_last_checkpoint_is_written_does_not_cut_it_short(straight, tmp_path, monkeypatch):
     """SIGTERM during the final wait for the asynchronous save: the handler is still in place (the
     default action would kill the process with the save half-written), the run ends normally and

@@ -143,6 +143,7 @@ def test_eval_reads_every_document_once_in_order(prepared):
         assert again == got
 
 
+@pytest.mark.slow
 def test_python_tokenization_equals_the_tasks_own_pipeline(prepared, tmp_path):
     data_dir, _ = prepared
     spm_path = train_spm("stdlib", str(tmp_path / "spm"), vocab_size=600, max_mb=2)
@@ -156,6 +157,7 @@ def test_python_tokenization_equals_the_tasks_own_pipeline(prepared, tmp_path):
             np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_tokenization_round_trips(tmp_path, tf, tasks):
     texts = ["plain ascii\n", "héllo wörld ☃ \t tabs\n\n  spaces", "def f(x):\n    return x ** 2  # ✓\n", ""]
     spm_path = train_spm("stdlib", str(tmp_path / "spm"), vocab_size=600, max_mb=2)
@@ -246,6 +248,7 @@ def test_files_task_streams_like_the_tensorflow_free_loader(tmp_path):
     assert len(file_documents(cfg, "train")) == 6
 
 
+@pytest.mark.slow
 def test_training_on_a_seqio_task_resumes_exactly(prepared, tmp_path):
     """The stream's position goes into the orbax checkpoint beside the model: a run stopped
     mid-document and resumed has the per-step losses of a run straight through."""
@@ -267,6 +270,7 @@ def test_training_on_a_seqio_task_resumes_exactly(prepared, tmp_path):
 # ------------------------------------------------------------------------------ bad data
 
 
+@pytest.mark.slow
 def test_undecodable_documents_are_skipped_and_counted(tmp_path):
     spm_path = train_spm("stdlib", str(tmp_path / "spm"), vocab_size=600, max_mb=2)
     corpus = tmp_path / "corpus"
@@ -315,6 +319,7 @@ def test_local_task_files_missing_or_unknown(tmp_path):
         open_source(DataConfig(task="c4"), "train", train=True)
 
 
+@pytest.mark.slow
 def test_cli_reports_unprepared_data_in_one_line(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "memtx.train", "--config", "configs/txl.py:cpu", "--workdir", str(tmp_path / "run"),

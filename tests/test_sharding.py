@@ -2,6 +2,7 @@
 
 import jax
 import numpy as np
+import pytest
 
 from memtx.config import Config, ConfigError, DataConfig, MeshConfig, ModelConfig, OptimConfig, TrainConfig
 from memtx import state as state_lib
@@ -40,6 +41,7 @@ def run_steps(cfg, devices, n=3):
     return losses, jax.device_get(state["params"]), jax.device_get(memory), state
 
 
+@pytest.mark.slow
 def test_sharded_train_step_matches_single_device():
     assert jax.device_count() == 8, "tests/conftest.py forces 8 CPU devices"
     losses_1, params_1, memory_1, _ = run_steps(tiny_config((1, 1, 1)), jax.devices()[:1])
@@ -65,6 +67,7 @@ def test_indivisible_sharding_is_a_config_error():
         raise AssertionError("heads=1 cannot be split over model=2")
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_tracks_float32():
     cfg32 = tiny_config((1, 1, 1))
     cfg16 = tiny_config((1, 1, 1))
@@ -77,6 +80,7 @@ def test_bfloat16_compute_tracks_float32():
     assert losses_16 != losses_32  # it really computed in bfloat16
 
 
+@pytest.mark.slow
 def test_sharded_knn_memory_matches_single_device():
     from memtx.config import KNNConfig
 

@@ -55,6 +55,7 @@ CHANGES = {"block_recurrent": ({"query_block": 1}, {"remat": "nothing_saveable"}
 
 
 @pytest.mark.parametrize("kind,extra", KINDS, ids=lambda v: v if isinstance(v, str) else "-".join(sorted(v)))
+@pytest.mark.slow
 def test_query_blocks_and_remat_change_nothing(kind, extra):
     cfg, _, params = small_model(**{"memory": kind, **kind_options(kind), **extra})
     reference = _losses_and_grads(cfg, params, _segments())
@@ -62,6 +63,7 @@ def test_query_blocks_and_remat_change_nothing(kind, extra):
         _assert_close(_losses_and_grads(dataclasses.replace(cfg, **change), params, _segments()), reference)
 
 
+@pytest.mark.slow
 def test_remat_really_recomputes_and_query_blocks_skip_the_future():
     """The switches take effect, by XLA's flop count of the compiled gradient: the rematerialised
     one computes the forward pass again (more flops; XLA:CPU shows no smaller temporary memory for
@@ -91,6 +93,7 @@ SCANNED = [("xl", {}), ("xl", {"mem_len": 0}), ("xl", {"knn": KNNConfig(enabled=
 
 @pytest.mark.parametrize("kind,extra", SCANNED, ids=["xl", "rpe", "knn", "lamemo", "prenorm-remat", "compressive",
                                                      "block_recurrent"])
+@pytest.mark.slow
 def test_scanned_layers_change_nothing(kind, extra):
     """5 layers, unrolled against `model.scan_layers` with the same parameters in the stacked
     layout: the same losses, gradients, memory and probes (a kNN layer in the middle splits the
@@ -119,6 +122,7 @@ def test_scanned_layers_change_nothing(kind, extra):
                       probes.attention_param(params, layer, "r_proj"))
 
 
+@pytest.mark.slow
 def test_scanned_stack_compiles_to_one_layer_body_at_any_depth():
     """The lowered train gradient grows with depth unrolled and stays flat scanned (the reason for
     the switch: compile time flat in depth; benchmarks/compile_time.py measures it)."""
@@ -132,6 +136,7 @@ def test_scanned_stack_compiles_to_one_layer_body_at_any_depth():
     assert size(8, True) < 1.1 * size(2, True)
 
 
+@pytest.mark.slow
 def test_train_step_on_a_mesh_with_scanned_layers():
     """Initialised scanned (parameters stacked on the unsharded "layers" axis) on a (2, 2, 2) mesh,
     the train step's first loss equals the unrolled model's with the same parameters."""
@@ -186,6 +191,7 @@ def _train(cfg, devices, batches):
 
 @pytest.mark.parametrize("kind,extra", [("xl", {}), ("xl", {"knn": KNNConfig(enabled=True, layers=(1,), size=12, k=3)}),
                                         ("lamemo", {})], ids=["xl", "knn", "lamemo"])
+@pytest.mark.slow
 def test_gradient_accumulation_gives_the_whole_batch_update(kind, extra):
     """Two micro-batches of 4 rows on a (2, 2, 2) mesh: the same losses, parameters and memory
     (every row's own, carried across steps) as the whole batch of 8 at once."""
@@ -220,6 +226,7 @@ def test_micro_batches_must_divide_the_batch_and_the_data_parallel_size():
         validate(cfg, 8)
 
 
+@pytest.mark.slow
 def test_train_writes_a_profile_fills_the_compilation_cache_and_reports_mfu(tmp_path, capsys):
     """... and evaluating the run compiles into the same cache (its config names it)."""
     import json
@@ -255,6 +262,7 @@ def test_train_writes_a_profile_fills_the_compilation_cache_and_reports_mfu(tmp_
     assert "MFU " in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_model_flops_agree_with_xla_count_of_the_train_step():
     """memtx/flops.py's matmul count against XLA's cost analysis of the compiled train step (which
     also counts elementwise work): within 15% for the XL and kNN CPU presets."""

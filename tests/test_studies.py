@@ -56,6 +56,7 @@ def _restore(workdir, cfg=None):
     return setup, ckpt.restore_params(ckpt.latest_step(), setup.abstract_state["params"])
 
 
+@pytest.mark.slow
 def test_extrapolation_at_one_segment_is_the_evaluation_perplexity(runs, tmp_path, capsys):
     code = _cli(extrapolation, ["--workdir", runs["lamemo"], "--multiples", "2,1", "--config.data.eval_max_docs=1"], tmp_path)
     out = capsys.readouterr().out
@@ -145,6 +146,7 @@ def test_distance_sums_match_a_loop():
     np.testing.assert_allclose(sums["mass_LD"].sum(-1), sums["queries"], rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_attention_distance_mass_over_distances(runs, tmp_path, capsys):
     code = _cli(attention_distance, ["--workdir", runs["xl"], runs["lamemo"], "--config.data.eval_max_docs=2"], tmp_path)
     out = capsys.readouterr().out

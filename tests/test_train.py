@@ -14,6 +14,7 @@ from memtx.train import NonFiniteLoss, train
 from tests.helpers import make_corpus, tiny_config
 
 
+@pytest.mark.slow
 def test_non_finite_run_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     corpus = str(make_corpus(tmp_path / "corpus"))
     cfg = tiny_config(corpus, steps=10, checkpoint_every=1)
@@ -29,6 +30,7 @@ def test_non_finite_run_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     assert logged == [1]
 
 
+@pytest.mark.slow
 def test_resuming_with_another_model_is_a_one_line_error(tmp_path):
     corpus = str(make_corpus(tmp_path / "corpus"))
     train(tiny_config(corpus, steps=3, checkpoint_every=3), str(tmp_path / "run"))

@@ -18,6 +18,7 @@ def _params(cfg, workdir):
     return params
 
 
+@pytest.mark.slow
 def test_knn_model_starts_from_the_xl_parameters_with_a_fresh_gate(tmp_path):
     corpus = str(make_corpus(tmp_path / "corpus"))
     xl = tiny_config(corpus, steps=3, checkpoint_every=3)
@@ -37,6 +38,7 @@ def test_knn_model_starts_from_the_xl_parameters_with_a_fresh_gate(tmp_path):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
 
 
+@pytest.mark.slow
 def test_bad_init_from_is_a_one_line_error(tmp_path):
     corpus = str(make_corpus(tmp_path / "corpus"))
     cfg = tiny_config(corpus, steps=3)
@@ -54,6 +56,7 @@ def test_bad_init_from_is_a_one_line_error(tmp_path):
     assert "\n" not in str(info.value)
 
 
+@pytest.mark.slow
 def test_warm_start_says_what_is_new_and_what_is_dropped(tmp_path, capsys):
     """A kNN model without XL's content bias from an XL checkpoint: the gate (and the kNN layer's
     scale) are new, the saved u is not used; both named in the run's output."""
@@ -72,6 +75,7 @@ def test_warm_start_says_what_is_new_and_what_is_dropped(tmp_path, capsys):
     assert dropped.strip() == "['u_bias']"
 
 
+@pytest.mark.slow
 def test_a_checkpoint_of_the_other_layer_layout_is_a_one_line_error(tmp_path):
     """Unrolled parameters ("layer_0") restored, resumed or warm-started as a scanned model
     ("layers_0_to_1"): one line naming model.scan_layers, never a fresh start."""
