@@ -296,8 +296,8 @@ def test_unreadable_permissions():
     as root, where this test used to skip), so the read runs in a child process as the
     unprivileged user 65534 when this one is root, with a readable file beside it as the control."""
     import tempfile
-    folder = Path(tempfile.mkdtemp(prefix="memtx-perm-"))
-    try:
+    with tempfile.TemporaryDirectory(prefix="memtx-perm-") as name:
+        folder = Path(name)
         os.chmod(folder, 0o755)
         (folder / "open.txt").write_bytes(b"readable")
         (folder / "closed.txt").write_bytes(b"secret")
@@ -308,10 +308,6 @@ def test_unreadable_permissions():
                 "print([read_document(Document(relpath=n, path=sys.argv[1] + '/' + n)) for n in ('open.txt', 'closed.txt')])")
         out = subprocess.run([sys.executable, "-c", code, str(folder)], capture_output=True, text=True, timeout=120,
                              cwd=folder, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
-    finally:
-        for p in folder.iterdir():
-            p.unlink()
-        folder.rmdir()
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "[b'readable', b'']"
     assert out.stderr.count("cannot read document") == 1 and "closed.txt" in out.stderr, out.stderr

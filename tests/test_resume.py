@@ -15,7 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from memtx import checkpoint as checkpoint_lib
 from memtx import train as train_lib
+from memtx.checkpoint import INTEGRITY_FILE
 from memtx.config import load_json, save_json
 from memtx.metrics import read_metrics
 from memtx.train import train
@@ -152,7 +154,6 @@ def test_sigterm_saves_the_step_it_is_at_and_the_rerun_continues(straight, tmp_p
     assert len(saved) == 1, out
     step = int(saved[0].split()[3].rstrip(";"))
     assert 3 <= step < STEPS, out
-    from memtx.checkpoint import INTEGRITY_FILE
     assert (run / "checkpoints" / str(step) / INTEGRITY_FILE).is_file(), out  # finished, not in flight
     assert sorted(losses(run)) == list(range(1, step + 1))
     rerun = subprocess.run(command(run), env=ENV, cwd=ROOT, check=True, capture_output=True, text=True)
@@ -178,7 +179,6 @@ def test_sigterm_late_in_a_step_saves_the_next_step_it_announces(straight, tmp_p
     summary = train(load_json(str(config_file)), str(run))
     out = capsys.readouterr().out
     assert "SIGTERM: saved step 6;" in out and summary["end_step"] == 6, out
-    from memtx.checkpoint import INTEGRITY_FILE
     assert (run / "checkpoints" / "6" / INTEGRITY_FILE).is_file()
     monkeypatch.setattr(train_lib.StepLog, "report", report)
     assert train(load_json(str(config_file)), str(run))["start_step"] == 6
@@ -195,7 +195,6 @@ def test_sigterm_while_the_last_checkpoint_is_written_does_not_cut_it_short(stra
     cfg.train.steps = 4
     reached_default = []
     previous = signal.signal(signal.SIGTERM, lambda *_: reached_default.append(True))  # stands in for the default
-    from memtx import checkpoint as checkpoint_lib
     wait = checkpoint_lib.Checkpointer.wait
 
     def wait_after_sigterm(self):
@@ -209,5 +208,4 @@ def test_sigterm_while_the_last_checkpoint_is_written_does_not_cut_it_short(stra
         signal.signal(signal.SIGTERM, previous)
     assert not reached_default, "SIGTERM reached the handler outside training while the last save was in flight"
     assert summary["end_step"] == 4
-    from memtx.checkpoint import INTEGRITY_FILE
     assert (tmp_path / "run" / "checkpoints" / "4" / INTEGRITY_FILE).is_file()
