@@ -576,9 +576,9 @@ def resolve_mesh_shape(shape: tuple[int, ...], num_devices: int) -> tuple[int, .
         if num_devices % known:
             raise ConfigError(f"mesh.shape {shape} does not fit {num_devices} devices")
         shape = tuple(num_devices // known if s == -1 else s for s in shape)
-    if math.prod(shape) != num_devices:
+    if math.prod(shape) > num_devices:
         raise ConfigError(f"mesh.shape {shape} needs {math.prod(shape)} devices but {num_devices} are available")
-    return shape
+    return shape  # fewer than num_devices: the first ones (one process only; see sharding.make_mesh)
 
 
 def data_parallel_size(rules, mesh_sizes: dict) -> int:

@@ -18,10 +18,17 @@ from memtx.config import Config, ConfigError, validate
 
 
 def make_mesh(cfg: Config, devices=None) -> jax.sharding.Mesh:
-    """Validates the config against the devices and builds the mesh (classic Auto axes)."""
-    devices = jax.devices() if devices is None else devices
+    """Validates the config against the devices and builds the mesh (classic Auto axes). A shape
+    without -1 that needs fewer devices than there are takes the first ones (a small run on one
+    GPU of eight); across several processes the mesh must span them all."""
+    devices = jax.devices() if devices is None else list(devices)
     shape = validate(cfg, len(devices))
-    if devices is jax.devices() or len(devices) == jax.device_count():
+    if math.prod(shape) < len(devices):
+        if jax.process_count() > 1:
+            raise ConfigError(f"mesh.shape {tuple(cfg.mesh.shape)} uses {math.prod(shape)} of the {len(devices)} devices, "
+                              f"but a run over {jax.process_count()} processes must span them all (use -1 in mesh.shape)")
+        devices = devices[:math.prod(shape)]
+    if len(devices) == jax.device_count():
         return jax.make_mesh(shape, cfg.mesh.axes, axis_types=(AxisType.Auto,) * len(shape))
     return jax.sharding.Mesh(np.asarray(devices).reshape(shape), cfg.mesh.axes,
                              axis_types=(AxisType.Auto,) * len(shape))

@@ -217,8 +217,9 @@ class StepLog:
     TensorBoard; process 0), checked for non-finite values, and reported in a progress line with
     tokens/s and the ETA. Time spent evaluating is not counted as training time."""
 
-    def __init__(self, cfg: Config, workdir: str, start: int, ckpt, stream):
+    def __init__(self, cfg: Config, workdir: str, start: int, ckpt, stream, num_devices: int):
         self.cfg, self.ckpt, self.stream, self.start = cfg, ckpt, stream, start
+        self.num_devices = num_devices  # the mesh's (MFU is per device of the mesh)
         self.writer = MetricsWriter(workdir, resume_step=start) if is_main_process() else None
         self.tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
         self.pending: list[tuple[int, dict]] = []
@@ -245,7 +246,7 @@ class StepLog:
         timing = {} if first == self.start else {  # the first window includes compilation
             "step_time_s": (now - since) / (step - first),
             "tokens_per_s": (step - first) * self.tokens_per_step / (now - since)}
-        utilisation = timing and mfu(self.cfg, timing["tokens_per_s"], jax.device_count(), jax.devices()[0].device_kind)
+        utilisation = timing and mfu(self.cfg, timing["tokens_per_s"], self.num_devices, jax.devices()[0].device_kind)
         if utilisation:
             timing["mfu"] = utilisation
         self.window = (step, now)
@@ -323,7 +324,9 @@ def _describe_run(cfg: Config, setup, source, num_shards: int) -> None:
                f"{source.num_docs or 'streamed'} training documents per shard, {num_shards} shard(s) over "
                f"{jax.process_count()} process(es) "
                f"({cfg.data.task + ' task' if cfg.data.task else cfg.data.corpus}, vocabulary {source.vocab.name}); "
-               f"mesh {dict(setup.mesh.shape)}", flush=True)
+               f"mesh {dict(setup.mesh.shape)}"
+               + (f" ({setup.mesh.devices.size} of {jax.device_count()} devices)"
+                  if setup.mesh.devices.size < jax.device_count() else ""), flush=True)
 
 
 def _train_locked(cfg: Config, workdir: str, setup, stream, num_shards: int) -> dict:
@@ -343,7 +346,7 @@ def _train_locked(cfg: Config, workdir: str, setup, stream, num_shards: int) -> 
     validate = make_validation(setup) if cfg.train.eval_every else None
     t = cfg.train
     stop_at = min(t.steps, start + t.stop_after) if t.stop_after else t.steps
-    log = StepLog(cfg, workdir, start, ckpt, stream)
+    log = StepLog(cfg, workdir, start, ckpt, stream, setup.mesh.devices.size)
     profile = ProfileWindow(cfg, workdir)
     step, t0, metrics = start, time.perf_counter(), None
     # SIGTERM is handled until the last save has finished: one arriving while it is written waits

@@ -18,7 +18,9 @@ def kind_options(name: str) -> dict:
             }.get(name, {})
 
 
-def tiny_config(corpus: str = "stdlib", mesh_shape=(2, 2, 2), **train) -> Config:
+def tiny_config(corpus: str = "stdlib", mesh_shape=(1, 1, 1), **train) -> Config:
+    """Two layers of d 32 on one device (of the 8 the tests force); tests of sharding, and of the
+    kill-and-resume path, pass mesh_shape=(2, 2, 2)."""
     return Config(
         name="tiny",
         model=ModelConfig(num_layers=2, d_model=32, num_heads=2, d_ff=64, mem_len=16),

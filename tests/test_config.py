@@ -314,7 +314,7 @@ def test_parameter_count_follows_the_config():
     ({"mesh__shape": "2,2,2", "data__batch_size": "6"}, "data.batch_size"),  # dp = data x fsdp = 4
     ({"mesh__shape": "2,2,2", "data__eval_batch_size": "2"}, "data.eval_batch_size"),
     ({"mesh__shape": "2,2"}, "mesh.shape"),  # 2 sizes for 3 axes
-    ({"mesh__shape": "2,2,1"}, "mesh.shape"),  # 4 devices, 8 available
+    ({"mesh__shape": "4,4,1"}, "mesh.shape"),  # 16 devices, 8 available
     ({"mesh__shape": "3,-1,1"}, "mesh.shape"),
     ({"mesh__shape": "-1,-1,1"}, "mesh.shape"),
     ({"mesh__shape": "-1,0,1"}, "mesh.shape"),
@@ -337,6 +337,19 @@ def test_mesh_for_other_device_count():
     assert validate(cfg, 8) == (2, 2, 2)
     message = config_error(validate, cfg, 4)
     assert "mesh.shape" in message and "4" in message
+
+
+def test_a_mesh_smaller_than_the_devices_takes_the_first_ones(monkeypatch):
+    import jax
+    from memtx import sharding
+    cfg = override(txl("cpu"), mesh__shape="2,2,1")
+    assert validate(cfg, NUM_DEVICES) == (2, 2, 1)
+    mesh = sharding.make_mesh(cfg)
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "model": 1}
+    assert list(mesh.devices.flat) == jax.devices()[:4]
+    monkeypatch.setattr(jax, "process_count", lambda: 2)  # across processes a mesh must span every device
+    message = config_error(sharding.make_mesh, cfg)
+    assert "mesh.shape" in message and "4 of the 8 devices" in message and "\n" not in message
 
 
 @pytest.mark.parametrize("shape, devices, resolved", [
@@ -406,7 +419,7 @@ def no_compilation(monkeypatch, without_session_cache):
     ({"data__batch_size": "6"}, "data.batch_size"),
     ({"model__mem_len": "-1"}, "model.mem_len"),
     ({"model__num_heads": "3"}, "model.num_heads"),
-    ({"mesh__shape": "2,2,1"}, "mesh.shape"),
+    ({"mesh__shape": "4,4,1"}, "mesh.shape"),
 ])
 def test_bad_config_fails_in_build_before_any_compilation(no_compilation, items, key):
     cfg = override(txl("cpu"), **items)

@@ -19,10 +19,10 @@ def configs():
     """The tiny config with every registered memory kind, and with the kNN memory."""
     out = {}
     for name in registry.KINDS:
-        cfg = tiny_config()
+        cfg = tiny_config(mesh_shape=(2, 2, 2))  # the estimate divides by the mesh
         cfg.model = dataclasses.replace(cfg.model, memory=name, **kind_options(name))
         out[name] = cfg
-    knn = out["knn"] = tiny_config()
+    knn = out["knn"] = tiny_config(mesh_shape=(2, 2, 2))
     knn.model.knn.enabled, knn.model.knn.layers, knn.model.knn.size, knn.model.knn.k = True, (1,), 256, 4
     return out
 

@@ -66,7 +66,7 @@ def corpus(tmp_path_factory) -> str:
 
 
 def write_config(workdir: Path, corpus: str, **train) -> None:
-    cfg = tiny_config(corpus, **{"steps": 6, "checkpoint_every": 3, **train})
+    cfg = tiny_config(corpus, mesh_shape=(2, 2, 2), **{"steps": 6, "checkpoint_every": 3, **train})
     cfg.data.shards = 2  # the document shards do not depend on the process count
     cfg.model.knn.enabled, cfg.model.knn.layers, cfg.model.knn.size, cfg.model.knn.k = True, (1,), 32, 4
     workdir.mkdir(parents=True)

@@ -42,13 +42,13 @@ def assert_same_losses(run, reference, steps: int = STEPS) -> None:
 @pytest.mark.slow
 def test_stop_and_resume_gives_identical_losses(tmp_path):
     corpus = str(make_corpus(tmp_path / "corpus"))
-    straight = tiny_config(corpus, steps=12)
+    straight = tiny_config(corpus, mesh_shape=(2, 2, 2), steps=12)
     train(straight, str(tmp_path / "straight"))
 
-    first = tiny_config(corpus, steps=12, stop_after=6)
+    first = tiny_config(corpus, mesh_shape=(2, 2, 2), steps=12, stop_after=6)
     summary = train(first, str(tmp_path / "resumed"))
     assert summary["end_step"] == 6
-    second = tiny_config(corpus, steps=12)
+    second = tiny_config(corpus, mesh_shape=(2, 2, 2), steps=12)
     summary = train(second, str(tmp_path / "resumed"))
     assert summary["start_step"] == 6 and summary["end_step"] == 12
 
@@ -92,7 +92,7 @@ def test_resume_without_an_xl_cache(tmp_path):
 def straight(tmp_path_factory):
     """(config file, work directory of the uninterrupted 30-step run)."""
     tmp = tmp_path_factory.mktemp("resume")
-    cfg = tiny_config(str(make_corpus(tmp / "corpus")), steps=STEPS, checkpoint_every=4)
+    cfg = tiny_config(str(make_corpus(tmp / "corpus")), mesh_shape=(2, 2, 2), steps=STEPS, checkpoint_every=4)
     config_file = tmp / "config.json"
     save_json(cfg, str(config_file))
     run = new_workdir(config_file, tmp / "straight")
