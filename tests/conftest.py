@@ -19,8 +19,12 @@ os.environ.setdefault("NPROC", "16")
 # developer's loop); by default a temporary one, removed at the end. Every compilation is cached
 # (the default skips those under a second, which are most of this suite's), and JAX reads these
 # variables when it is imported, here and in every subprocess a test starts.
-_OWN_CACHE = not os.environ.get("MEMTX_TEST_CACHE")
-SESSION_CACHE = os.environ.get("MEMTX_TEST_CACHE") or tempfile.mkdtemp(prefix="memtx-test-jax-cache-")
+# pytest-xdist's workers inherit the directory the main process made (MEMTX_TEST_SESSION_CACHE),
+# so that a program one worker compiled is loaded by the other.
+_GIVEN = os.environ.get("MEMTX_TEST_CACHE") or os.environ.get("MEMTX_TEST_SESSION_CACHE")
+_OWN_CACHE = not _GIVEN
+SESSION_CACHE = _GIVEN or tempfile.mkdtemp(prefix="memtx-test-jax-cache-")
+os.environ["MEMTX_TEST_SESSION_CACHE"] = SESSION_CACHE
 os.environ["JAX_COMPILATION_CACHE_DIR"] = SESSION_CACHE
 os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "-1"
