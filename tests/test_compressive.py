@@ -147,3 +147,63 @@ def test_compressed_slots_change_what_the_model_predicts():
         xl_nll, xl_memory = segment_nll(TransformerLM(xl_cfg), xl_params, xl_memory, batch)
     assert int(memory["compressive"]["compressed_length"][0]) == 4  # 2 x 6 evicted at rate 2: the newest 4 of 6
     assert not np.allclose(nll, xl_nll, atol=1e-4)
+
+
+def _numpy_attention(h_BND, rows_BMD, valid_BM, qkv_D3HE, norm=None, eps=1e-5):
+    """Content attention of h over `rows` alone, as the module docstring defines it: softmax of
+    q.k / sqrt(Dh) over the valid rows (a query with none reads zeros); pre-LN normalises both."""
+    def layer_norm(x, scale, bias):
+        mean, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
+        return (x - mean) / np.sqrt(var + eps) * scale + bias
+    if norm is not None:
+        h_BND, rows_BMD = layer_norm(h_BND, *norm), layer_norm(rows_BMD, *norm)
+    q = np.einsum("bnd,dhe->bnhe", h_BND, qkv_D3HE[:, 0])
+    k = np.einsum("bmd,dhe->bmhe", rows_BMD, qkv_D3HE[:, 1])
+    v = np.einsum("bmd,dhe->bmhe", rows_BMD, qkv_D3HE[:, 2])
+    out = np.zeros(q.shape)
+    for b in range(q.shape[0]):
+        keep = np.flatnonzero(valid_BM[b])
+        if not len(keep):
+            continue
+        scores = np.einsum("nhe,mhe->hnm", q[b], k[b, keep]) / np.sqrt(q.shape[-1])
+        probs = np.exp(scores - scores.max(-1, keepdims=True))
+        probs /= probs.sum(-1, keepdims=True)
+        out[b] = np.einsum("hnm,mhe->nhe", probs, v[b, keep])
+    return out
+
+
+@pytest.mark.parametrize("pre_norm", [False, True], ids=["post_ln", "pre_ln"])
+def test_the_reconstruction_loss_equals_its_definition(pre_norm):
+    """L_attn against a direct NumPy computation of the definition: per layer, the squared
+    difference of the layer's content attention over the evicted rows and over their compressed
+    groups, summed over heads and features, averaged over the valid query positions of rows that
+    evicted something (row 2 evicted nothing; row 1 has 3 valid positions of 5), summed over
+    layers. Its value is not small, so a dropped term or layer would show."""
+    from memtx.compressive_layer import reconstruction_loss
+    L, B, N, D, H, E, c = 2, 3, 5, 8, 2, 4, 2
+    cfg = ModelConfig(num_layers=L, d_model=D, num_heads=H, d_ff=16, mem_len=4, pre_norm=pre_norm, memory="compressive",
+                      compressive=CompressiveConfig(size=3, rate=c))
+    rng = np.random.default_rng(7)
+    params = {f"layer_{l}": {"attn": {"qkv": rng.standard_normal((D, 3, H, E))},
+                             "attn_norm": {"scale": 1 + 0.1 * rng.standard_normal(D), "bias": 0.1 * rng.standard_normal(D)}}
+              for l in range(L)}
+    inputs = rng.standard_normal((L, B, N, D))
+    old = rng.standard_normal((L, B, 4, D))  # the evicted slots
+    old_valid = np.array([[1, 1, 1, 1], [0, 0, 1, 1], [0, 0, 0, 0]], bool)
+    groups = rng.standard_normal((L, B, 2, D))
+    num_groups, num_valid = np.array([2, 1, 0]), np.array([5, 3, 5])
+    groups_valid = np.arange(2)[None, :] >= 2 - num_groups[:, None]  # the newest num_groups slots
+    weight = (np.arange(N)[None, :] < num_valid[:, None]) & old_valid.any(-1)[:, None]
+    expected = 0.0
+    for l in range(L):
+        p = params[f"layer_{l}"]
+        norm = (p["attn_norm"]["scale"], p["attn_norm"]["bias"]) if pre_norm else None
+        target = _numpy_attention(inputs[l], old[l], old_valid, p["attn"]["qkv"], norm, cfg.layer_norm_eps)
+        rebuilt = _numpy_attention(inputs[l], groups[l], groups_valid, p["attn"]["qkv"], norm, cfg.layer_norm_eps)
+        error = np.square(target - rebuilt).sum((2, 3))
+        expected += (error * weight).sum() / (weight.sum() * H * E)
+    f32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
+    got = reconstruction_loss(cfg, jax.tree.map(f32, params), f32(inputs), jnp.asarray(num_valid), f32(old),
+                              jnp.asarray(old_valid), f32(groups), jnp.asarray(num_groups))
+    assert expected > 0.1
+    np.testing.assert_allclose(float(got), expected, rtol=1e-4)
