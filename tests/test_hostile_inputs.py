@@ -35,7 +35,7 @@ def get_config(preset=None):
                                   split_fractions=(1, 0, 0)),
                   optim=OptimConfig(learning_rate=3e-3, warmup_steps=2),
                   train=TrainConfig(steps=6, log_every=1, checkpoint_every=3),
-                  mesh=MeshConfig(shape=(2, 2, 2)))
+                  mesh=MeshConfig(shape=(1, 1, 1)))
 '''
 
 
@@ -129,7 +129,7 @@ CASES = [
     ("knn_with_block_recurrent", T("--config.model.memory=block_recurrent", "--config.model.knn.enabled=true",
                                    "--config.model.block_recurrent.layer=-1"), "knn"),
     ("seq_len_zero", T("--config.data.seq_len=0"), "seq_len"),
-    ("batch_not_divisible", T("--config.data.batch_size=3"), "batch_size"),
+    ("batch_not_divisible", T("--config.mesh.shape=2,2,2", "--config.data.batch_size=6"), "data-parallel"),
     ("split_no_train", T("--config.data.split_fractions=0,1,1"), "split_fractions"),
     ("eval_split_unknown", T("--config.data.eval_split=dev"), "eval_split"),
     ("eval_max_docs_negative", T("--config.data.eval_max_docs=-1"), "eval_max_docs"),
