@@ -209,11 +209,21 @@ def test_a_lamemo_checkpoint_evaluates_with_a_part_switched_off_and_a_mismatch_i
     assert code == 2 and "\n" not in err and "has no parameter" in err
 
 
-def test_extrapolation_plot_handles_a_run_that_blows_up(tmp_path):
-    # One run 6x worse than the other: the plot switches to a log scale and must still be written.
+@pytest.mark.parametrize("worst, scale", [(27.0, "log"), (9.0, "linear")])
+def test_extrapolation_plot_handles_a_run_that_blows_up(tmp_path, monkeypatch, worst, scale):
+    """One run over 3x worse than the best point: the perplexity axis is logarithmic (and the plot
+    is still written); within 3x it stays linear."""
+    from memtx.studies import common
+    plt = common.pyplot()
+    if plt is None:
+        pytest.skip("matplotlib is not installed")
+    figures = []
+    close = plt.close
+    monkeypatch.setattr(plt, "close", lambda fig: (figures.append(fig), close(fig)))
     runs = {name: {"memory": name, "trained_mem_len": 64, "clamp_len": 0,
                    "points": [{"multiple": m, "perplexity": p} for m, p in zip((1, 2), values)]}
-            for name, values in (("xl", (4.3, 4.3)), ("lamemo", (4.5, 27.0)))}
+            for name, values in (("xl", (4.3, 4.3)), ("lamemo", (4.5, worst)))}
     path = tmp_path / "extrapolation.png"
     assert extrapolation.plot({"split": "validation", "runs": runs}, str(path))
     assert path.stat().st_size > 0
+    assert [fig.axes[0].get_yscale() for fig in figures] == [scale]
