@@ -23,11 +23,12 @@ def make_mesh(cfg: Config, devices=None) -> jax.sharding.Mesh:
     GPU of eight); across several processes the mesh must span them all."""
     devices = jax.devices() if devices is None else list(devices)
     shape = validate(cfg, len(devices))
-    if math.prod(shape) < len(devices):
+    used = math.prod(shape)
+    if used < len(devices):
         if jax.process_count() > 1:
-            raise ConfigError(f"mesh.shape {tuple(cfg.mesh.shape)} uses {math.prod(shape)} of the {len(devices)} devices, "
+            raise ConfigError(f"mesh.shape {tuple(cfg.mesh.shape)} uses {used} of the {len(devices)} devices, "
                               f"but a run over {jax.process_count()} processes must span them all (use -1 in mesh.shape)")
-        devices = devices[:math.prod(shape)]
+        devices = devices[:used]
     if len(devices) == jax.device_count():
         return jax.make_mesh(shape, cfg.mesh.axes, axis_types=(AxisType.Auto,) * len(shape))
     return jax.sharding.Mesh(np.asarray(devices).reshape(shape), cfg.mesh.axes,

@@ -5,6 +5,8 @@ from __future__ import annotations
 import sysconfig
 from pathlib import Path
 
+import numpy as np
+
 from memtx.config import (BlockRecurrentConfig, CompressiveConfig, Config, DataConfig, MeshConfig, ModelConfig,
                           OptimConfig, TrainConfig)
 
@@ -69,3 +71,16 @@ def segment_batch(tokens, reset, weights=None) -> dict:
     return {"inputs": tokens, "targets": (tokens + 1) % 40,
             "weights": jnp.ones(tokens.shape) if weights is None else jnp.asarray(weights, jnp.float32),
             "reset": jnp.asarray(reset)}
+
+
+def random_batches(cfg, n, seed=0):
+    """n training batches (numpy) of a 4-row config: random bytes; row 1's document ends inside
+    every segment; all rows start documents in batch 0, row 1 again in batch 2."""
+    rng = np.random.default_rng(seed)
+    B, N = cfg.data.batch_size, cfg.data.seq_len
+    for i in range(n):
+        weights = np.ones((B, N), np.float32)
+        weights[1, 5:] = 0  # a document ends mid-segment in row 1
+        yield {"inputs": rng.integers(0, 256, (B, N), dtype=np.int32),
+               "targets": rng.integers(0, 256, (B, N), dtype=np.int32),
+               "weights": weights, "reset": np.array([i == 0, i in (0, 2), i == 0, i == 0])}

@@ -21,7 +21,7 @@ import pytest
 from memtx.config import KNNConfig, ModelConfig
 from memtx.memory import model_memory, registry
 from memtx.model import init_memory, segment_nll
-from tests.helpers import kind_options, segment_batch, small_model, tiny_config
+from tests.helpers import kind_options, random_batches, segment_batch, small_model, tiny_config
 
 N = 6  # segment length: every segment of a test has 6 positions
 
@@ -118,22 +118,6 @@ def test_padding_is_never_written(name, knn):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
 
 
-def _random_batches(cfg, n: int) -> list[dict]:
-    """n training batches of the tiny config's shape; row 1's document ends inside segment 1 and
-    row 2 starts a new one at segment 2, so the memory holds resets and padding when it is saved."""
-    rng = np.random.default_rng(3)
-    B, T = cfg.data.batch_size, cfg.data.seq_len
-    out = []
-    for i in range(n):
-        weights = np.ones((B, T), np.float32)
-        if i == 1:
-            weights[1, T // 2:] = 0
-        out.append({"inputs": rng.integers(0, 256, (B, T), dtype=np.int32),
-                    "targets": rng.integers(0, 256, (B, T), dtype=np.int32), "weights": weights,
-                    "reset": np.array([i == 0, i in (0, 2), i in (0, 2), i == 0])})
-    return out
-
-
 @pytest.mark.parametrize("name, knn", VARIANTS, ids=IDS)
 @pytest.mark.slow
 def test_a_checkpoint_restores_the_state_and_memory_and_training_goes_on_unchanged(name, knn, tmp_path):
@@ -153,7 +137,7 @@ def test_a_checkpoint_restores_the_state_and_memory_and_training_goes_on_unchang
     setup = state_lib.build(cfg)
     step = make_train_step(setup)  # donates the state and memory it is given
     state, memory = state_lib.init_state(setup, seed=0), state_lib.init_memory_sharded(setup, cfg.data.batch_size)
-    batches = [state_lib.device_batch(setup, b) for b in _random_batches(cfg, 4)]
+    batches = [state_lib.device_batch(setup, b) for b in random_batches(cfg, 4)]
     for batch in batches[:2]:
         state, memory, _ = step(state, memory, batch)
     assert any(np.abs(np.asarray(leaf, np.float32)).sum() > 0 for leaf in jax.tree.leaves(memory))

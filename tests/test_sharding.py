@@ -7,6 +7,7 @@ import pytest
 from memtx.config import Config, ConfigError, DataConfig, MeshConfig, ModelConfig, OptimConfig, TrainConfig
 from memtx import state as state_lib
 from memtx.step import make_train_step
+from tests.helpers import random_batches
 
 
 def tiny_config(mesh_shape) -> Config:
@@ -16,17 +17,6 @@ def tiny_config(mesh_shape) -> Config:
         optim=OptimConfig(learning_rate=1e-2, warmup_steps=1),
         train=TrainConfig(steps=10),
         mesh=MeshConfig(shape=mesh_shape))
-
-
-def random_batches(cfg, n, seed=0):
-    rng = np.random.default_rng(seed)
-    B, N = cfg.data.batch_size, cfg.data.seq_len
-    for i in range(n):
-        weights = np.ones((B, N), np.float32)
-        weights[1, 5:] = 0  # a document ends mid-segment in row 1
-        yield {"inputs": rng.integers(0, 256, (B, N), dtype=np.int32),
-               "targets": rng.integers(0, 256, (B, N), dtype=np.int32),
-               "weights": weights, "reset": np.array([i == 0, i in (0, 2), i == 0, i == 0])}
 
 
 def run_steps(cfg, devices, n=3):
