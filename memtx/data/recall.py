@@ -235,11 +235,13 @@ def predict_documents(setup, params, texts: list[bytes]) -> list[np.ndarray]:
 
 
 def recall_accuracy(setup, params, texts: list[bytes], min_distance: int | None = None,
-                    buckets: tuple[int, ...] = ()) -> dict:
+                    buckets: tuple[int, ...] = (), answers_fn=None) -> dict:
     """Accuracy of the argmax prediction on the recalled value tokens of `texts`, beside that on
     near queries (whose last entry local attention can see) and on first definitions (which no
     model can predict: chance). With `buckets` (increasing distances in bytes) the recalled
-    tokens are also counted by distance: [min_distance, b0), [b0, b1), ..., [b_last, inf)."""
+    tokens are also counted by distance: [min_distance, b0), [b0, b1), ..., [b_last, inf).
+    `answers_fn(text)`: the scored tokens, each with `offset`, `value` and `distance` (None at a
+    definition); default this task's `value_tokens` (memtx/data/kv_recall.py passes its own)."""
     cfg = setup.cfg
     if min_distance is None:
         min_distance = cfg.data.seq_len + cfg.model.mem_len
@@ -248,7 +250,7 @@ def recall_accuracy(setup, params, texts: list[bytes], min_distance: int | None 
     edges = [min_distance, *(b for b in buckets if b > min_distance), None]
     by_distance = [[0, 0] for _ in edges[:-1]]
     for text, pred in zip(texts, predictions):
-        for t in value_tokens(text):
+        for t in (answers_fn or value_tokens)(text):
             kind = "first" if t.distance is None else "far" if t.distance >= min_distance else "near"
             ok = int(pred[t.offset]) == t.value
             counts[kind][0] += ok
