@@ -141,6 +141,9 @@ class BlockRecurrentConfig:
                 f"{self.gate} gates{', no state FFN' if self.skip_ffn else ''})")
 
 
+# data.loss_mask's values: the masks memtx/data/loss_masks.py defines (it checks that the names agree).
+LOSS_MASKS = ("", "kv_recall_answers")
+
 # jax.checkpoint_policies by name (model.remat): what a rematerialised layer keeps from its forward pass.
 REMAT_POLICIES = ("nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable", "everything_saveable")
 
@@ -230,6 +233,10 @@ class DataConfig:
     # Evaluation reads each document's first this many tokens (0: all of it): more documents for the
     # same time, a tighter interval. Files only (data.task: whole documents).
     eval_doc_tokens: int = 0
+    # Training loss on some tokens only (memtx/data/loss_masks.py): "" every token; kv_recall_answers
+    # the recall task's answers. Every token is still read and written to memory; evaluation
+    # scores every token.
+    loss_mask: str = ""
 
 
 @dataclass
@@ -684,6 +691,9 @@ def validate(cfg: Config, num_devices: int) -> tuple[int, ...]:
     if d.shards < 0 or (d.shards and d.batch_size % d.shards):
         raise ConfigError(f"config key 'data.shards' must be 0 (one per process) or divide data.batch_size "
                           f"({d.batch_size}), got {d.shards}")
+    if d.loss_mask not in LOSS_MASKS:
+        raise ConfigError(f"config key 'data.loss_mask' must be one of {', '.join(repr(n) for n in LOSS_MASKS)}, "
+                          f"got '{d.loss_mask}'")
     if d.vocab != "byte" and not d.vocab.endswith(".model"):
         raise ConfigError(f"config key 'data.vocab' must be byte or a SentencePiece .model file, got '{d.vocab}'")
     for key, value in (("optim.learning_rate", o.learning_rate), ("optim.final_lr_ratio", o.final_lr_ratio),

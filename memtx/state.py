@@ -125,4 +125,5 @@ def batch_shardings(setup: Setup) -> dict:
 def device_batch(setup: Setup, batch: dict) -> dict:
     """This process's rows (numpy) -> global arrays sharded over the data axes."""
     shardings = batch_shardings(setup)
-    return {key: jax.make_array_from_process_local_data(shardings[key], value) for key, value in batch.items()}
+    return {key: jax.make_array_from_process_local_data(shardings[key], value)
+            for key, value in batch_layout.complete(batch).items()}

@@ -29,12 +29,13 @@ def make_train_step(setup: Setup):
     memory_batch_axes = jax.tree.map(lambda axes: axes.index("act_batch"), model_memory.logical_axes(cfg.model),
                                      is_leaf=lambda x: isinstance(x, tuple))
 
-    def gradients(params, memory, batch, total_tokens, rngs, aux_weight):
-        """Gradient of this (micro-)batch's share of the mean loss: its NLL sum / the step's tokens."""
+    def gradients(params, memory, batch, total_scored, rngs, aux_weight):
+        """Gradient of this (micro-)batch's share of the mean loss: its NLL sum over the targets
+        `loss_weights` scores / the step's scored targets."""
         def loss_fn(params):
             nll_BN, new_memory, aux = segment_nll(model, params, memory, batch, deterministic=rngs is None, rngs=rngs,
                                                   with_aux_loss=True)
-            lm_loss = jnp.sum(nll_BN) / jnp.maximum(total_tokens, 1.0)
+            lm_loss = jnp.sum(nll_BN * batch["loss_weights"]) / jnp.maximum(total_scored, 1.0)
             # A memory's own loss (the compression network's) trains parameters the LM loss does not reach.
             return lm_loss + (0.0 if aux is None else aux_weight * aux), (new_memory, lm_loss, aux)
 
@@ -44,15 +45,15 @@ def make_train_step(setup: Setup):
     def train_step(state, memory, batch):
         dropout = cfg.model.dropout > 0 or cfg.model.attn_dropout > 0
         key = jax.random.fold_in(base_key, state["step"])
-        tokens = jnp.sum(batch["weights"])
+        tokens, scored = jnp.sum(batch["weights"]), jnp.sum(batch["loss_weights"])
         if A == 1:
-            grads, memory, loss, aux = gradients(state["params"], memory, batch, tokens,
+            grads, memory, loss, aux = gradients(state["params"], memory, batch, scored,
                                                  {"dropout": key} if dropout else None, 1.0)
         else:
             def micro(grads_sum, xs):
                 index, micro_batch, micro_memory = xs
                 rngs = {"dropout": jax.random.fold_in(key, index)} if dropout else None
-                grads, micro_memory, loss, aux = gradients(state["params"], micro_memory, micro_batch, tokens, rngs,
+                grads, micro_memory, loss, aux = gradients(state["params"], micro_memory, micro_batch, scored, rngs,
                                                            1.0 / A)
                 return jax.tree.map(jnp.add, grads_sum, grads), (micro_memory, loss, aux)
 

@@ -21,7 +21,7 @@ from memtx import state as state_lib
 from memtx.checkpoint import CheckpointWriteError, run_checkpointer, writable_directory
 from memtx.cli import ArgumentParser, resolve_config, run_cli
 from memtx.config import Config, ConfigError, load_json, save_json, to_dict
-from memtx.data import check_vocab_fits, open_source
+from memtx.data import check_vocab_fits, loss_masks, open_source
 from memtx.data.fingerprint import corpus_fingerprint
 from memtx.data.fingerprint import describe as describe_fingerprint
 from memtx.data.stream import ShardedStream
@@ -163,7 +163,8 @@ def train(cfg: Config, workdir: str) -> dict:
     stream = ShardedStream(
         lambda shard, n: open_source(cfg.data, "train", train=True, shard_index=shard, num_shards=n),
         cfg.data.batch_size, cfg.data.seq_len, num_shards=num_shards,
-        process_index=jax.process_index(), process_count=jax.process_count())
+        process_index=jax.process_index(), process_count=jax.process_count(),
+        loss_mask=loss_masks.get(cfg.data.loss_mask))
     check_vocab_fits(stream.source.vocab, cfg.model.vocab_size)
     writable_directory(workdir, "work directory")
     with WorkdirLock(workdir) if main else contextlib.nullcontext():  # one training per work directory

@@ -35,10 +35,10 @@ N = 8  # segment length used by most stream tests
 
 
 def file_stream(docs, batch_size, seq_len, *, shuffle, repeat, seed=0, shard_index=0, num_shards=1,
-                read_fn=None, state=None) -> DocumentStream:
+                read_fn=None, state=None, loss_mask=None) -> DocumentStream:
     source = FileSource(docs, shuffle=shuffle, repeat=repeat, seed=seed, shard_index=shard_index,
                         num_shards=num_shards, **({"read_fn": read_fn} if read_fn else {}))
-    return DocumentStream(source, batch_size, seq_len, state=state)
+    return DocumentStream(source, batch_size, seq_len, state=state, loss_mask=loss_mask)
 
 # Document lengths around multiples of N, to exercise every boundary case.
 LENGTHS = [1, 2, N - 1, N, N + 1, 2 * N - 1, 2 * N, 2 * N + 1, 5 * N + 3, 37]
@@ -105,6 +105,7 @@ def check_and_collect(batches: list[dict[str, np.ndarray]]) -> list[tuple[int, i
             assert np.all(weights[:m] == 1.0) and np.all(weights[m:] == 0.0)
             assert np.all(inputs[m:] == PAD_ID) and np.all(targets[m:] == PAD_ID)
             assert np.all(targets[:m] < 256) and np.all(inputs[1:m] < 256)
+            assert np.array_equal(batch["loss_weights"][row], weights)  # no loss mask: every valid target
             if m == 0:
                 assert not reset, "an idle row must not be reset"
                 assert current[row] is None, "a row went idle in the middle of a document"
@@ -434,6 +435,31 @@ def test_resume(corpus: Path, mode: str, k: int):
             for key in a:
                 assert np.array_equal(a[key], b[key]), key
         assert stream.state() == original.state()
+
+
+def test_a_loss_mask_weights_the_targets_it_names_across_segments_and_a_resume(tmp_path: Path):
+    """With `loss_mask` (here the recall task's answers) each row's loss_weights are the mask of
+    its document at the row's targets, segment after segment and after a restore; weights (what
+    is read and written to memory) stay 1 on every valid target."""
+    from memtx.data import kv_recall
+    paths = kv_recall.write_corpus(str(tmp_path / "kv"), 5, seed=1, spec=kv_recall.KVSpec(length=60))
+    docs = list_documents(str(tmp_path / "kv"))
+    kwargs = dict(shuffle=True, repeat=True, seed=2, loss_mask=kv_recall.answer_mask)
+    stream = file_stream(docs, 2, N, **kwargs)
+    masks = {p: kv_recall.answer_mask(open(p, "rb").read()) for p in paths}
+    by_ids = {open(p, "rb").read(): masks[p] for p in paths}
+    seen = 0
+    for step in range(20):
+        if step == 7:  # the rest from a restored stream
+            stream = file_stream(docs, 2, N, **kwargs, state=json.loads(json.dumps(stream.state())))
+        batch = stream.next_batch()
+        for row, seg in enumerate(stream.last_segments):
+            _, pos, m, ids = seg
+            mask = by_ids[bytes(ids.astype(np.uint8))]
+            assert np.array_equal(batch["loss_weights"][row, :m], mask[pos:pos + m])
+            assert np.all(batch["loss_weights"][row, m:] == 0) and np.all(batch["weights"][row, :m] == 1)
+            seen += int(mask[pos:pos + m].sum())
+    assert seen > 20  # answers were met (the check above can fail)
 
 
 def test_state_format_and_validation(corpus: Path):

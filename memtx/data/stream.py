@@ -14,7 +14,7 @@ documents, so it is small, JSON-serialisable and the same for every source.
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -22,6 +22,7 @@ from memtx import batch as batch_layout
 from memtx.data.sources import DocumentSource, Position
 
 Batch = dict[str, np.ndarray]
+LossMask = Callable[[np.ndarray], np.ndarray]  # a document's ids -> each target's loss weight
 
 _STATE_VERSION = 2
 
@@ -38,7 +39,8 @@ class DocumentStream:
     """
 
     def __init__(self, source: DocumentSource, batch_size: int, seq_len: int, *,
-                 state: dict[str, Any] | None = None, count_bytes: bool = False) -> None:
+                 state: dict[str, Any] | None = None, count_bytes: bool = False,
+                 loss_mask: LossMask | None = None) -> None:
         if batch_size <= 0 or seq_len <= 0:
             raise ValueError(f"batch_size ({batch_size}) and seq_len ({seq_len}) must be positive")
         self.source = source
@@ -49,6 +51,9 @@ class DocumentStream:
         # count_bytes: bytes of the text those ids stand for (the vocabulary decodes them; for
         # bits per byte with any vocabulary). Off in training: decoding costs time there.
         self.count_bytes, self.bytes_drawn = count_bytes, 0
+        # loss_mask(ids) -> float32 [len(ids)]: each target's loss weight (None: every valid target 1)
+        self.loss_mask = loss_mask
+        self._row_mask: list[np.ndarray | None] = [None] * batch_size
         self._next: Position = (0, 0)  # draw position of the next document
         self._row_doc: list[Position | None] = [None] * batch_size
         self._row_pos = [0] * batch_size
@@ -110,7 +115,7 @@ class DocumentStream:
             return None
 
         batch = batch_layout.empty(B, N, self.source.vocab.pad_id)
-        inputs, targets, weights, reset = (batch[key] for key in batch_layout.KEYS)
+        inputs, targets, weights, reset, loss_weights = (batch[key] for key in batch_layout.KEYS)
         self.last_segments = [None] * B
         for row in range(B):
             tokens = self._row_tokens[row]
@@ -122,12 +127,24 @@ class DocumentStream:
             inputs[row, :m] = tokens[pos : pos + m]
             targets[row, :m] = tokens[pos + 1 : pos + 1 + m]
             weights[row, :m] = 1.0
+            if self.loss_mask is None:
+                loss_weights[row, :m] = 1.0
+            else:  # targets are ids[pos:pos+m]
+                if self._row_mask[row] is None:
+                    self._row_mask[row] = self._mask(tokens[1:])
+                loss_weights[row, :m] = self._row_mask[row][pos:pos + m]
             reset[row] = pos == 0
             pos += N
             if pos >= len(tokens) - 1:
-                self._row_doc[row], self._row_tokens[row], pos = None, None, 0
+                self._row_doc[row], self._row_tokens[row], self._row_mask[row], pos = None, None, None, 0
             self._row_pos[row] = pos
         return batch
+
+    def _mask(self, ids: np.ndarray) -> np.ndarray:
+        mask = np.asarray(self.loss_mask(ids), np.float32)
+        if mask.shape != ids.shape:
+            raise ValueError(f"the loss mask has shape {mask.shape} for a document of {len(ids)} tokens")
+        return mask
 
     def __iter__(self) -> Iterator[Batch]:
         return self
@@ -213,7 +230,7 @@ class DocumentStream:
             if row_doc[row] is not None and t is None:
                 raise ValueError(f"stream state has row {row} on document {list(row_doc[row])}, which the "
                                  "source no longer yields")
-            self._row_doc[row], self._row_tokens[row] = row_doc[row], t
+            self._row_doc[row], self._row_tokens[row], self._row_mask[row] = row_doc[row], t, None
             self._row_pos[row] = row_pos[row] if t is not None else 0
 
 
@@ -234,15 +251,15 @@ class ShardedStream:
     """
 
     def __init__(self, source_fn, batch_size: int, seq_len: int, *, num_shards: int, process_index: int = 0,
-                 process_count: int = 1) -> None:
+                 process_count: int = 1, loss_mask: LossMask | None = None) -> None:
         if num_shards % process_count or batch_size % num_shards:
             raise ValueError(f"{num_shards} data shards must be a multiple of the {process_count} processes and "
                              f"divide the batch of {batch_size} rows")
         k = num_shards // process_count
         self.shards = list(range(process_index * k, (process_index + 1) * k))
         self.num_shards = num_shards
-        self.streams = [DocumentStream(source_fn(s, num_shards), batch_size // num_shards, seq_len)
-                        for s in self.shards]
+        self.streams = [DocumentStream(source_fn(s, num_shards), batch_size // num_shards, seq_len,
+                                       loss_mask=loss_mask) for s in self.shards]
 
     @property
     def skipped(self) -> int:
