@@ -101,9 +101,17 @@ class RelativeAttention(nn.Module):
     are L2-normalised and a learned per-head scale replaces 1/sqrt(Dh); in a kNN layer each query
     (the normalised q, without u) also retrieves its top-k entries from the kNN store, attends over
     them with its own softmax, and a learned per-head gate mixes the two results.
+
+    With `smear_keys` (Olsson et al. 2022, "In-context learning and induction heads") each head's
+    key at position t is sigmoid(a) * k_t + (1 - sigmoid(a)) * k_{t-1}, with a learned per head
+    (initially 0: half and half) and k_{t-1} the previous row of [memory ; segment] (zero before
+    the first valid row). A key then also says which token came before it, so one layer can find
+    "the position after the last occurrence of my token" (an induction head) without a
+    previous-token head below it; in a kNN layer the store keeps the smeared keys.
     """
 
     cfg: ModelConfig
+    smear_keys: bool = False
 
     @nn.compact
     def __call__(self, x_BND, mem_BMD, mem_valid_BM, u_HD, v_HD, deterministic: bool = True,
@@ -132,6 +140,9 @@ class RelativeAttention(nn.Module):
             jnp.concatenate([mem_BMD.astype(dtype), x_BND.astype(dtype)], axis=1)
         k_rows = jnp.einsum("bkd,dhe->bkhe", rows_in, w_qkv[:, 1])
         v_rows = jnp.einsum("bkd,dhe->bkhe", rows_in, w_qkv[:, 2])
+        raw_cache = {}
+        if self.smear_keys:
+            k_rows, raw_cache = self.smear(k_rows, mem_valid_BM, cache, position)
         if normalised:
             k_rows = l2_normalize(k_rows)
         if cache is None:
@@ -176,7 +187,30 @@ class RelativeAttention(nn.Module):
             # keys carry no position).
             query_BHND = jnp.swapaxes(q_BNHD, 1, 2)
             out_BNHD = self.mix_in_memory(out_BNHD, query_BHND, jnp.exp(log_scale_H), gate_bias_H, knn_memory)
-        return jnp.einsum("bnhd,hde->bne", out_BNHD, w_o), {"k": k_BKHD, "v": v_BKHD, "r": r_KHD}
+        return jnp.einsum("bnhd,hde->bne", out_BNHD, w_o), {"k": k_BKHD, "v": v_BKHD, "r": r_KHD, **raw_cache}
+
+    def smear(self, k_rows, mem_valid_BM, cache, position):
+        """Smeared keys of the new rows (see the class): (keys, {"k_raw": the unsmeared keys of
+        [memory ; segment]}, which a cached call needs for its rows' predecessors)."""
+        H = self.cfg.num_heads
+        a_H = param_with_axes(self, "smear", (H,), ("heads",), nn.initializers.zeros_init())
+        s_H = jax.nn.sigmoid(a_H).astype(k_rows.dtype)[:, None]
+        B, n = k_rows.shape[:2]
+        M = mem_valid_BM.shape[1]
+        start = 0 if cache is None else M + position  # index of the first new row in [memory ; segment]
+        if cache is None:
+            raw_BKHD = k_rows
+            valid_BK = jnp.concatenate([mem_valid_BM, jnp.ones((B, n - M), bool)], axis=1)
+        else:
+            raw_BKHD = jax.lax.dynamic_update_slice_in_dim(cache["k_raw"], k_rows.astype(cache["k_raw"].dtype), start, 1)
+            valid_BK = jnp.concatenate([mem_valid_BM, jnp.ones((B, raw_BKHD.shape[1] - M), bool)], axis=1)
+        # Row j's predecessor is row j - 1 (none before row 0, nor when it is an empty memory row).
+        prev_BKHD = jnp.pad(raw_BKHD, ((0, 0), (1, 0), (0, 0), (0, 0)))[:, :-1]
+        prev_valid_BK = jnp.pad(valid_BK, ((0, 0), (1, 0)))[:, :-1]
+        prev_BnHD = jax.lax.dynamic_slice_in_dim(prev_BKHD, start, n, 1)
+        prev_valid_Bn = jax.lax.dynamic_slice_in_dim(prev_valid_BK, start, n, 1)
+        prev_BnHD = jnp.where(prev_valid_Bn[:, :, None, None], prev_BnHD, 0).astype(k_rows.dtype)
+        return s_H * k_rows + (1 - s_H) * prev_BnHD, {"k_raw": raw_BKHD}
 
     def dropout_rng(self, deterministic: bool):
         """A key for attention dropout, or None when there is none to apply."""

@@ -174,6 +174,10 @@ class ModelConfig:
     # layers). False drops it: meliad's attention has no key-only term, so a kNN layer's local
     # content logits then equal the logits it gives stored entries (its query is q alone).
     content_bias: bool = True
+    # Layers whose attention keys are smeared (Olsson et al. 2022): each head's key is
+    # sigmoid(a) k_t + (1 - sigmoid(a)) k_{t-1}, a learned per head, so that one layer can form an
+    # induction head (memtx/attention.py). XL stack only (memory "xl"; mem_len 0 included).
+    smeared_keys: tuple[int, ...] = ()
     dropout: float = 0.0  # embeddings, residual branches, FFN
     attn_dropout: float = 0.0  # attention probabilities (the papers use none)
     layer_norm_eps: float = 1e-5
@@ -654,6 +658,12 @@ def validate(cfg: Config, num_devices: int) -> tuple[int, ...]:
     if m.qk_norm and not kind.qk_norm:
         raise ConfigError(f"config key 'model.qk_norm' does not apply with model.memory '{kind.name}' "
                           "(it follows its authors' attention)")
+    if m.smeared_keys and not kind.smeared_keys:
+        raise ConfigError(f"config key 'model.smeared_keys' applies with model.memory 'xl' only (this model's is "
+                          f"'{kind.name}')")
+    for layer in m.smeared_keys:
+        if not 0 <= layer < m.num_layers:
+            raise ConfigError(f"config key 'model.smeared_keys' has layer {layer}, outside 0..{m.num_layers - 1}")
     if kind.options:  # other kinds' sections hold their defaults (above)
         getattr(m, kind.options).check(m, d)
     if knn.enabled:

@@ -16,6 +16,7 @@ class XLLayer(nn.Module):
     """Relative attention over [memory ; segment] and a ReLU FFN; post-LN or pre-LN."""
 
     cfg: ModelConfig
+    smear_keys: bool = False  # RelativeAttention.smear_keys (model.smeared_keys names the layers)
 
     @nn.compact
     def __call__(self, h_BND, mem_BMD, mem_valid_BM, u_HD, v_HD, deterministic: bool = True,
@@ -23,7 +24,7 @@ class XLLayer(nn.Module):
         """Returns (output, attention cache); `knn_memory` (a kNN layer's store) is read, not
         written. See RelativeAttention for `cache` / `position` (generation inside a segment)."""
         cfg = self.cfg
-        attn = RelativeAttention(cfg, name="attn")
+        attn = RelativeAttention(cfg, self.smear_keys, name="attn")
         ffn, attn_norm, ffn_norm, drop = layer_parts(cfg)
         if cfg.pre_norm:
             mem_in_BMD = attn_norm(mem_BMD) if cache is None else mem_BMD  # cached: keys already computed
@@ -42,9 +43,10 @@ class XLLayer(nn.Module):
 
 
 def scan_runs(cfg: ModelConfig) -> list[tuple[int, int]]:
-    """The stack's layer ranges (layers.layer_runs): with `model.scan_layers` the kNN layers, whose
-    attention differs, run alone and the rest as scans."""
-    return layer_runs(cfg, cfg.knn.layer_indices(cfg.num_layers) if cfg.knn.enabled else ())
+    """The stack's layer ranges (layers.layer_runs): with `model.scan_layers` the kNN layers and
+    the layers with smeared keys, whose attention differs, run alone and the rest as scans."""
+    knn_layers = cfg.knn.layer_indices(cfg.num_layers) if cfg.knn.enabled else ()
+    return layer_runs(cfg, (*knn_layers, *cfg.smeared_keys))
 
 
 def run_layers(model, h_BND, mem_LBMD, mem_valid_BM, knn_stores, num_valid_B, u_HD, v_HD, deterministic,
@@ -70,7 +72,7 @@ def run_layers(model, h_BND, mem_LBMD, mem_valid_BM, knn_stores, num_valid_B, u_
             continue
         layer_inputs.append(h_BND[None])
         store = knn_stores.get(str(a))
-        h_BND, layer_cache = layer_class(XLLayer, cfg)(cfg, name=run_name(a, b))(
+        h_BND, layer_cache = layer_class(XLLayer, cfg)(cfg, a in cfg.smeared_keys, name=run_name(a, b))(
             h_BND, mem_LBMD[a], mem_valid_BM, u_HD, v_HD, deterministic, store,
             None if cache is None else cache[a], position)
         new_cache.append(layer_cache)

@@ -103,8 +103,9 @@ class DocumentStream:
     def next_batch(self) -> Batch | None:
         """The next batch, or None once a non-repeating stream is exhausted.
 
-        Returns `inputs`, `targets` (int32 [B, N]), `weights` (float32 [B, N]) and
-        `reset` (bool [B], true on the first segment of each document of a row).
+        Returns `inputs`, `targets` (int32 [B, N]), `weights` (float32 [B, N]), `reset`
+        (bool [B], true on the first segment of each document of a row) and `loss_weights`
+        (float32 [B, N]: the loss mask at the targets, or `weights` without one).
         """
         B, N = self.batch_size, self.seq_len
         for row in range(B):

@@ -33,6 +33,7 @@ class MemoryKind:
     qk_norm: bool = True  # `model.qk_norm` applies to its attention
     refreshes: bool = False  # its memory slots are recomputed from each segment (LaMemo's look-ahead)
     whole_segment: bool = True  # every layer's queries are the whole segment over [memory ; segment]
+    smeared_keys: bool = False  # `model.smeared_keys` applies (its memory rows are consecutive positions)
 
     @property
     def state(self) -> ModuleType:
@@ -53,7 +54,7 @@ def register(kind: MemoryKind) -> MemoryKind:
     return kind
 
 
-register(MemoryKind("xl", "XL", "memtx.memory.xl", "memtx.xl_layer"))
+register(MemoryKind("xl", "XL", "memtx.memory.xl", "memtx.xl_layer", smeared_keys=True))
 register(MemoryKind("lamemo", "LaMemo", "memtx.memory.lamemo", "memtx.lamemo_layer", options="lamemo", knn=False,
                     kv_cache=False, qk_norm=False, refreshes=True))
 register(MemoryKind("compressive", "Compressive", "memtx.memory.compressive", "memtx.compressive_layer",
