@@ -1,11 +1,19 @@
-"""Proof that the kNN memory remembers: a synthetic long-range recall task (memtx/data/recall.py).
+"""Proof that the kNN memory remembers: a synthetic long-range recall task.
 
 Trains the same tiny model twice on the same generated documents for the same steps, once with
 a kNN memory in its last layer and once without, then measures how often each predicts the value
-byte of a key whose definition lies farther back than the segment plus the XL cache:
+of a key whose last entry lies farther back than the segment plus the XL cache:
 
-    PYTHONPATH=. python scripts/recall_task.py [--steps 3000] [--workdir runs/recall] [--seed 0]
-        [--config.KEY=VALUE ...] [--print-config]
+    PYTHONPATH=. python scripts/recall_task.py [--task kv|text] [--steps N] [--workdir runs/recall]
+        [--seed 0] [--config.KEY=VALUE ...] [--print-config]
+
+Two tasks (`--task`):
+- kv (the default; memtx/data/kv_recall.py): single-token keys and values from disjoint
+  alphabets, loss on the answers only (`data.loss_mask=kv_recall_answers`), a one-layer model
+  whose kNN layer has smeared keys (`model.smeared_keys`), so that it can form an induction head
+  alone. 600 steps by default.
+- text (memtx/data/recall.py): `#KV; ` entries of bytes, loss on every byte, the two-layer model
+  of the earlier figures (18-26% far recall). 3000 steps by default.
 
 Prints a table and writes WORKDIR/recall_results.json. The model with memory is also evaluated
 with its memory emptied (knn.size=0), which should bring it back to chance. `--skip-baseline`
@@ -19,10 +27,12 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import os
 import sys
 import time
+from dataclasses import dataclass, field
 
 import jax
 
@@ -31,18 +41,37 @@ from memtx.checkpoint import Checkpointer
 from memtx.cli import ArgumentParser, run_cli
 from memtx.config import (Config, DataConfig, KNNConfig, MeshConfig, ModelConfig, OptimConfig,
                           TrainConfig, apply_override, parse_overrides, to_dict)
-from memtx.data import recall
+from memtx.data import kv_recall, recall
 from memtx.train import train
 
 
-TASK_SPEC = recall.RecallSpec()  # 256-byte documents, one-letter keys, no filler: dense practice
+@dataclass(frozen=True)
+class Task:
+    """A recall task: its documents, its scoring and the model that learns it."""
+
+    spec: object  # the generator's spec (recall.RecallSpec or kv_recall.KVSpec)
+    write_corpus: object  # (directory, num_docs, seed, spec) -> paths
+    accuracy: object  # (setup, params, texts, min_distance=None, buckets=()) -> results
+    steps: int  # default training steps
+    model: dict = field(default_factory=dict)  # make_config arguments
+
+
+TASKS = {
+    # 256-token documents of 2-token entries; one layer with smeared keys and the kNN memory
+    "kv": Task(kv_recall.KVSpec(), kv_recall.write_corpus, kv_recall.recall_accuracy, 600,
+               dict(num_layers=1, knn_layer=0, smeared_keys=(0,), loss_mask="kv_recall_answers")),
+    # 256-byte documents, one-letter keys, no filler: dense practice
+    "text": Task(recall.RecallSpec(), recall.write_recall_corpus, recall.recall_accuracy, 3000),
+}
 
 
 def make_config(corpus: str, *, knn: bool, steps: int, seed: int = 0, seq_len: int = 32, batch_size: int = 32,
                 d_model: int = 128, num_heads: int = 4, num_layers: int = 2, knn_layer: int | None = None, knn_size: int = 256,
                 k: int = 32, learning_rate: float = 3e-3, warmup_steps: int | None = None,
                 final_lr_ratio: float = 0.1, init_std: float = 0.1, qk_norm: bool = False,
-                gate_bias_init: float = 0.0, content_bias: bool = True, mem_len: int = 0, clip_norm: float = 0.25, b2: float = 0.999, clamp_len: int = 0, mesh_shape=(-1, 1, 1)) -> Config:
+                gate_bias_init: float = 0.0, content_bias: bool = True, mem_len: int = 0, clip_norm: float = 0.25,
+                b2: float = 0.999, clamp_len: int = 0, mesh_shape=(-1, 1, 1), smeared_keys: tuple[int, ...] = (),
+                loss_mask: str = "") -> Config:
     """The tiny model of this task; `knn` switches the memory layer (the top layer by default)
     on or off. Pre-LN, d 128 and a larger init than the LM presets: the copying circuit forms
     sooner (with d 64 or post-LN, far recall stalled near 22-26% in our runs; see the README)."""
@@ -51,11 +80,11 @@ def make_config(corpus: str, *, knn: bool, steps: int, seed: int = 0, seq_len: i
         name=f"recall_{'knn' if knn else 'local'}",
         model=ModelConfig(num_layers=num_layers, d_model=d_model, num_heads=num_heads, d_ff=4 * d_model, mem_len=mem_len,
                           pre_norm=True, init_std=init_std, qk_norm=qk_norm, clamp_len=clamp_len,
-                          content_bias=content_bias,
+                          content_bias=content_bias, smeared_keys=smeared_keys,
                           knn=KNNConfig(enabled=knn, layers=(layer,), size=knn_size, k=k, backend="exact",
                                         gate_bias_init=gate_bias_init)),
         data=DataConfig(corpus=corpus, split_fractions=(1, 0, 0), seq_len=seq_len, batch_size=batch_size,
-                        seed=seed, eval_batch_size=batch_size),
+                        seed=seed, eval_batch_size=batch_size, loss_mask=loss_mask),
         optim=OptimConfig(learning_rate=learning_rate,
                           warmup_steps=min(100, steps // 10) if warmup_steps is None else warmup_steps,
                           final_lr_ratio=final_lr_ratio, clip_norm=clip_norm, b2=b2),
@@ -74,33 +103,36 @@ def latest_params(cfg: Config, workdir: str):
 
 
 def evaluate_run(cfg: Config, workdir: str, texts: list[bytes], knn_size: int | None = None,
-                 buckets: tuple[int, ...] = ()) -> dict:
+                 buckets: tuple[int, ...] = (), task: Task = TASKS["text"]) -> dict:
     """Recall accuracy of the run's latest checkpoint on `texts` (optionally at another kNN size;
     with `buckets`, also by distance)."""
     if knn_size is not None:
         cfg = copy.deepcopy(cfg)
         cfg.model.knn.size = knn_size
     setup, params, step = latest_params(cfg, workdir)
-    result = recall.recall_accuracy(setup, params, texts, buckets=buckets)
+    result = task.accuracy(setup, params, texts, buckets=buckets)
     result["step"] = step
     return result
 
 
 def run(steps: int, workdir: str, seed: int = 0, train_docs: int = 2000, eval_docs: int = 64,
-        spec: recall.RecallSpec | None = None, verbose: bool = True, baseline: bool = True,
-        overrides: list[str] = (), **model) -> dict:
+        spec=None, verbose: bool = True, baseline: bool = True, overrides: list[str] = (), task: str = "text",
+        **model) -> dict:
     """Generates the corpora, trains both models, evaluates them; returns the results.
-    `overrides`: `--config.KEY=VALUE` strings applied to both models' configs."""
-    spec = spec or TASK_SPEC
+    `overrides`: `--config.KEY=VALUE` strings applied to both models' configs; `model`:
+    make_config arguments over the task's."""
+    the_task = TASKS[task]
+    spec = spec or the_task.spec
     os.makedirs(workdir, exist_ok=True)
     train_dir, eval_dir = os.path.join(workdir, "corpus_train"), os.path.join(workdir, "corpus_eval")
-    recall.write_recall_corpus(train_dir, train_docs, seed, spec)
-    eval_paths = recall.write_recall_corpus(eval_dir, eval_docs, seed + 1_000_003, spec)  # held out
+    the_task.write_corpus(train_dir, train_docs, seed, spec)
+    eval_paths = the_task.write_corpus(eval_dir, eval_docs, seed + 1_000_003, spec)  # held out
     texts = [open(p, "rb").read() for p in eval_paths]
-    results = {"spec": recall.spec_dict(spec), "chance": spec.chance, "seed": seed, "train_docs": train_docs,
-               "eval_docs": eval_docs, "device": str(jax.devices()[0].device_kind), "runs": []}
+    results = {"task": task, "spec": dataclasses.asdict(spec), "chance": spec.chance, "seed": seed,
+               "train_docs": train_docs, "eval_docs": eval_docs, "device": str(jax.devices()[0].device_kind),
+               "runs": []}
     for knn in (True, False) if baseline else (True,):
-        cfg = make_config(train_dir, knn=knn, steps=steps, seed=seed, **model)
+        cfg = make_config(train_dir, knn=knn, steps=steps, seed=seed, **{**the_task.model, **model})
         for key, text in parse_overrides(list(overrides)):
             apply_override(cfg, key, text)
         n, m = cfg.data.seq_len, cfg.model.mem_len
@@ -112,10 +144,10 @@ def run(steps: int, workdir: str, seed: int = 0, train_docs: int = 2000, eval_do
         seconds = time.perf_counter() - t0
         row = {"model": "kNN memory" if knn else "no kNN memory", "knn_size": cfg.model.knn.size if knn else None,
                "steps": summary["end_step"], "train_seconds": seconds, "final_loss": summary["last"].get("loss"),
-               **evaluate_run(cfg, run_dir, texts)}
+               **evaluate_run(cfg, run_dir, texts, task=the_task)}
         results["runs"].append(row)
         if knn:  # the same parameters with the memory emptied: is the recall really the memory's?
-            emptied = evaluate_run(cfg, run_dir, texts, knn_size=0)
+            emptied = evaluate_run(cfg, run_dir, texts, knn_size=0, task=the_task)
             results["runs"].append({"model": "kNN model, memory emptied", "knn_size": 0, "steps": row["steps"],
                                     "train_seconds": None, "final_loss": None, **emptied})
     return results
@@ -141,10 +173,13 @@ def format_table(results: dict) -> str:
 
 def main(args: argparse.Namespace, overrides: list[str]) -> int:
     p = parser()
+    task = TASKS[args.task]
+    args.steps = task.steps if args.steps is None else args.steps
     for name in ("steps", "train_docs", "eval_docs"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    cfg = make_config(os.path.join(args.workdir, "corpus_train"), knn=True, steps=args.steps, seed=args.seed)
+    cfg = make_config(os.path.join(args.workdir, "corpus_train"), knn=True, steps=args.steps, seed=args.seed,
+                      **task.model)
     for key, text in parse_overrides(overrides):  # one-line errors before anything is generated
         apply_override(cfg, key, text)
     if args.print_config:
@@ -155,11 +190,11 @@ def main(args: argparse.Namespace, overrides: list[str]) -> int:
               file=sys.stderr)
     t0 = time.perf_counter()
     results = run(args.steps, args.workdir, args.seed, args.train_docs, args.eval_docs,
-                  baseline=not args.skip_baseline, overrides=overrides)
+                  baseline=not args.skip_baseline, overrides=overrides, task=args.task)
     results["overrides"] = list(overrides)
     results["wall_seconds"] = time.perf_counter() - t0
     print(format_table(results))
-    print(f"recalled tokens: value bytes whose key was last seen >= {results['runs'][0]['min_distance']} bytes "
+    print(f"recalled tokens: values whose key was last seen >= {results['runs'][0]['min_distance']} tokens "
           f"earlier (the segment length; no XL cache), so only the kNN memory holds them; "
           f"{results['eval_docs']} held-out documents; total wall time {results['wall_seconds']:.0f}s")
     path = os.path.join(args.workdir, "recall_results.json")
@@ -171,7 +206,9 @@ def main(args: argparse.Namespace, overrides: list[str]) -> int:
 
 def parser() -> argparse.ArgumentParser:
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=3000, help="training steps of each model")
+    p.add_argument("--task", choices=sorted(TASKS), default="kv",
+                   help="kv: single-token keys and values (default); text: the byte task of the earlier figures")
+    p.add_argument("--steps", type=int, default=None, help="training steps of each model (default: kv 600, text 3000)")
     p.add_argument("--workdir", default="runs/recall", help="corpora, both runs and recall_results.json")
     p.add_argument("--seed", type=int, default=0, help="data, parameter init and document order")
     p.add_argument("--train-docs", type=int, default=2000)

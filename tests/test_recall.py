@@ -1,10 +1,11 @@
-"""The synthetic recall task: the generator's promises, and a model that recalls with its memory.
+"""The synthetic recall tasks: the byte task's generator (memtx/data/recall.py), and a model that
+recalls with its memory on the key-value task (memtx/data/kv_recall.py).
 
-The training test runs `scripts/recall_task.py --skip-baseline` in a subprocess on one CPU
-device (as a user runs it): a tiny kNN model is trained for a short while, then its accuracy on
-far recalled values (beyond the segment; no XL cache) is compared with the same parameters with
-the memory emptied. The full comparison with a separately trained model without memory is the
-script's default; its figures are in the README.
+The training test runs `scripts/recall_task.py --skip-baseline` (the key-value task) in a
+subprocess on one CPU device, as a user runs it: a one-layer kNN model with smeared keys is
+trained for 300 steps (about 25 s), then its accuracy on far answers (beyond the segment; no XL
+cache) is compared with the same parameters with the memory emptied. The full comparison with a
+separately trained model without memory is the script's default; its figures are in the README.
 """
 
 import json
@@ -110,19 +111,20 @@ def test_a_model_with_knn_memory_recalls_what_it_cannot_see(tmp_path):
     # one CPU device and XLA's optimisations on, as users run it
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_DISABLE_MOST_OPTIMIZATIONS")}
     env.update(PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, "scripts/recall_task.py", "--steps", "1200", "--train-docs", "500", "--eval-docs", "48",
+    cmd = [sys.executable, "scripts/recall_task.py", "--steps", "300", "--train-docs", "500", "--eval-docs", "48",
            "--skip-baseline", "--workdir", str(tmp_path / "recall")]
-    out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=1200)
+    out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     results = json.loads((tmp_path / "recall" / "recall_results.json").read_text())
+    assert results["task"] == "kv"
     with_memory, emptied = results["runs"]
     assert with_memory["model"] == "kNN memory" and emptied["knn_size"] == 0
-    assert with_memory["recalled_tokens"] > 150
-    chance = results["chance"]
-    # Without its memory the same model is at chance on far values; with it, clearly above.
-    assert emptied["accuracy"] < chance + 0.06, results
-    assert with_memory["accuracy"] > emptied["accuracy"] + 0.05, results
-    assert with_memory["accuracy"] > chance + 0.05, results
+    assert with_memory["recalled_tokens"] > 1000
+    chance = results["chance"]  # 1/64
+    # Without its memory the same model is at chance on far answers; with it, it recalls nearly all
+    # (98% in our runs from 200 steps on; 50% at 120).
+    assert emptied["accuracy"] < chance + 0.03, results
+    assert with_memory["accuracy"] > 0.9, results
 
 
 @pytest.mark.slow
@@ -135,5 +137,10 @@ def test_recall_task_takes_config_overrides_and_prints_its_config(tmp_path):
     cfg = json.loads(out.stdout)
     assert cfg["model"]["knn"]["gate_bias_init"] == 3.0 and cfg["train"]["steps"] == 50
     assert not (tmp_path / "r").exists()  # printing generates and trains nothing
+    assert cfg["model"]["smeared_keys"] == [0] and cfg["data"]["loss_mask"] == "kv_recall_answers"  # the kv task
+    text = subprocess.run([*cmd, "--task", "text", "--print-config"], env=env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    cfg = json.loads(text.stdout)
+    assert cfg["model"]["num_layers"] == 2 and cfg["model"]["smeared_keys"] == [] and cfg["data"]["loss_mask"] == ""
     bad = subprocess.run([*cmd, "--config.model.nope=1"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "unknown config key 'model.nope'" in bad.stderr
