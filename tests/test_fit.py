@@ -37,7 +37,7 @@ def test_estimate_matches_the_compiled_step(name):
     exact = parts["parameters"] + parts["optimizer state"] + parts["memories"]
     data_parallel = estimate["mesh"]["data"] * estimate["mesh"]["fsdp"]
     rows = cfg.data.batch_size // data_parallel
-    batch = rows * cfg.data.seq_len * (4 + 4 + 4) + rows  # inputs, targets, weights; reset flags
+    batch = rows * cfg.data.seq_len * (4 + 4 + 4 + 4) + rows  # inputs, targets, weights, loss_weights; reset flags
     # Parameters, optimizer state and memories are exact: XLA's arguments are those plus the batch.
     assert xla["arguments"] - batch - 64 <= exact <= xla["arguments"] - batch + 64, (exact, batch, xla)
     # The activation estimate is an estimate: within a factor of 3 of XLA's temporaries.
