@@ -103,24 +103,25 @@ def latest_params(cfg: Config, workdir: str):
 
 
 def evaluate_run(cfg: Config, workdir: str, texts: list[bytes], knn_size: int | None = None,
-                 buckets: tuple[int, ...] = (), task: Task = TASKS["text"]) -> dict:
+                 buckets: tuple[int, ...] = (), task: Task = TASKS["text"], foreign_store: bool = False) -> dict:
     """Recall accuracy of the run's latest checkpoint on `texts` (optionally at another kNN size;
-    with `buckets`, also by distance)."""
+    with `buckets`, also by distance; with `foreign_store`, each document reading another's store)."""
     if knn_size is not None:
         cfg = copy.deepcopy(cfg)
         cfg.model.knn.size = knn_size
     setup, params, step = latest_params(cfg, workdir)
-    result = task.accuracy(setup, params, texts, buckets=buckets)
+    result = task.accuracy(setup, params, texts, buckets=buckets, foreign_store=foreign_store)
     result["step"] = step
     return result
 
 
 def run(steps: int, workdir: str, seed: int = 0, train_docs: int = 2000, eval_docs: int = 64,
         spec=None, verbose: bool = True, baseline: bool = True, overrides: list[str] = (), task: str = "text",
-        **model) -> dict:
+        curve_sizes: tuple[int, ...] = (), curve_length: int = 2048, **model) -> dict:
     """Generates the corpora, trains both models, evaluates them; returns the results.
     `overrides`: `--config.KEY=VALUE` strings applied to both models' configs; `model`:
-    make_config arguments over the task's."""
+    make_config arguments over the task's. `curve_sizes`: also the memory-size curve (size_curve)
+    of the kNN model on `eval_docs` held-out documents of `curve_length` tokens."""
     the_task = TASKS[task]
     spec = spec or the_task.spec
     os.makedirs(workdir, exist_ok=True)
@@ -150,7 +151,73 @@ def run(steps: int, workdir: str, seed: int = 0, train_docs: int = 2000, eval_do
             emptied = evaluate_run(cfg, run_dir, texts, knn_size=0, task=the_task)
             results["runs"].append({"model": "kNN model, memory emptied", "knn_size": 0, "steps": row["steps"],
                                     "train_seconds": None, "final_loss": None, **emptied})
+            # ... and reading another document's store: the recall is of this document's entries
+            foreign = evaluate_run(cfg, run_dir, texts, task=the_task, foreign_store=True)
+            results["runs"].append({"model": "kNN model, foreign store", "knn_size": cfg.model.knn.size,
+                                    "steps": row["steps"], "train_seconds": None, "final_loss": None, **foreign})
+            if curve_sizes:
+                results["size_curve"] = size_curve(cfg, run_dir, the_task, dataclasses.replace(spec, length=curve_length),
+                                                   os.path.join(workdir, "corpus_curve"), eval_docs, seed, curve_sizes)
     return results
+
+
+def size_curve(cfg: Config, run_dir: str, task: Task, spec, directory: str, num_docs: int, seed: int,
+               sizes: tuple[int, ...]) -> dict:
+    """Far recall by answer distance of the run's kNN model at each store size in `sizes`, on
+    `num_docs` held-out documents of `spec`. An answer d tokens back is in a store of S entries
+    when d <= S (the store holds the S tokens before the segment; more for later positions in
+    it) and in none when d > S + N: the buckets' edges are every S and S + N."""
+    paths = task.write_corpus(directory, num_docs, seed + 2_000_003, spec)
+    texts = [open(p, "rb").read() for p in paths]
+    N = cfg.data.seq_len
+    edges = tuple(sorted({e for s in sizes for e in (s, s + N) if N < e < spec.length}))
+    rows = []
+    for size in sizes:
+        result = evaluate_run(cfg, run_dir, texts, knn_size=size, buckets=edges, task=task)
+        rows.append({"size": size, "accuracy": result["accuracy"], "by_distance": result["by_distance"]})
+    return {"document_length": spec.length, "documents": num_docs, "edges": list(edges), "sizes": rows}
+
+
+def format_size_curve(curve: dict, chance: float) -> str:
+    """Far recall by distance bucket (rows) and store size (columns)."""
+    buckets = curve["sizes"][0]["by_distance"]
+    header = ["answer distance", "answers", *(f"store {r['size']}" for r in curve["sizes"])]
+    lines = []
+    for i, b in enumerate(buckets):
+        if b["tokens"] == 0:
+            continue
+        span = f"[{b['min']}, {b['max']})" if b["max"] is not None else f">= {b['min']}"
+        lines.append([span, str(b["tokens"]), *(f"{r['by_distance'][i]['accuracy']:.1%}" for r in curve["sizes"])])
+    widths = [max(len(h), *(len(l[i]) for l in lines)) for i, h in enumerate(header)]
+    fmt = lambda cells: "| " + " | ".join(c.rjust(w) for c, w in zip(cells, widths)) + " |"
+    return "\n".join([f"far recall by answer distance and kNN store size ({curve['documents']} held-out documents of "
+                      f"{curve['document_length']} tokens; chance {chance:.1%}):", fmt(header),
+                      "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(fmt, lines)])
+
+
+def plot_size_curve(curve: dict, chance: float, path: str) -> str | None:
+    """accuracy against answer distance, one line per store size, its size marked; None without
+    matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot written", file=sys.stderr)
+        return None
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    for row in curve["sizes"]:
+        points = [((b["min"] + (b["max"] or 2 * b["min"])) / 2, b["accuracy"]) for b in row["by_distance"] if b["tokens"]]
+        line, = ax.plot(*zip(*points), marker="o", label=f"store {row['size']}")
+        ax.axvline(row["size"], color=line.get_color(), linestyle=":", linewidth=1)
+    ax.axhline(chance, color="grey", linewidth=1, label="chance")
+    ax.set(xscale="log", xlabel="answer distance (tokens back; bucket midpoints)", ylabel="far recall",
+           ylim=(0, 1.02), title="kNN store size: recall while the answer is in the store")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def _quiet(fn, *args):
@@ -174,6 +241,12 @@ def format_table(results: dict) -> str:
 def main(args: argparse.Namespace, overrides: list[str]) -> int:
     p = parser()
     task = TASKS[args.task]
+    try:
+        sizes = tuple(int(s) for s in args.size_curve.split(",") if s.strip())
+    except ValueError:
+        p.error(f"--size-curve must be comma-separated store sizes, got '{args.size_curve}'")
+    if any(s < 1 for s in sizes) or args.curve_length < 2:
+        p.error("--size-curve sizes must be >= 1 and --curve-length >= 2")
     args.steps = task.steps if args.steps is None else args.steps
     for name in ("steps", "train_docs", "eval_docs"):
         if getattr(args, name) < 1:
@@ -190,13 +263,19 @@ def main(args: argparse.Namespace, overrides: list[str]) -> int:
               file=sys.stderr)
     t0 = time.perf_counter()
     results = run(args.steps, args.workdir, args.seed, args.train_docs, args.eval_docs,
-                  baseline=not args.skip_baseline, overrides=overrides, task=args.task)
+                  baseline=not args.skip_baseline, overrides=overrides, task=args.task, curve_sizes=sizes,
+                  curve_length=args.curve_length)
     results["overrides"] = list(overrides)
     results["wall_seconds"] = time.perf_counter() - t0
     print(format_table(results))
     print(f"recalled tokens: values whose key was last seen >= {results['runs'][0]['min_distance']} tokens "
           f"earlier (the segment length; no XL cache), so only the kNN memory holds them; "
           f"{results['eval_docs']} held-out documents; total wall time {results['wall_seconds']:.0f}s")
+    if "size_curve" in results:
+        print(format_size_curve(results["size_curve"], results["chance"]))
+        plot = plot_size_curve(results["size_curve"], results["chance"], os.path.join(args.workdir, "size_curve.png"))
+        if plot:
+            print(f"plot written to {plot}")
     path = os.path.join(args.workdir, "recall_results.json")
     with open(path, "w") as f:
         json.dump(results, f, indent=2)
@@ -214,6 +293,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--train-docs", type=int, default=2000)
     p.add_argument("--eval-docs", type=int, default=64)
     p.add_argument("--skip-baseline", action="store_true", help="do not train the model without memory")
+    p.add_argument("--size-curve", default="", metavar="SIZES",
+                   help="also far recall by answer distance at these kNN store sizes (e.g. 64,256,1024), on "
+                        "longer held-out documents; table, recall_results.json and size_curve.png")
+    p.add_argument("--curve-length", type=int, default=2048, help="the size curve's document length in tokens")
     return p
 
 

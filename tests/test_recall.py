@@ -3,9 +3,11 @@ recalls with its memory on the key-value task (memtx/data/kv_recall.py).
 
 The training test runs `scripts/recall_task.py --skip-baseline` (the key-value task) in a
 subprocess on one CPU device, as a user runs it: a one-layer kNN model with smeared keys is
-trained for 300 steps (about 25 s), then its accuracy on far answers (beyond the segment; no XL
-cache) is compared with the same parameters with the memory emptied. The full comparison with a
-separately trained model without memory is the script's default; its figures are in the README.
+trained for 250 steps (about 20 s), then its accuracy on far answers (beyond the segment; no XL
+cache) is compared with the same parameters with the memory emptied, and reading another
+document's store, and at a small store by answer distance (the memory-size curve: recall while
+the answer is in the store, chance beyond). The full comparison with a separately trained model
+without memory is the script's default; its figures are in the README.
 """
 
 import json
@@ -81,7 +83,7 @@ def test_accuracy_by_distance_buckets_add_up(monkeypatch):
     spec = recall.RecallSpec(length=1024, far_max=900)
     texts = [recall.make_document(11, i, spec) for i in range(4)]
     perfect = [np.frombuffer(t, np.uint8).astype(np.int32) for t in texts]
-    monkeypatch.setattr(recall, "predict_documents", lambda setup, params, texts: perfect)
+    monkeypatch.setattr(recall, "predict_documents", lambda setup, params, texts, foreign_store=False: perfect)
     setup = type("Setup", (), {"cfg": type("Cfg", (), {})()})()
     result = recall.recall_accuracy(setup, None, texts, min_distance=32, buckets=(64, 256))
     rows = result["by_distance"]
@@ -91,7 +93,7 @@ def test_accuracy_by_distance_buckets_add_up(monkeypatch):
     wrong = [p.copy() for p in perfect]
     for p in wrong:
         p[:] = ord("x")
-    monkeypatch.setattr(recall, "predict_documents", lambda setup, params, texts: wrong)
+    monkeypatch.setattr(recall, "predict_documents", lambda setup, params, texts, foreign_store=False: wrong)
     assert all(r["accuracy"] == 0.0 for r in recall.recall_accuracy(setup, None, texts, 32, (64, 256))["by_distance"])
 
 
@@ -111,20 +113,27 @@ def test_a_model_with_knn_memory_recalls_what_it_cannot_see(tmp_path):
     # one CPU device and XLA's optimisations on, as users run it
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_DISABLE_MOST_OPTIMIZATIONS")}
     env.update(PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, "scripts/recall_task.py", "--steps", "300", "--train-docs", "500", "--eval-docs", "48",
-           "--skip-baseline", "--workdir", str(tmp_path / "recall")]
+    cmd = [sys.executable, "scripts/recall_task.py", "--steps", "250", "--train-docs", "500", "--eval-docs", "32",
+           "--skip-baseline", "--workdir", str(tmp_path / "recall"), "--size-curve", "64", "--curve-length", "512"]
     out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     results = json.loads((tmp_path / "recall" / "recall_results.json").read_text())
     assert results["task"] == "kv"
-    with_memory, emptied = results["runs"]
-    assert with_memory["model"] == "kNN memory" and emptied["knn_size"] == 0
-    assert with_memory["recalled_tokens"] > 1000
+    with_memory, emptied, foreign = results["runs"]
+    assert with_memory["model"] == "kNN memory" and emptied["knn_size"] == 0 and foreign["model"].endswith("foreign store")
+    assert with_memory["recalled_tokens"] > 600
     chance = results["chance"]  # 1/64
-    # Without its memory the same model is at chance on far answers; with it, it recalls nearly all
-    # (98% in our runs from 200 steps on; 50% at 120).
-    assert emptied["accuracy"] < chance + 0.03, results
+    # Without its memory, or reading another document's, the same model is at chance on far
+    # answers; with it, it recalls nearly all (98% in our runs from 200 steps on; 50% at 120).
+    assert emptied["accuracy"] < chance + 0.03 and foreign["accuracy"] < chance + 0.03, results
     assert with_memory["accuracy"] > 0.9, results
+    # A store of 64 entries on 512-token documents: answers up to 64 tokens back are in it, and
+    # those over 96 (64 + the segment) are in no store of that size.
+    inside, edge, beyond = results["size_curve"]["sizes"][0]["by_distance"]
+    assert (inside["min"], inside["max"], beyond["min"]) == (32, 64, 96)
+    assert inside["tokens"] > 200 and beyond["tokens"] > 200, results["size_curve"]
+    assert inside["accuracy"] > 0.9 and beyond["accuracy"] < chance + 0.03, results["size_curve"]
+    assert (tmp_path / "recall" / "size_curve.png").stat().st_size > 0
 
 
 @pytest.mark.slow

@@ -157,14 +157,15 @@ def check_document(text: bytes, spec: KVSpec) -> None:
 
 
 def recall_accuracy(setup, params, texts: list[bytes], min_distance: int | None = None,
-                    buckets: tuple[int, ...] = ()) -> dict:
+                    buckets: tuple[int, ...] = (), foreign_store: bool = False) -> dict:
     """Accuracy of the argmax prediction on the far answers of `texts` (the key's last entry at
     least `min_distance` tokens back; default the segment plus the XL cache), beside near
     answers and first definitions (chance), optionally by distance bucket: recall.recall_accuracy
-    over this task's answers."""
+    over this task's answers (`foreign_store`: each document reads another's kNN store)."""
     from memtx.data import recall
 
-    return recall.recall_accuracy(setup, params, texts, min_distance, buckets, answers_fn=answers)
+    return recall.recall_accuracy(setup, params, texts, min_distance, buckets, answers_fn=answers,
+                                  foreign_store=foreign_store)
 
 
 def spec_dict(spec: KVSpec) -> dict:

@@ -1,4 +1,5 @@
-"""A synthetic long-range recall task: proof that the kNN memory remembers.
+"""A synthetic long-range recall task of bytes (`scripts/recall_task.py --task text`); the task
+that shows the kNN memory recall is its single-token successor, memtx/data/kv_recall.py.
 
 A document is a log of key-value entries `#KV; ` (an uppercase key, a digit value), with
 optional lowercase filler words between entries:
@@ -40,7 +41,7 @@ _ENTRY = re.compile(rb"#([A-Z]+)([0-9]+)[a-z]*;")
 @dataclass(frozen=True)
 class RecallSpec:
     """The shape of the generated documents (lengths in bytes). The defaults are the task of
-    `scripts/recall_task.py`: short documents, one-letter keys, no filler (dense practice)."""
+    `scripts/recall_task.py --task text`: short documents, one-letter keys, no filler (dense practice)."""
 
     length: int = 256  # document length (the last entry may run a few bytes over)
     key_len: int = 1  # uppercase letters
@@ -183,11 +184,14 @@ def score_predictions(text: bytes, predicted: np.ndarray, min_distance: int) -> 
 # Running a model over documents (imports the model lazily: the generator needs only numpy)
 
 
-def predict_documents(setup, params, texts: list[bytes]) -> list[np.ndarray]:
+def predict_documents(setup, params, texts: list[bytes], foreign_store: bool = False) -> list[np.ndarray]:
     """Argmax next-byte predictions of every byte of every document, `predicted[p]` for byte p.
 
     Documents are streamed as in evaluation: `cfg.data.eval_batch_size` rows, one document per
     row, segments of `cfg.data.seq_len`, memory carried within a document and reset at its start.
+    `foreign_store` (a control): each row's kNN layers read the store of the next row's document
+    (the same segment index of another document) while writing their own; the rest of the
+    memory is the row's own.
     """
     import jax
     import jax.numpy as jnp
@@ -205,8 +209,11 @@ def predict_documents(setup, params, texts: list[bytes]) -> list[np.ndarray]:
     def forward(params, memory, batch):  # a standard batch: inputs, targets, weights, reset
         memory = model_memory.reset_rows(memory, batch["reset"])
         num_valid_B = jnp.sum(batch["weights"] > 0, axis=-1).astype(jnp.int32)
-        logits, memory = model.apply({"params": params}, batch["inputs"], memory, num_valid_B)
-        return memory, jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        logits, new_memory = model.apply({"params": params}, batch["inputs"], memory, num_valid_B)
+        if foreign_store:  # the same segment again, reading the next row's stores (batch axis 0)
+            rolled = {**memory, "knn": jax.tree.map(lambda x: jnp.roll(x, -1, axis=0), memory["knn"])}
+            logits, _ = model.apply({"params": params}, batch["inputs"], rolled, num_valid_B)
+        return new_memory, jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
     jitted = jit_segment(setup, forward, setup.batch_sharding)
     memory = state_lib.init_memory_sharded(setup, B)
@@ -235,17 +242,18 @@ def predict_documents(setup, params, texts: list[bytes]) -> list[np.ndarray]:
 
 
 def recall_accuracy(setup, params, texts: list[bytes], min_distance: int | None = None,
-                    buckets: tuple[int, ...] = (), answers_fn=None) -> dict:
+                    buckets: tuple[int, ...] = (), answers_fn=None, foreign_store: bool = False) -> dict:
     """Accuracy of the argmax prediction on the recalled value tokens of `texts`, beside that on
     near queries (whose last entry local attention can see) and on first definitions (which no
     model can predict: chance). With `buckets` (increasing distances in bytes) the recalled
     tokens are also counted by distance: [min_distance, b0), [b0, b1), ..., [b_last, inf).
     `answers_fn(text)`: the scored tokens, each with `offset`, `value` and `distance` (None at a
-    definition); default this task's `value_tokens` (memtx/data/kv_recall.py passes its own)."""
+    definition); default this task's `value_tokens` (memtx/data/kv_recall.py passes its own).
+    `foreign_store`: predict_documents' control (each document reads another's kNN store)."""
     cfg = setup.cfg
     if min_distance is None:
         min_distance = cfg.data.seq_len + cfg.model.mem_len
-    predictions = predict_documents(setup, params, texts)
+    predictions = predict_documents(setup, params, texts, foreign_store)
     counts = {"far": [0, 0], "near": [0, 0], "first": [0, 0]}
     edges = [min_distance, *(b for b in buckets if b > min_distance), None]
     by_distance = [[0, 0] for _ in edges[:-1]]
