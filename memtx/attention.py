@@ -126,10 +126,13 @@ class RelativeAttention(nn.Module):
         H, Dh, D = cfg.num_heads, cfg.dim_per_head, cfg.d_model
         dtype = jnp.dtype(cfg.dtype)
         init = nn.initializers.normal(cfg.init_std)
-        w_qkv = param_with_axes(self, "qkv", (D, 3, H, Dh), ("embed", "qkv", "heads", "kv"), init)
-        w_r = param_with_axes(self, "r_proj", (D, H, Dh), ("embed", "heads", "kv"), init)
-        w_o = param_with_axes(self, "out", (H, Dh, D), ("heads", "kv", "embed"), init)
-        w_qkv, w_r, w_o = (w.astype(dtype) for w in (w_qkv, w_r, w_o))
+        # A kNN layer may go without relative positions in its local attention (model.knn.position_terms,
+        # meliad's disable_position_encoding_for_memory_layers): no r_proj, no position term.
+        positions = knn_memory is None or cfg.knn.position_terms
+        w_qkv = param_with_axes(self, "qkv", (D, 3, H, Dh), ("embed", "qkv", "heads", "kv"), init).astype(dtype)
+        w_r = param_with_axes(self, "r_proj", (D, H, Dh), ("embed", "heads", "kv"), init).astype(dtype) \
+            if positions else None
+        w_o = param_with_axes(self, "out", (H, Dh, D), ("heads", "kv", "embed"), init).astype(dtype)
 
         B, N, _ = x_BND.shape  # with a cache, N is the number of new rows (the segment is longer)
         M = mem_BMD.shape[1]
@@ -149,7 +152,8 @@ class RelativeAttention(nn.Module):
             position, K = 0, M + N
             k_BKHD, v_BKHD = k_rows, v_rows
             # Position term, once per distance d = 0..K-1, then gathered to [N, K] by d = M+i-j.
-            r_KHD = jnp.einsum("kd,dhe->khe", distance_sinusoid(jnp.arange(K), D, cfg.clamp_len).astype(dtype), w_r)
+            r_KHD = None if w_r is None else \
+                jnp.einsum("kd,dhe->khe", distance_sinusoid(jnp.arange(K), D, cfg.clamp_len).astype(dtype), w_r)
         else:  # the new rows join the cached ones at M + position
             K = cache["k"].shape[1]
             k_BKHD = jax.lax.dynamic_update_slice_in_dim(cache["k"], k_rows.astype(cache["k"].dtype), M + position, 1)
@@ -160,8 +164,9 @@ class RelativeAttention(nn.Module):
         v_BKHD = nn.with_logical_constraint(v_BKHD, ("act_batch", "act_seq", "act_heads", "act_kv"))
         if normalised:
             q_BNHD = l2_normalize(q_BNHD)
-            log_scale_H = param_with_axes(self, "log_scale", (H,), ("heads",),
-                                          nn.initializers.constant(0.5 * math.log(Dh)))
+            # initially sqrt(Dh), or model.qk_scale_init (meliad: 1)
+            log_scale_H = param_with_axes(self, "log_scale", (H,), ("heads",), nn.initializers.constant(
+                math.log(cfg.qk_scale_init) if cfg.qk_scale_init else 0.5 * math.log(Dh)))
             scale_HD = jnp.exp(log_scale_H)[:, None]
         else:
             scale_HD = jnp.full((H, 1), 1.0 / math.sqrt(Dh))
@@ -174,8 +179,8 @@ class RelativeAttention(nn.Module):
         else:  # a few rows at `position`: their position terms gathered by distance
             distance_NK = M + position + jnp.arange(N)[:, None] - jnp.arange(K)[None, :]
             ac_BHNK = jnp.einsum("bnhd,bkhd->bhnk", qu_BNHD, k_BKHD, preferred_element_type=jnp.float32)
-            bd_BHNK = gather_by_distance(jnp.einsum("bnhd,khd->bhnk", qv_BNHD, r_KHD,
-                                                    preferred_element_type=jnp.float32), distance_NK)
+            bd_BHNK = 0.0 if r_KHD is None else gather_by_distance(
+                jnp.einsum("bnhd,khd->bhnk", qv_BNHD, r_KHD, preferred_element_type=jnp.float32), distance_NK)
             mask_BHNK = (distance_NK >= 0)[None, None] & key_valid_BK[:, None, None, :]
             probs_BHNK, out_BNHD = softmax_attend(jnp.where(mask_BHNK, ac_BHNK + bd_BHNK, NEG_INF), v_BKHD,
                                                   cfg.attn_dropout, self.dropout_rng(deterministic))
@@ -235,9 +240,12 @@ class RelativeAttention(nn.Module):
                                  preferred_element_type=jnp.float32)
             # r broadcast over the batch: the same batched matmul as the content term (the unbatched
             # "bnhd,khd" form is laid out with a transpose that costs as much again on CPU)
-            r_BKHD = jnp.broadcast_to(r_KHD[:Kb][::-1][None], (B, Kb, H, Dh))
-            bd_BHNK = relative_shift(jnp.einsum("bnhd,bkhd->bhnk", qv_BNHD[:, start:stop], r_BKHD,
-                                                preferred_element_type=jnp.float32), Kb - Nb)
+            if r_KHD is None:  # no position term (model.knn.position_terms=false)
+                bd_BHNK = 0.0
+            else:
+                r_BKHD = jnp.broadcast_to(r_KHD[:Kb][::-1][None], (B, Kb, H, Dh))
+                bd_BHNK = relative_shift(jnp.einsum("bnhd,bkhd->bhnk", qv_BNHD[:, start:stop], r_BKHD,
+                                                    preferred_element_type=jnp.float32), Kb - Nb)
             distance_NK = (M + start) + jnp.arange(Nb)[:, None] - jnp.arange(Kb)[None, :]
             mask_BHNK = (distance_NK >= 0)[None, None] & key_valid_BK[:, None, None, :Kb]
             p_BHNK, out_BNHD = softmax_attend(jnp.where(mask_BHNK, ac_BHNK + bd_BHNK, NEG_INF), v_BKHD[:, :Kb],

@@ -45,6 +45,9 @@ class KNNConfig:
     bucket_size: int = 16  # blocked backend: consecutive slots per bucket
     dtype: str = "float32"  # storage: float32 | bfloat16 (half the bytes) | int8 (int8 keys, bfloat16 values)
     gate_bias_init: float = 0.0  # initial b_h of the gate g = sigmoid(b_h) (0: g = 0.5)
+    # The memory layer's local attention keeps Transformer-XL's relative-position term; false drops
+    # it (and r_proj) as meliad's disable_position_encoding_for_memory_layers does.
+    position_terms: bool = True
 
     def layer_indices(self, num_layers: int) -> tuple[int, ...]:
         if not self.enabled:
@@ -178,6 +181,9 @@ class ModelConfig:
     # sigmoid(a) k_t + (1 - sigmoid(a)) k_{t-1}, a learned per head, so that one layer can form an
     # induction head (memtx/attention.py). XL stack only (memory "xl"; mem_len 0 included).
     smeared_keys: tuple[int, ...] = ()
+    # Initial value of the learned per-head attention scale of layers whose q and k are normalised
+    # (kNN layers, model.qk_norm); 0: sqrt(head_dim). meliad starts it at 1.
+    qk_scale_init: float = 0.0
     dropout: float = 0.0  # embeddings, residual branches, FFN
     attn_dropout: float = 0.0  # attention probabilities (the papers use none)
     layer_norm_eps: float = 1e-5
@@ -658,6 +664,11 @@ def validate(cfg: Config, num_devices: int) -> tuple[int, ...]:
     if m.qk_norm and not kind.qk_norm:
         raise ConfigError(f"config key 'model.qk_norm' does not apply with model.memory '{kind.name}' "
                           "(it follows its authors' attention)")
+    if not (math.isfinite(m.qk_scale_init) and m.qk_scale_init >= 0):
+        raise ConfigError(f"config key 'model.qk_scale_init' must be >= 0 (0: sqrt(head_dim)), got {m.qk_scale_init}")
+    if m.qk_scale_init and not (m.qk_norm or knn.enabled):
+        raise ConfigError("config key 'model.qk_scale_init' applies to layers with normalised q and k: set "
+                          "model.qk_norm=true or enable the kNN memory")
     if m.smeared_keys and not kind.smeared_keys:
         raise ConfigError(f"config key 'model.smeared_keys' applies with model.memory 'xl' only (this model's is "
                           f"'{kind.name}')")

@@ -30,9 +30,11 @@ KINDS = {
     "knn": dict(mem_len=4, knn=KNNConfig(enabled=True, layers=(1,), size=16, k=4, gate_bias_init=1.0)),
     "lamemo": dict(mem_len=5, memory="lamemo"),
     "rpe": dict(mem_len=0),
-    # smeared keys in both layers: a cached row's key mixes in the previous row's unsmeared key
-    "knn_smeared": dict(mem_len=4, knn=KNNConfig(enabled=True, layers=(1,), size=16, k=4, gate_bias_init=1.0),
-                        smeared_keys=(0, 1)),
+    # smeared keys in both layers (a cached row's key mixes in the previous row's unsmeared key),
+    # the memory layer without position terms, its attention scale starting at 1 (meliad's options)
+    "knn_smeared": dict(mem_len=4, knn=KNNConfig(enabled=True, layers=(1,), size=16, k=4, gate_bias_init=1.0,
+                                                 position_terms=False),
+                        smeared_keys=(0, 1), qk_scale_init=1.0),
     "xl_prenorm_qknorm": dict(mem_len=5, pre_norm=True, qk_norm=True),
     # both layers as one scan: the cache goes through it stacked
     "xl_scanned": dict(mem_len=5, scan_layers=True),

@@ -155,6 +155,8 @@ CASES = [
     ("smeared_keys_layer_outside", T("--config.model.smeared_keys=7,"), "model.smeared_keys"),
     ("smeared_keys_with_lamemo", T("--config.model.memory=lamemo", "--config.model.smeared_keys=0,"), "model.smeared_keys"),
     ("loss_mask_unknown", T("--config.data.loss_mask=answers"), "data.loss_mask"),
+    ("qk_scale_init_negative", T("--config.model.qk_scale_init=-1"), "model.qk_scale_init"),
+    ("qk_scale_init_unnormalised", T("--config.model.qk_scale_init=1"), "model.qk_scale_init"),
     ("remat_unknown", T("--config.model.remat=everything"), "model.remat"),
     ("grad_accum_not_dividing", T("--config.train.grad_accum_steps=3"), "train.grad_accum_steps"),
     ("profile_steps_reversed", T("--config.train.profile_steps=3,2"), "train.profile_steps"),
