@@ -28,10 +28,10 @@ RUNS=${RUNS:-runs/default}
 start=$(date +%s)
 common=(--config.data.split_fractions=94,5,1 --config.data.eval_doc_tokens=3072 --config.train.steps=1000
         --config.optim.warmup_steps=100)
-.venv/bin/python -m memtx.compare --out "$RUNS" --seeds "${SEEDS:-3}" --eval-max-docs 64 \
-  ${MODELS:-xl=configs/txl.py:cpu rpe=configs/txl.py:cpu_rpe lamemo=configs/lamemo.py:cpu knn=configs/knn.py:cpu compressive=configs/compressive.py:cpu
-  block_recurrent=configs/block_recurrent.py:cpu} \
-  "${common[@]}" "$@"
+MODELS=${MODELS:-xl=configs/txl.py:cpu rpe=configs/txl.py:cpu_rpe lamemo=configs/lamemo.py:cpu knn=configs/knn.py:cpu compressive=configs/compressive.py:cpu
+  block_recurrent=configs/block_recurrent.py:cpu}
+.venv/bin/python -m memtx.compare --out "$RUNS" --seeds "${SEEDS:-3}" --eval-max-docs 64 $MODELS "${common[@]}" "$@"
 .venv/bin/python -m memtx.evaluate --workdir "$RUNS/xl/seed0" "$RUNS/knn/seed0" --knn-sizes 0,256,1024,4096 \
   --config.data.eval_max_docs=64
-echo "total wall time $(( $(date +%s) - start ))s; work directories in $RUNS/{xl,rpe,lamemo,knn,compressive,block_recurrent}/seed{0,1,2}"
+names=$(for m in $MODELS; do printf '%s,' "${m%%=*}"; done)
+echo "total wall time $(( $(date +%s) - start ))s; work directories in $RUNS/{${names%,}}/seed{0..$(( ${SEEDS:-3} - 1 ))}"
