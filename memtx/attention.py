@@ -189,8 +189,8 @@ class RelativeAttention(nn.Module):
             gate_bias_H = param_with_axes(self, "gate_bias", (H,), ("heads",),
                                           nn.initializers.constant(cfg.knn.gate_bias_init))
             # meliad queries the store with the normalised q alone: no content bias u (the stored
-            # keys carry no position).
-            query_BHND = jnp.swapaxes(q_BNHD, 1, 2)
+            # keys carry no position); model.knn.query_content_bias adds u, as before the fixes.
+            query_BHND = jnp.swapaxes(q_BNHD + u_HD.astype(dtype) if cfg.knn.query_content_bias else q_BNHD, 1, 2)
             out_BNHD = self.mix_in_memory(out_BNHD, query_BHND, jnp.exp(log_scale_H), gate_bias_H, knn_memory)
         return jnp.einsum("bnhd,hde->bne", out_BNHD, w_o), {"k": k_BKHD, "v": v_BKHD, "r": r_KHD, **raw_cache}
 

@@ -48,6 +48,9 @@ class KNNConfig:
     # The memory layer's local attention keeps Transformer-XL's relative-position term; false drops
     # it (and r_proj) as meliad's disable_position_encoding_for_memory_layers does.
     position_terms: bool = True
+    # Query the store with q̂ + u (Transformer-XL's content bias), as this layer did before the
+    # meliad fixes; false: with q̂ alone, as meliad (stored keys carry no position).
+    query_content_bias: bool = False
 
     def layer_indices(self, num_layers: int) -> tuple[int, ...]:
         if not self.enabled:
@@ -691,6 +694,9 @@ def validate(cfg: Config, num_devices: int) -> tuple[int, ...]:
                               f"got '{knn.backend}'")
         if not 0 < knn.recall_target <= 1:
             raise ConfigError(f"config key 'model.knn.recall_target' must be in (0, 1], got {knn.recall_target}")
+        if knn.query_content_bias and not m.content_bias:
+            raise ConfigError("config key 'model.knn.query_content_bias' adds the content bias u, which "
+                              "model.content_bias=false removes")
         positive("model.knn.chunk_size", knn.chunk_size)
         positive("model.knn.bucket_size", knn.bucket_size)
         if knn.dtype not in knn_memory.STORE_DTYPES:

@@ -157,6 +157,8 @@ CASES = [
     ("loss_mask_unknown", T("--config.data.loss_mask=answers"), "data.loss_mask"),
     ("qk_scale_init_negative", T("--config.model.qk_scale_init=-1"), "model.qk_scale_init"),
     ("qk_scale_init_unnormalised", T("--config.model.qk_scale_init=1"), "model.qk_scale_init"),
+    ("knn_query_u_without_u", T("--config.model.knn.enabled=true", "--config.model.knn.query_content_bias=true",
+                                "--config.model.content_bias=false"), "model.knn.query_content_bias"),
     ("remat_unknown", T("--config.model.remat=everything"), "model.remat"),
     ("grad_accum_not_dividing", T("--config.train.grad_accum_steps=3"), "train.grad_accum_steps"),
     ("profile_steps_reversed", T("--config.train.profile_steps=3,2"), "train.profile_steps"),

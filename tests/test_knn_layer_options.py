@@ -1,7 +1,9 @@
-"""The memory layer's options from meliad (issue 27): local attention without relative positions
+"""The memory layer's options (issue 27): from meliad, local attention without relative positions
 (`model.knn.position_terms=false`) and the attention scale's initial value
-(`model.qk_scale_init`), each against a direct computation; off, the layer is as before (every
-other test). Generation with them is in test_generate (its "knn_smeared" case)."""
+(`model.qk_scale_init`); the store queried with q̂ + u as before the meliad fixes
+(`model.knn.query_content_bias`, an ablation). Each against a direct computation; off, the layer
+is as before (every other test). Generation with the first two is in test_generate (its
+"knn_smeared" case)."""
 
 import math
 
@@ -61,10 +63,40 @@ def test_the_attention_scale_starts_where_qk_scale_init_says(model):
     jax.tree.map(np.testing.assert_array_equal, strip(trees[0.0]), strip(trees[1.0]))
 
 
+@pytest.mark.parametrize("with_u", [False, True])
+def test_the_store_is_queried_with_q_hat_or_with_q_hat_plus_u(with_u):
+    """The top retrieved entry's score is max_j query . k_j over the stored (normalised) keys, with
+    query = q / |q| (meliad) or q / |q| + u (model.knn.query_content_bias)."""
+    import flax.linen as nn
+    from memtx.attention import RelativeAttention
+    from memtx.memory import knn
+    cfg = ModelConfig(d_model=16, num_heads=2, d_ff=32, mem_len=0,
+                      knn=KNNConfig(enabled=True, layers=(0,), size=8, k=2, backend="exact", query_content_bias=with_u))
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(1, 5, 16)).astype(np.float32)
+    keys = rng.normal(size=(1, 8, 2, 8)).astype(np.float32)
+    keys /= np.linalg.norm(keys, axis=-1, keepdims=True)
+    store = knn.write(knn.init(1, 2, 8, 8), jnp.asarray(keys), jnp.asarray(rng.normal(size=(1, 8, 2, 8)), jnp.float32),
+                      jnp.array([8]))
+    u = jnp.asarray(rng.normal(size=(2, 8)), jnp.float32)
+    empty, none = jnp.zeros((1, 0, 16)), jnp.zeros((1, 0), bool)
+    attn = RelativeAttention(cfg)
+    params = attn.init(jax.random.key(0), x, empty, none, u, u, knn_memory=store)["params"]
+    _, state = attn.apply({"params": params}, x, empty, none, u, u, knn_memory=store, mutable=["intermediates"])
+    top1_BHN, valid = state["intermediates"]["knn_top1"][0]
+    q = np.einsum("bnd,dhe->bnhe", x, np.asarray(nn.meta.unbox(params)["qkv"])[:, 0])
+    query = q / np.linalg.norm(q, axis=-1, keepdims=True) + (np.asarray(u) if with_u else 0.0)
+    expected_BHN = np.einsum("bnhe,bshe->bhns", query, keys).max(-1)
+    assert np.asarray(valid).all()
+    np.testing.assert_allclose(np.asarray(top1_BHN), expected_BHN, rtol=1e-4, atol=1e-4)
+
+
 def test_bad_memory_layer_options_are_one_line_errors():
     for model, match in ((dict(qk_scale_init=-1.0), "model.qk_scale_init' must be >= 0"),
                          (dict(qk_scale_init=1.0), "applies to layers with normalised q and k"),
-                         (dict(memory="lamemo", knn=KNNConfig(position_terms=False)), "model.knn.position_terms")):
+                         (dict(memory="lamemo", knn=KNNConfig(position_terms=False)), "model.knn.position_terms"),
+                         (dict(content_bias=False, knn=KNNConfig(enabled=True, query_content_bias=True)),
+                          "model.knn.query_content_bias")):
         with pytest.raises(ConfigError, match=match) as info:
             validate(Config(model=ModelConfig(**model)), 8)
         assert "\n" not in str(info.value)
