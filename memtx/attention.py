@@ -143,19 +143,19 @@ class RelativeAttention(nn.Module):
             jnp.concatenate([mem_BMD.astype(dtype), x_BND.astype(dtype)], axis=1)
         k_rows = jnp.einsum("bkd,dhe->bkhe", rows_in, w_qkv[:, 1])
         v_rows = jnp.einsum("bkd,dhe->bkhe", rows_in, w_qkv[:, 2])
+        K = M + N if cache is None else cache["k"].shape[1]  # rows of [memory ; segment]
+        key_valid_BK = jnp.concatenate([mem_valid_BM, jnp.ones((B, K - M), bool)], axis=1)
         raw_cache = {}
-        if self.smear_keys:
-            k_rows, raw_cache = self.smear(k_rows, mem_valid_BM, cache, position)
+        if self.smear_keys:  # the new rows start at row 0, or at M + position with a cache
+            k_rows, raw_cache = self.smear(k_rows, key_valid_BK, cache, 0 if cache is None else M + position)
         if normalised:
             k_rows = l2_normalize(k_rows)
         if cache is None:
-            position, K = 0, M + N
             k_BKHD, v_BKHD = k_rows, v_rows
             # Position term, once per distance d = 0..K-1, then gathered to [N, K] by d = M+i-j.
             r_KHD = None if w_r is None else \
                 jnp.einsum("kd,dhe->khe", distance_sinusoid(jnp.arange(K), D, cfg.clamp_len).astype(dtype), w_r)
         else:  # the new rows join the cached ones at M + position
-            K = cache["k"].shape[1]
             k_BKHD = jax.lax.dynamic_update_slice_in_dim(cache["k"], k_rows.astype(cache["k"].dtype), M + position, 1)
             v_BKHD = jax.lax.dynamic_update_slice_in_dim(cache["v"], v_rows.astype(cache["v"].dtype), M + position, 1)
             r_KHD = cache["r"]
@@ -173,7 +173,6 @@ class RelativeAttention(nn.Module):
         # The scale is applied to the queries (N x H x Dh numbers) rather than to the scores (N x K).
         qu_BNHD = ((q_BNHD + u_HD.astype(dtype)) * scale_HD).astype(dtype)
         qv_BNHD = ((q_BNHD + v_HD.astype(dtype)) * scale_HD).astype(dtype)
-        key_valid_BK = jnp.concatenate([mem_valid_BM, jnp.ones((B, K - M), bool)], axis=1)
         if cache is None:  # a whole segment, query block by query block
             out_BNHD = self.segment_attention(qu_BNHD, qv_BNHD, k_BKHD, v_BKHD, r_KHD, key_valid_BK, deterministic)
         else:  # a few rows at `position`: their position terms gathered by distance
@@ -194,21 +193,16 @@ class RelativeAttention(nn.Module):
             out_BNHD = self.mix_in_memory(out_BNHD, query_BHND, jnp.exp(log_scale_H), gate_bias_H, knn_memory)
         return jnp.einsum("bnhd,hde->bne", out_BNHD, w_o), {"k": k_BKHD, "v": v_BKHD, "r": r_KHD, **raw_cache}
 
-    def smear(self, k_rows, mem_valid_BM, cache, position):
-        """Smeared keys of the new rows (see the class): (keys, {"k_raw": the unsmeared keys of
-        [memory ; segment]}, which a cached call needs for its rows' predecessors)."""
+    def smear(self, k_rows, valid_BK, cache, start):
+        """Smeared keys of the new rows, which start at row `start` of [memory ; segment] (valid
+        rows `valid_BK`; see the class): (keys, {"k_raw": the unsmeared keys of [memory ;
+        segment]}, which a cached call needs for its rows' predecessors)."""
         H = self.cfg.num_heads
         a_H = param_with_axes(self, "smear", (H,), ("heads",), nn.initializers.zeros_init())
         s_H = jax.nn.sigmoid(a_H).astype(k_rows.dtype)[:, None]
-        B, n = k_rows.shape[:2]
-        M = mem_valid_BM.shape[1]
-        start = 0 if cache is None else M + position  # index of the first new row in [memory ; segment]
-        if cache is None:
-            raw_BKHD = k_rows
-            valid_BK = jnp.concatenate([mem_valid_BM, jnp.ones((B, n - M), bool)], axis=1)
-        else:
-            raw_BKHD = jax.lax.dynamic_update_slice_in_dim(cache["k_raw"], k_rows.astype(cache["k_raw"].dtype), start, 1)
-            valid_BK = jnp.concatenate([mem_valid_BM, jnp.ones((B, raw_BKHD.shape[1] - M), bool)], axis=1)
+        n = k_rows.shape[1]
+        raw_BKHD = k_rows if cache is None else \
+            jax.lax.dynamic_update_slice_in_dim(cache["k_raw"], k_rows.astype(cache["k_raw"].dtype), start, 1)
         # Row j's predecessor is row j - 1 (none before row 0, nor when it is an empty memory row).
         prev_BKHD = jnp.pad(raw_BKHD, ((0, 0), (1, 0), (0, 0), (0, 0)))[:, :-1]
         prev_valid_BK = jnp.pad(valid_BK, ((0, 0), (1, 0)))[:, :-1]

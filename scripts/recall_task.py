@@ -188,11 +188,8 @@ def format_size_curve(curve: dict, chance: float) -> str:
             continue
         span = f"[{b['min']}, {b['max']})" if b["max"] is not None else f">= {b['min']}"
         lines.append([span, str(b["tokens"]), *(f"{r['by_distance'][i]['accuracy']:.1%}" for r in curve["sizes"])])
-    widths = [max(len(h), *(len(l[i]) for l in lines)) for i, h in enumerate(header)]
-    fmt = lambda cells: "| " + " | ".join(c.rjust(w) for c, w in zip(cells, widths)) + " |"
-    return "\n".join([f"far recall by answer distance and kNN store size ({curve['documents']} held-out documents of "
-                      f"{curve['document_length']} tokens; chance {chance:.1%}):", fmt(header),
-                      "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(fmt, lines)])
+    return (f"far recall by answer distance and kNN store size ({curve['documents']} held-out documents of "
+            f"{curve['document_length']} tokens; chance {chance:.1%}):\n" + markdown_table(header, lines))
 
 
 def plot_size_curve(curve: dict, chance: float, path: str) -> str | None:
@@ -233,6 +230,11 @@ def format_table(results: dict) -> str:
     lines = [[r["model"], str(r["steps"]), str(r["recalled_tokens"]), f"{r['accuracy']:.1%}",
               f"{r['near_accuracy']:.1%}", f"{r['first_definition_accuracy']:.1%}", f"{results['chance']:.1%}",
               f"{r['train_seconds']:.0f}s" if r["train_seconds"] is not None else "-"] for r in results["runs"]]
+    return markdown_table(header, lines)
+
+
+def markdown_table(header: list[str], lines: list[list[str]]) -> str:
+    """A right-aligned Markdown table."""
     widths = [max(len(h), *(len(l[i]) for l in lines)) for i, h in enumerate(header)]
     fmt = lambda cells: "| " + " | ".join(c.rjust(w) for c, w in zip(cells, widths)) + " |"
     return "\n".join([fmt(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(fmt, lines)])

@@ -30,10 +30,11 @@ Documents are deterministic in (seed, index) alone; the generator needs only Num
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass
 
 import numpy as np
+
+from memtx.data import recall  # NumPy only at import (the model is imported where documents are scored)
 
 KEY_BASE, VALUE_BASE = 0x80, 0xC0  # token ids (= bytes) of the first key and the first value
 
@@ -93,14 +94,7 @@ def make_document(seed: int, index: int, spec: KVSpec = KVSpec()) -> bytes:
 
 def write_corpus(directory: str, num_docs: int, seed: int, spec: KVSpec = KVSpec()) -> list[str]:
     """Writes `num_docs` documents `kv_00000.bin`, ... into `directory`; returns their paths."""
-    os.makedirs(directory, exist_ok=True)
-    paths = []
-    for i in range(num_docs):
-        path = os.path.join(directory, f"kv_{i:05d}.bin")
-        with open(path, "wb") as f:
-            f.write(make_document(seed, i, spec))
-        paths.append(path)
-    return paths
+    return recall.write_documents(directory, num_docs, lambda i: make_document(seed, i, spec), "kv_{:05d}.bin")
 
 
 @dataclass(frozen=True)
@@ -162,8 +156,6 @@ def recall_accuracy(setup, params, texts: list[bytes], min_distance: int | None 
     least `min_distance` tokens back; default the segment plus the XL cache), beside near
     answers and first definitions (chance), optionally by distance bucket: recall.recall_accuracy
     over this task's answers (`foreign_store`: each document reads another's kNN store)."""
-    from memtx.data import recall
-
     return recall.recall_accuracy(setup, params, texts, min_distance, buckets, answers_fn=answers,
                                   foreign_store=foreign_store)
 

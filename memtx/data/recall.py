@@ -117,12 +117,17 @@ def make_document(seed: int, index: int, spec: RecallSpec = RecallSpec()) -> byt
 
 def write_recall_corpus(directory: str, num_docs: int, seed: int, spec: RecallSpec = RecallSpec()) -> list[str]:
     """Writes `num_docs` documents `recall_00000.txt`, ... into `directory`; returns their paths."""
+    return write_documents(directory, num_docs, lambda i: make_document(seed, i, spec), "recall_{:05d}.txt")
+
+
+def write_documents(directory: str, num_docs: int, make, name: str) -> list[str]:
+    """Writes `make(i)` (bytes) as `name.format(i)` into `directory` for i < num_docs; returns the paths."""
     os.makedirs(directory, exist_ok=True)
     paths = []
     for i in range(num_docs):
-        path = os.path.join(directory, f"recall_{i:05d}.txt")
+        path = os.path.join(directory, name.format(i))
         with open(path, "wb") as f:
-            f.write(make_document(seed, i, spec))
+            f.write(make(i))
         paths.append(path)
     return paths
 
