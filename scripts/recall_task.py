@@ -117,7 +117,7 @@ def evaluate_run(cfg: Config, workdir: str, texts: list[bytes], knn_size: int | 
 
 def run(steps: int, workdir: str, seed: int = 0, train_docs: int = 2000, eval_docs: int = 64,
         spec=None, verbose: bool = True, baseline: bool = True, overrides: list[str] = (), task: str = "text",
-        curve_sizes: tuple[int, ...] = (), curve_length: int = 2048, **model) -> dict:
+        curve_sizes: tuple[int, ...] = (), curve_length: int = 8192, **model) -> dict:
     """Generates the corpora, trains both models, evaluates them; returns the results.
     `overrides`: `--config.KEY=VALUE` strings applied to both models' configs; `model`:
     make_config arguments over the task's. `curve_sizes`: also the memory-size curve (size_curve)
@@ -156,9 +156,19 @@ def run(steps: int, workdir: str, seed: int = 0, train_docs: int = 2000, eval_do
             results["runs"].append({"model": "kNN model, foreign store", "knn_size": cfg.model.knn.size,
                                     "steps": row["steps"], "train_seconds": None, "final_loss": None, **foreign})
             if curve_sizes:
-                results["size_curve"] = size_curve(cfg, run_dir, the_task, dataclasses.replace(spec, length=curve_length),
+                results["size_curve"] = size_curve(cfg, run_dir, the_task, curve_spec(spec, curve_length),
                                                    os.path.join(workdir, "corpus_curve"), eval_docs, seed, curve_sizes)
     return results
+
+
+def curve_spec(spec, length: int):
+    """The size curve's documents: `spec` at `length` tokens; for the kv task, half the keys
+    long-range, their distances log-uniform up to 3/4 of the length (kv_recall's module docstring),
+    so that answers lie at every scale up to beyond the largest store."""
+    if isinstance(spec, kv_recall.KVSpec):
+        return dataclasses.replace(spec, length=length, long_keys=spec.num_keys // 2,
+                                   far_max=max(spec.gap, length * 3 // 4))
+    return dataclasses.replace(spec, length=length)
 
 
 def size_curve(cfg: Config, run_dir: str, task: Task, spec, directory: str, num_docs: int, seed: int,
@@ -199,16 +209,21 @@ def plot_size_curve(curve: dict, chance: float, path: str) -> str | None:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         print("matplotlib is not installed: no plot written", file=sys.stderr)
         return None
     fig, ax = plt.subplots(figsize=(6.4, 4))
     for row in curve["sizes"]:
-        points = [((b["min"] + (b["max"] or 2 * b["min"])) / 2, b["accuracy"]) for b in row["by_distance"] if b["tokens"]]
+        points = [((b["min"] * (b["max"] or 2 * b["min"])) ** 0.5, b["accuracy"])  # geometric midpoints
+                  for b in row["by_distance"] if b["tokens"]]
         line, = ax.plot(*zip(*points), marker="o", label=f"store {row['size']}")
         ax.axvline(row["size"], color=line.get_color(), linestyle=":", linewidth=1)
     ax.axhline(chance, color="grey", linewidth=1, label="chance")
-    ax.set(xscale="log", xlabel="answer distance (tokens back; bucket midpoints)", ylabel="far recall",
+    ax.set_xscale("log", base=2)
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x:,.0f}"))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set(xlabel="answer distance (tokens back; bucket midpoints)", ylabel="far recall",
            ylim=(0, 1.02), title="kNN store size: recall while the answer is in the store")
     ax.legend()
     fig.tight_layout()
@@ -296,9 +311,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-docs", type=int, default=64)
     p.add_argument("--skip-baseline", action="store_true", help="do not train the model without memory")
     p.add_argument("--size-curve", default="", metavar="SIZES",
-                   help="also far recall by answer distance at these kNN store sizes (e.g. 64,256,1024), on "
+                   help="also far recall by answer distance at these kNN store sizes (e.g. 256,1024,4096), on "
                         "longer held-out documents; table, recall_results.json and size_curve.png")
-    p.add_argument("--curve-length", type=int, default=2048, help="the size curve's document length in tokens")
+    p.add_argument("--curve-length", type=int, default=8192, help="the size curve's document length in tokens")
     return p
 
 

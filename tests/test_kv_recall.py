@@ -65,8 +65,33 @@ def test_long_documents_with_few_keys_keep_their_promises():
         assert max(a.distance or 0 for a in found) > 3 * spec.gap
 
 
+def test_long_range_keys_spread_their_distances_log_uniformly():
+    """The size curve's documents: the planned keys reach past far_max's 2/3 and spread evenly
+    over log-distance; the random keys keep to the few-hundred-token scale of their process."""
+    spec = KVSpec(length=8192, long_keys=32, far_max=6144)
+    long_range, other = [], []
+    for i in range(4):
+        text = kv_recall.make_document(2, i, spec)
+        kv_recall.check_document(text, spec)
+        for a in kv_recall.answers(text):
+            if a.distance is not None:
+                (long_range if a.key - KEY_BASE >= 32 else other).append(a.distance)
+    long_range = np.array(long_range)
+    assert len(long_range) > 400 and long_range.min() >= spec.gap and long_range.max() <= spec.far_max + 2
+    middle = np.sqrt(spec.gap * spec.far_max)  # the log-scale midpoint (543 tokens)
+    lower, upper = (long_range < middle).sum(), (long_range >= middle).sum()
+    assert 0.5 < upper / lower < 1.5  # even in log-distance, less those that ran past the end
+    assert (long_range > 4128).sum() >= 10  # beyond a 4,096-entry store and its segment
+    assert max(other) < 2000
+    # Without long-range keys the documents are those of the random process alone.
+    assert kv_recall.make_document(2, 0, KVSpec(length=512)) == kv_recall.make_document(
+        2, 0, KVSpec(length=512, far_max=6144))
+
+
 def test_bad_specs_are_refused():
     for bad, match in ((dict(near_max=40, gap=40), "near_max < gap"), (dict(num_keys=65), "1-64 keys"),
-                       (dict(num_keys=20, gap=48), "must exceed gap / 2"), (dict(far_prob=1.5), "far_prob")):
+                       (dict(num_keys=20, gap=48), "must exceed gap / 2"), (dict(far_prob=1.5), "far_prob"),
+                       (dict(long_keys=40, far_max=4096), "num_keys - long_keys"),
+                       (dict(long_keys=8), "far_max"), (dict(long_keys=64, far_max=4096), "long_keys")):
         with pytest.raises(ValueError, match=match):
             KVSpec(**bad)

@@ -17,8 +17,14 @@ they teach the copy through local attention, whose keys and values are what the 
 stores) or *far* (at least `gap` tokens back, beyond the segment plus the XL cache when
 `gap >= N + M`: only the kNN memory can hold the value, and a model without it is at chance, one
 in 64). Once every key is defined, every entry is a query, so far distances rarely exceed a few
-times 2 * num_keys tokens (about 500 with 64 keys): longer ones need more keys than 64 tokens
-give.
+times 2 * num_keys tokens (about 500 with 64 keys).
+
+Longer distances come from *long-range keys* (`long_keys`, the last keys of the alphabet), which
+the random process above never picks: each follows a plan drawn before the document, a first
+entry at a random place in its first half and then one entry after another, each a distance
+drawn log-uniformly from [gap, far_max] tokens after the last (pushed later by an entry when its
+place is taken). The memory-size curve reads them: answers spread over every scale up to
+far_max, whatever the store sizes.
 
 Only the answers carry information: `answer_mask` gives the training loss's weights
 (`data.loss_mask=kv_recall_answers`), 1 on the value of every query and 0 elsewhere (keys and
@@ -50,13 +56,19 @@ class KVSpec:
     far_prob: float = 0.5  # a query is far (when a far key exists; else near)
     near_max: int = 28  # a near query's key was last seen at most this far back
     gap: int = 48  # a far query's key was last seen at least this far back (>= N + M)
+    long_keys: int = 0  # of num_keys, the long-range keys (planned distances; none by default)
+    far_max: int = 0  # a long-range key's distances are log-uniform in [gap, far_max] tokens
 
     def __post_init__(self):
         if not (2 <= self.length and 1 <= self.num_values <= 64 and 1 <= self.num_keys <= 64
                 and 2 <= self.near_max < self.gap):
             raise ValueError(f"invalid kv recall spec {self} (1-64 keys and values, 2 <= near_max < gap)")
-        if self.num_keys <= self.gap // 2:  # then a far key always exists once every key is defined
-            raise ValueError(f"kv recall spec num_keys ({self.num_keys}) must exceed gap / 2 ({self.gap // 2})")
+        if not (0 <= self.long_keys < self.num_keys and (self.long_keys == 0 or self.far_max >= self.gap)):
+            raise ValueError(f"kv recall spec long_keys ({self.long_keys}) must be in [0, num_keys) and, when "
+                             f"above 0, far_max ({self.far_max}) >= gap ({self.gap})")
+        if self.num_keys - self.long_keys <= self.gap // 2:  # else a far key always exists once all are defined
+            raise ValueError(f"kv recall spec num_keys - long_keys ({self.num_keys - self.long_keys}) must exceed "
+                             f"gap / 2 ({self.gap // 2})")
         for name in ("define_prob", "far_prob"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"kv recall spec {name} must be in [0, 1], got {getattr(self, name)}")
@@ -70,26 +82,50 @@ class KVSpec:
 def make_document(seed: int, index: int, spec: KVSpec = KVSpec()) -> bytes:
     """Document `index` of the corpus with `seed` (the same tokens whatever the corpus size)."""
     rng = np.random.default_rng([seed, index])
+    planned = _long_range_plan(np.random.default_rng([seed, index, 1]), spec)  # entry -> (key, value)
+    random_keys = spec.num_keys - spec.long_keys  # keys 0 .. random_keys - 1 follow the random process
     out = bytearray()
     value: dict[int, int] = {}
     last: dict[int, int] = {}  # key -> offset of its latest value token
     previous = None  # the latest entry's key: a near query never repeats it right away
     while len(out) < spec.length:
+        if len(out) // 2 in planned:
+            key, planned_value = planned[len(out) // 2]
+            out += bytes([KEY_BASE + key, VALUE_BASE + planned_value])
+            continue
         at = len(out) + 1  # the offset the next entry's value will have
         near = [k for k, o in last.items() if at - o <= spec.near_max and k != previous]
         far = [k for k, o in last.items() if at - o >= spec.gap]
         key = None
-        if len(value) == spec.num_keys or rng.random() >= spec.define_prob:
+        if len(value) == random_keys or rng.random() >= spec.define_prob:
             pool = far if far and (not near or rng.random() < spec.far_prob) else near
             if pool:
                 key = pool[int(rng.integers(0, len(pool)))]
         if key is None:  # a definition of a new key (one is always left: see KVSpec's checks)
-            free = [k for k in range(spec.num_keys) if k not in value]
+            free = [k for k in range(random_keys) if k not in value]
             key = free[int(rng.integers(0, len(free)))]
             value[key] = int(rng.integers(0, spec.num_values))
         out += bytes([KEY_BASE + key, VALUE_BASE + value[key]])
         last[key], previous = at, key
     return bytes(out)
+
+
+def _long_range_plan(rng: np.random.Generator, spec: KVSpec) -> dict[int, tuple[int, int]]:
+    """Entry index -> (key, value) of every long-range key's entries (see the module docstring)."""
+    entries = (spec.length + 1) // 2
+    plan: dict[int, tuple[int, int]] = {}
+    low, high = np.log(spec.gap / 2), np.log(max(spec.far_max, spec.gap) / 2)  # in entries
+    for key in range(spec.num_keys - spec.long_keys, spec.num_keys):
+        value = int(rng.integers(0, spec.num_values))
+        at = int(rng.integers(0, max(1, entries // 2)))
+        while True:
+            while at in plan:
+                at += 1
+            if at >= entries:
+                break
+            plan[at] = (key, value)
+            at += int(np.ceil(np.exp(rng.uniform(low, high))))  # >= gap / 2 entries: >= gap tokens
+    return plan
 
 
 def write_corpus(directory: str, num_docs: int, seed: int, spec: KVSpec = KVSpec()) -> list[str]:
