@@ -21,6 +21,7 @@ with per-document NLL sums (`documents_nll`) and the corpus fingerprint.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 
@@ -30,14 +31,43 @@ from memtx.config import stable_hash
 from memtx.data.fingerprint import corpus_fingerprint
 from memtx.data.fingerprint import describe as describe_fingerprint
 from memtx.distributed import initialize_from_env, is_main_process, main_print
-from memtx.evaluation import default_far_reach, evaluate_workdir, paired_rows, run_config, run_names
+from memtx.evaluation import (cache_paired_rows, default_far_reach, evaluate_workdir, paired_rows, run_config,
+                              run_names)
 from memtx.loss_breakdown import COPY_BUCKETS, DEFAULT_FAR_REACH, DEFAULT_NGRAM, POSITION_BUCKETS
 from memtx.memory import registry
+from memtx.memory.output_cache import CacheSpec
 from memtx.metrics import format_duration, markdown_table
 
 
 def _knn(r: dict) -> str:
     return str(r["knn_size"]) if r.get("knn_size") is not None else "-"
+
+
+def _cache(r: dict) -> str:
+    """The output cache of a result: "continuous 1024 (theta 16, lambda 0.3, fill 16)" or "-"."""
+    c = r.get("cache")
+    if not c:
+        return "-"
+    return (f"{c['scorer']} {c['size']}" + (f" top {c['k']}" if c["k"] else "")
+            + f" (theta {c['theta']:g}, lambda {c['lam']:g}" + (f", fill {c['fill']:g}" if c["fill"] else "") + ")")
+
+
+def format_cache_fits(rows: list[dict]) -> str:
+    """What each output cache was fitted on, and its tuning-set perplexity with and without it."""
+    header = ["run", "fitted on", "tokens", "perplexity without", "with the cache", "best fixed lambda", "grid edge"]
+    lines = []
+    for r in rows:
+        fit = (r.get("cache") or {}).get("fit")
+        if not fit:
+            continue
+        on = fit["tuned_on"]
+        fixed = fit["fixed_lambda"]
+        lines.append([r["run"], f"{on['split']} documents {on['documents'][0]}-{on['documents'][1] - 1}",
+                      f"{on['tokens']:,}", f"{fit['model_perplexity']:.3f}", f"{fit['perplexity']:.3f}",
+                      f"theta {fixed['theta']:g} lambda {fixed['lam']:g}: {math.exp(fixed['nll']):.3f}",
+                      ", ".join(fit["at_grid_edge"]) or "-"])
+    return ("output cache settings, fitted on tuning documents that are not the reported ones:\n"
+            + markdown_table(header, lines)) if lines else ""
 
 
 def _memory_label(result: dict) -> str:
@@ -47,11 +77,11 @@ def _memory_label(result: dict) -> str:
 
 
 def format_table(rows: list[dict]) -> str:
-    header = ["run", "split", "memory", "kNN memory", "segment", "documents", "tokens", "perplexity [95% CI]",
-              "bits/byte", "kNN fill", "top-1 score", "wall time"]
+    header = ["run", "split", "memory", "kNN memory", "output cache", "segment", "documents", "tokens",
+              "perplexity [95% CI]", "bits/byte", "kNN fill", "top-1 score", "wall time"]
     memory = lambda r: f"{_memory_label(r)} {r['mem_len']}" if r["mem_len"] else "none"  # noqa: E731
     ci = lambda r: f" [{r['perplexity_ci95'][0]:.3f}, {r['perplexity_ci95'][1]:.3f}]" if r.get("perplexity_ci95") else ""  # noqa: E731
-    lines = [[r["run"], r["split"], memory(r), _knn(r), str(r["seq_len"]), str(r["documents"]), f"{r['tokens']:,}",
+    lines = [[r["run"], r["split"], memory(r), _knn(r), _cache(r), str(r["seq_len"]), str(r["documents"]), f"{r['tokens']:,}",
               f"{r['perplexity']:.3f}{ci(r)}",
               f"{r['bits_per_byte']:.4f}" if r.get("bits_per_byte") is not None else "-", f"{r['knn_fill']:.1%}" if "knn_fill" in r else "-",
               f"{r['knn_top1_score']:.3f}" if "knn_top1_score" in r else "-", format_duration(r["seconds"])]
@@ -59,12 +89,18 @@ def format_table(rows: list[dict]) -> str:
     return markdown_table(header, lines)
 
 
-def format_paired(rows: list[dict], paired: list[dict]) -> str:
+def format_paired(rows: list[dict], paired: list[dict], cache: bool = False) -> str:
+    """Each row's paired difference to the first (`cache`: each cache row's to its run without one)."""
     base = rows[0]
     name = base["run"] + (f" (kNN {base['knn_size']})" if base.get("knn_size") is not None else "")
     done = next((p for p in paired if "not_paired" not in p), None)
-    title = (f"paired with {name}: each row's perplexity minus {name}'s on the same {done['documents']} documents, "
-             f"95% intervals from {done['resamples']:,} joint document resamples" if done else f"paired with {name}:")
+    if cache:
+        title = ("each output cache against its run without it: perplexity minus the run's own on the same "
+                 + (f"{done['documents']} documents, 95% intervals from {done['resamples']:,} joint document resamples"
+                    if done else "documents"))
+    else:
+        title = (f"paired with {name}: each row's perplexity minus {name}'s on the same {done['documents']} documents, "
+                 f"95% intervals from {done['resamples']:,} joint document resamples" if done else f"paired with {name}:")
     lines = [[p["run"], _knn(p), *([f"{p['b']:.3f}", f"{p['diff']:+.3f}", f"[{p['diff_ci'][0]:+.3f}, {p['diff_ci'][1]:+.3f}]",
                                     f"{p['rel_pct']:+.2f}%", f"[{p['rel_pct_ci'][0]:+.2f}%, {p['rel_pct_ci'][1]:+.2f}%]",
                                     p["verdict"]] if "not_paired" not in p else ["-"] * 5 + [f"not paired: {p['not_paired']}"])]
@@ -139,12 +175,57 @@ def plot_memory_scaling(rows: list[dict], path: str, title: str) -> bool:
     return True
 
 
+def plot_cache_scaling(rows: list[dict], path: str) -> bool:
+    """Perplexity against output-cache size (0: none), a line per run, with each point's bootstrap
+    interval."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot written", file=sys.stderr)
+        return False
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    runs = list(dict.fromkeys((r["run_base"], r.get("knn_size")) for r in rows))
+    sizes = sorted({r.get("cache_size") or 0 for r in rows})
+    for index, (run, knn) in enumerate(runs):
+        mine = sorted((r for r in rows if r["run_base"] == run and r.get("knn_size") == knn), key=lambda r: r.get("cache_size") or 0)
+        x = [sizes.index(r.get("cache_size") or 0) for r in mine]
+        y = [r["perplexity"] for r in mine]
+        err = [[p - (r.get("perplexity_ci95") or [p, p])[0] for p, r in zip(y, mine)],
+               [(r.get("perplexity_ci95") or [p, p])[1] - p for p, r in zip(y, mine)]]
+        ax.errorbar(x, y, yerr=err, fmt="o-", capsize=3, color=f"C{index % 10}",
+                    label=run + (f" (kNN {knn})" if knn is not None else ""))
+    ax.set_xticks(range(len(sizes)), [str(s) if s else "none" for s in sizes])
+    ax.set(xlabel="output cache size (entries per document)", ylabel="perplexity (95% bootstrap interval)",
+           title=f"{rows[0]['split']} perplexity with the output cache ({rows[-1].get('documents', '?')} documents)")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
 # ------------------------------------------------------------------------------ running
 
 
 def main(args: argparse.Namespace, rest: list[str]) -> int:
     initialize_from_env()  # several processes: before JAX touches a device
     sizes = parse_int_list("--knn-sizes", args.knn_sizes) if args.knn_sizes is not None else None
+    cache_sizes = parse_int_list("--cache-sizes", args.cache_sizes) if args.cache_sizes is not None else []
+    cache = None
+    if cache_sizes:
+        if args.cache_tune_docs < 1:
+            raise UsageError(f"--cache-tune-docs must be >= 1, got {args.cache_tune_docs}")
+        try:
+            cache = CacheSpec(size=1, scorer=args.cache_scorer, k=args.cache_k if args.cache_k is not None else
+                              (32 if args.cache_scorer == "knn_lm" else 0), normalize=not args.cache_raw,
+                              backend=args.cache_backend)
+        except ValueError as e:
+            raise UsageError(f"--cache-*: {e}")
+    elif args.cache_fit:
+        raise UsageError("--cache-fit needs --cache-sizes")
     if args.copy_ngram < 1:
         raise UsageError(f"--copy-ngram must be >= 1, got {args.copy_ngram}")
     if args.far_reach is not None and args.far_reach < 1:
@@ -168,7 +249,9 @@ def main(args: argparse.Namespace, rest: list[str]) -> int:
         main_print(f"data: {line}", flush=True)
     rows = [row for workdir, cfg, name in zip(args.workdir, cfgs, run_names(args.workdir))
             for row in evaluate_workdir(workdir, cfg, step=args.step, knn_sizes=sizes, local_window=window,
-                                        far_reach=far_reach, copy_ngram=args.copy_ngram, name=name, overrides=rest)]
+                                        far_reach=far_reach, copy_ngram=args.copy_ngram, name=name, overrides=rest,
+                                        cache_sizes=cache_sizes, cache=cache, cache_tune_docs=args.cache_tune_docs,
+                                        cache_fit=args.cache_fit)]
     if not is_main_process():
         return 0
     print(format_table(rows))
@@ -178,6 +261,10 @@ def main(args: argparse.Namespace, rest: list[str]) -> int:
             print(f"{run}: kNN gate per head, layer {layer}: " + " ".join(f"{g:.2f}" for g in per_head))
     if len(rows) > 1:
         print(format_paired(rows, paired_rows(rows)))
+    if any(r.get("cache_size") for r in rows):
+        print(format_cache_fits(rows))
+        if len(args.workdir) > 1 or len({r.get("knn_size") for r in rows}) > 1:  # else the table above says it
+            print(format_paired(rows, cache_paired_rows(rows), cache=True))
     print(format_breakdown(rows))
     if len(rows) > 1 and sizes:
         out = args.workdir[-1]
@@ -188,6 +275,12 @@ def main(args: argparse.Namespace, rest: list[str]) -> int:
         title = (f"{rows[0]['split']} perplexity against kNN memory size\n{where}, {rows[-1].get('documents', '?')} documents, "
                  f"step {rows[-1]['step']}")
         if plot_memory_scaling(rows, plot, title):
+            print(f"plot written to {plot}")
+    if any(r.get("cache_size") for r in rows):
+        out = args.workdir[-1]
+        plot = os.path.join(out, f"cache_scaling_{rows[0]['split']}_step{rows[-1]['step']}_"
+                                 f"{stable_hash([r['identity'] for r in rows])}.png")
+        if plot_cache_scaling(rows, plot):
             print(f"plot written to {plot}")
     return 0
 
@@ -204,6 +297,20 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--step", type=int, help="checkpoint step; default: the latest")
     p.add_argument("--knn-sizes", help="comma-separated kNN memory sizes, e.g. 0,1536,8192,65536: one checkpoint "
                                        "evaluated at each, a table and a PNG plot of perplexity against size")
+    p.add_argument("--cache-sizes", help="comma-separated output-cache sizes, e.g. 0,256,1024,3072: a row each "
+                                         "with the test-time cache of the model's output states mixed in "
+                                         "(continuous cache or kNN-LM), fitted on --cache-tune-docs other documents")
+    p.add_argument("--cache-scorer", choices=["continuous", "knn_lm"], default="continuous",
+                   help="continuous: exp(theta h_t.h_i) over the whole cache (Grave et al. 2017); knn_lm: the k "
+                        "nearest, softmax of -distance/T (Khandelwal et al. 2020)")
+    p.add_argument("--cache-k", type=int, help="entries each position reads: 0 = all (continuous default); "
+                                               "knn_lm default 32")
+    p.add_argument("--cache-raw", action="store_true", help="h as it is, not scaled to unit length")
+    p.add_argument("--cache-backend", default="auto", help="the kNN store's search backend for k > 0")
+    p.add_argument("--cache-tune-docs", type=int, default=32,
+                   help="fit theta, lambda and fill on this many documents of the split after the reported "
+                        "data.eval_max_docs (default 32); the fit is saved as WORKDIR/cache_fit_*.json")
+    p.add_argument("--cache-fit", help="a saved cache_fit_*.json to use instead of fitting")
     p.add_argument("--copy-ngram", type=int, default=DEFAULT_NGRAM,
                    help=f"tokens before a target that make its copyability n-gram (default {DEFAULT_NGRAM})")
     p.add_argument("--far-reach", type=int, help="a target whose n-gram last occurred further back than the local "

@@ -9,6 +9,7 @@ its command line, tables and plot.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -18,7 +19,7 @@ import jax
 import numpy as np
 
 from memtx import batch as batch_layout
-from memtx import probes, stats
+from memtx import cache_tuning, probes, stats
 from memtx import state as state_lib
 from memtx.checkpoint import run_checkpointer
 from memtx.cli import UsageError, resolve_config
@@ -29,12 +30,14 @@ from memtx.data.sources import SourceFn
 from memtx.distributed import is_main_process, main_print
 from memtx.loss_breakdown import DEFAULT_FAR_REACH, DEFAULT_NGRAM, LossBreakdown, Segment
 from memtx.memory import registry
+from memtx.memory.output_cache import CacheSpec
 from memtx.metrics import Progress
-from memtx.step import make_eval_step
+from memtx.step import init_cache_memory, make_cache_eval_step, make_eval_step
 
 
 def stream_documents(setup: state_lib.Setup, params, source_fn: SourceFn, step_fn, *, log_every: int = 50,
-                     verbose: bool = True, label: str = "", breakdown: LossBreakdown | None = None) -> dict:
+                     verbose: bool = True, label: str = "", breakdown: LossBreakdown | None = None,
+                     init_memory=None) -> dict:
     """Streams the documents of `source_fn(process_index, process_count)` (an evaluation source:
     every document once, in a fixed order), one per row, memory carried inside a document and
     reset between documents, through `step_fn(params, memory, batch) -> (memory, sums)`; returns
@@ -51,7 +54,7 @@ def stream_documents(setup: state_lib.Setup, params, source_fn: SourceFn, step_f
     source = source_fn(jax.process_index(), jax.process_count())
     shard, num_shards = getattr(source, "shard_index", 0), getattr(source, "num_shards", 1)
     stream = DocumentStream(source, rows, N, count_bytes=True)
-    memory = state_lib.init_memory_sharded(setup, B)
+    memory = init_memory() if init_memory else state_lib.init_memory_sharded(setup, B)  # the step's memory tree
     segments = scored = scored_reported = 0
     # Progress in tokens scored (this process's shard) where the source can tell how many there
     # will be: documents differ in length by orders of magnitude, so documents started say little.
@@ -111,18 +114,19 @@ def stream_documents(setup: state_lib.Setup, params, source_fn: SourceFn, step_f
 
 def evaluate(setup: state_lib.Setup, params, source_fn: SourceFn, *, log_every: int = 50, verbose: bool = True,
              local_window: int | None = None, far_reach: int = DEFAULT_FAR_REACH,
-             copy_ngram: int = DEFAULT_NGRAM, step_fn=None) -> dict:
+             copy_ngram: int = DEFAULT_NGRAM, step_fn=None, init_memory=None) -> dict:
     """Streams `source_fn`'s documents through the model; returns NLL sum, token count,
     perplexity with its bootstrap 95% interval over documents, bits per token and per byte (the
     bytes the scored tokens decode to, for any vocabulary), per-document NLL sums, and the loss by position and copyability (local window
     default: segment + memory length). `step_fn`: a `make_eval_step(setup)` to reuse (training
-    evaluates many times with one compiled step)."""
+    evaluates many times with one compiled step; `init_memory`: the memory tree it carries, when
+    not the model's alone)."""
     cfg = setup.cfg
     window = cfg.data.seq_len + cfg.model.mem_len if local_window is None else local_window
     breakdown = LossBreakdown(window, far_reach, copy_ngram)
     t0 = time.perf_counter()
     sums = stream_documents(setup, params, source_fn, step_fn or make_eval_step(setup), log_every=log_every, verbose=verbose,
-                            breakdown=breakdown)
+                            breakdown=breakdown, init_memory=init_memory)
     seconds = time.perf_counter() - t0
     nll_sum, tokens = float(sums.get("nll", 0.0)), float(sums.get("tokens", 0.0))
     result = {"nll_sum": nll_sum, "tokens": int(tokens), "documents": int(sums["documents"]),
@@ -137,7 +141,10 @@ def evaluate(setup: state_lib.Setup, params, source_fn: SourceFn, *, log_every: 
     result.update(breakdown.result())
     docs = result["documents_nll"]
     result["perplexity_ci95"] = list(stats.bootstrap_perplexity(docs["nll"], docs["tokens"])) if docs["id"] else None
-    if cfg.model.knn.enabled and cfg.model.knn.size:
+    if "model_nll" in sums:  # an output-cache step: the model alone on the same tokens, in the same pass
+        result["model_nll_sum"] = float(sums["model_nll"])
+        result["model_perplexity"] = math.exp(float(sums["model_nll"]) / max(tokens, 1))
+    if cfg.model.knn.enabled and cfg.model.knn.size and "fill_sum" in sums:
         result["knn_fill"] = float(sums["fill_sum"]) / max(tokens, 1)
         result["knn_top1_score"] = float(sums["top1_sum"]) / max(float(sums["top1_count"]), 1)
         result["knn_gate"] = {str(layer): jax.nn.sigmoid(probes.attention_param(params, int(layer), "gate_bias")).tolist()
@@ -178,6 +185,19 @@ def paired_rows(rows: list[dict]) -> list[dict]:
     return out
 
 
+def cache_paired_rows(rows: list[dict]) -> list[dict]:
+    """Each output-cache row against the same run's row without it (same kNN size), on the same documents."""
+    out = []
+    for r in rows:
+        if not r.get("cache_size"):
+            continue
+        base = next((b for b in rows if b.get("run_base") == r["run_base"] and not b.get("cache_size")
+                     and b.get("knn_size") == r.get("knn_size")), None)
+        if base is not None:
+            out += paired_rows([base, r])
+    return out
+
+
 def run_config(workdir: str, config_spec: str | None = None, overrides: list[str] = (), split: str | None = None) -> Config:
     """A work directory's config (or `config_spec`) with overrides and the evaluation split."""
     if not os.path.isdir(workdir):
@@ -205,11 +225,13 @@ def result_path(workdir: str, identity: dict) -> str:
     another segment...): a different evaluation never overwrites another, the same one rewrites
     its own file."""
     knn = identity["model"]["knn"]
+    cache = identity.get("cache")
     digest = stable_hash(identity)
     stem = (f"eval_{identity['split']}_{identity['corpus']['sha256'][:8]}"
             + (f"_max{identity['max_docs']}" if identity["max_docs"] else "")
             + (f"_first{identity['doc_tokens']}" if identity.get("doc_tokens") else "") + f"_mem{identity['model']['mem_len']}"
-            + (f"_knn{knn['size']}" if knn["enabled"] else "") + f"_step{identity['step']}_{digest}")
+            + (f"_knn{knn['size']}" if knn["enabled"] else "") + (f"_cache{cache['size']}" if cache else "")
+            + f"_step{identity['step']}_{digest}")
     return os.path.join(workdir, stem + ".json")
 
 
@@ -227,11 +249,14 @@ def run_names(workdirs: list[str]) -> list[str]:
 def evaluate_workdir(workdir: str, cfg: Config, *, step: int | None = None, knn_sizes: list[int] | None = None,
                      local_window: int | None = None, far_reach: int = DEFAULT_FAR_REACH,
                      copy_ngram: int = DEFAULT_NGRAM, reuse: bool = False, name: str | None = None,
-                     overrides: list[str] = ()) -> list[dict]:
+                     overrides: list[str] = (), cache_sizes: list[int] = (), cache: CacheSpec | None = None,
+                     cache_tune_docs: int = 32, cache_fit: str | None = None) -> list[dict]:
     """Evaluates one work directory's checkpoint (`step`, default the latest) under `cfg`, at each
     of `knn_sizes` if it has a kNN memory; writes each result's JSON (see `result_path`) and returns
     the results. `reuse`: a result already written for the same evaluation and copyability settings
-    is read back instead of evaluated again."""
+    is read back instead of evaluated again. `cache_sizes`: also a row with the output cache of each
+    size above 0 (`cache` gives its scorer, k, normalisation and backend), fitted on
+    `cache_tune_docs` tuning documents (memtx/cache_tuning.py) or read from `cache_fit`."""
     setups = []
     for size in knn_sizes if knn_sizes and cfg.model.knn.enabled else [None]:
         c = copy.deepcopy(cfg)
@@ -251,13 +276,33 @@ def evaluate_workdir(workdir: str, cfg: Config, *, step: int | None = None, knn_
     window = cfg.data.seq_len + cfg.model.mem_len if local_window is None else local_window
     copyability = {"local_window": window, "far_reach": far_reach, "ngram": copy_ngram}
     where = f"{cfg.data.task} task" if cfg.data.task else f"corpus {cfg.data.corpus}"
+    cache_sizes = [size for size in cache_sizes if size > 0]
+    if cache_sizes:
+        cache_tuning.tuning_documents(cfg, cache_tune_docs) if cache_fit is None else None  # one-line errors first
+        fit_record = cache_tuning.load_fit(cache_fit, cache) if cache_fit else None
     rows, params = [], None
-    for setup in setups:
+    for setup, cache_size in [(setup, size) for setup in setups for size in [0, *cache_sizes]]:
         m = setup.cfg.model
         knn_size = m.knn.size if m.knn.enabled else None
         identity = _json_ready({"split": cfg.data.eval_split, "corpus": fingerprint, "max_docs": cfg.data.eval_max_docs,
                                 "doc_tokens": cfg.data.eval_doc_tokens, "split_fractions": cfg.data.split_fractions, "vocab": cfg.data.vocab,
                                 "seq_len": cfg.data.seq_len, "model": to_dict(setup.cfg)["model"], "step": step})
+        spec = None
+        if cache_size:
+            if params is None:
+                params = ckpt.restore_params(step, setups[0].abstract_state["params"])
+            spec = dataclasses.replace(cache, size=cache_size)
+            record = fit_record
+            if record is None:
+                main_print(f"{workdir}: fitting the output cache ({spec.scorer}, {cache_size} entries) on "
+                           f"{cache_tune_docs} tuning documents", flush=True)
+                record = cache_tuning.fit(setup, params, spec, cache_tune_docs, verbose=is_main_process())
+                if is_main_process():
+                    fit_file = cache_tuning.fit_path(workdir, spec, step, identity)
+                    cache_tuning.save_fit(fit_file, spec, record, identity)
+                    record = {**record, "saved_to": fit_file}
+            spec = cache_tuning.fitted_spec(spec, record)
+            identity["cache"] = _json_ready(dataclasses.asdict(spec))
         path = result_path(workdir, identity)
         if reuse and os.path.exists(path):
             with open(path) as f:
@@ -271,9 +316,17 @@ def evaluate_workdir(workdir: str, cfg: Config, *, step: int | None = None, knn_
         main_print(f"{workdir}: evaluating step {step} on {probe.num_docs or 'all'} {cfg.data.eval_split} documents of the {where}, "
                    f"{registry.describe(m, with_knn=False)}, kNN memory {knn_size if knn_size is not None else 'none'}, segment {cfg.data.seq_len}",
                    flush=True)
-        result = evaluate(setup, params, source_fn, verbose=is_main_process(), local_window=window,
-                          far_reach=far_reach, copy_ngram=copy_ngram)
-        result.update(run=name or os.path.basename(os.path.normpath(workdir)), split=cfg.data.eval_split, mem_len=m.mem_len,
+        if spec is None:
+            result = evaluate(setup, params, source_fn, verbose=is_main_process(), local_window=window,
+                              far_reach=far_reach, copy_ngram=copy_ngram)
+        else:
+            B = cfg.data.eval_batch_size
+            result = evaluate(setup, params, source_fn, verbose=is_main_process(), local_window=window,
+                              far_reach=far_reach, copy_ngram=copy_ngram, step_fn=make_cache_eval_step(setup, spec),
+                              init_memory=lambda: init_cache_memory(setup, spec, B))
+            result["cache"] = {**dataclasses.asdict(spec), "fit": record}
+        result.update(cache_size=cache_size, run_base=name or os.path.basename(os.path.normpath(workdir)))
+        result.update(run=result["run_base"] + (f" +cache {cache_size}" if cache_size else ""), split=cfg.data.eval_split, mem_len=m.mem_len,
                       memory=m.memory, knn_size=knn_size, seq_len=cfg.data.seq_len, step=step,
                       corpus=fingerprint, identity=identity, overrides=list(overrides),
                       config_sha256=config_hash(setup.cfg))

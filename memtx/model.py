@@ -66,6 +66,7 @@ class TransformerLM(nn.Module):
         new_memory = memory if cache is not None else {kind.name: state, "knn": knn_stores}
         if cfg.pre_norm:
             h_BND = LayerNorm(cfg.layer_norm_eps, name="final_norm")(h_BND)
+        self.sow("intermediates", "output_hidden", h_BND)  # the output layer's input: the output cache's keys
         h_BND = nn.Dropout(cfg.dropout)(h_BND, deterministic=deterministic)
 
         if cfg.adaptive_cutoffs:

@@ -11,10 +11,10 @@ import jax.numpy as jnp
 import optax
 
 from memtx import probes, sharding
-from memtx.memory import model_memory
+from memtx.memory import model_memory, output_cache
 from memtx.model import segment_nll
 from memtx.optimizer import learning_rate_schedule
-from memtx.state import Setup, batch_shardings, memory_shardings
+from memtx.state import Setup, batch_shardings, init_memory_sharded, memory_shardings
 
 
 def make_train_step(setup: Setup):
@@ -122,11 +122,53 @@ def make_eval_step(setup: Setup):
     return jit_segment(setup, eval_step)
 
 
-def jit_segment(setup: Setup, fn, out_sharding=None):
+def cache_shardings(setup: Setup) -> dict:
+    """The output cache's shardings (its rows over the data axes)."""
+    return {name: sharding.logical_sharding(setup.mesh, setup.cfg, axes) for name, axes in output_cache.LOGICAL_AXES.items()}
+
+
+def init_cache_memory(setup: Setup, spec: output_cache.CacheSpec, batch_size: int) -> dict:
+    """{"model": the model's memory, "cache": an empty output cache}, sharded, for make_cache_eval_step."""
+    cache = jax.jit(lambda: output_cache.init(batch_size, spec.size, spec.key_dim(setup.cfg.model.d_model)),
+                    out_shardings=cache_shardings(setup))()
+    return {"model": init_memory_sharded(setup, batch_size), "cache": cache}
+
+
+def make_cache_eval_step(setup: Setup, spec: output_cache.CacheSpec, grid: tuple | None = None):
+    """The eval step with the output cache (memtx/memory/output_cache.py) beside the model's memory:
+    (params, {"model": memory, "cache": cache}, batch) -> (memory, sums). Sums: the mixed NLL under
+    `spec` ("nll", and "nll_BN" for the breakdowns), the model's alone ("model_nll") and "tokens";
+    with `grid` = (thetas, lams, fills), "grid_nll" [thetas, lams, fills] instead (tuning)."""
+    model = setup.model
+
+    def eval_step(params, memory, batch):
+        nll_BN, model_memory, inter = segment_nll(model, params, memory["model"], batch, with_intermediates=True)
+        (h_BND,) = inter["output_hidden"]
+        cache = output_cache.reset_rows(memory["cache"], batch["reset"])
+        keys_BND, queries_BND = output_cache.keys_and_queries(h_BND, spec)
+        num_valid_B = jnp.sum(batch["weights"] > 0, axis=-1).astype(jnp.int32)
+        targets_BN = batch["targets"]
+        scores, tokens, valid, n_BN = output_cache.candidates(cache, queries_BND, keys_BND, targets_BN, num_valid_B, spec)
+        weights_BN = batch["weights"]
+        sums = {"tokens": jnp.sum(weights_BN), "model_nll": jnp.sum(nll_BN)}
+        if grid is not None:
+            sums["grid_nll"] = output_cache.grid_nll(nll_BN, scores, tokens, valid, n_BN, targets_BN, weights_BN, *grid)
+        else:
+            logp_BN = output_cache.log_prob(scores, tokens, valid, targets_BN, spec.theta)
+            mixed_BN = jnp.where(weights_BN > 0, output_cache.mixed_nll(nll_BN, logp_BN, n_BN, spec.lam, spec.fill), 0.0)
+            sums.update(nll_BN=mixed_BN, nll=jnp.sum(mixed_BN))
+        cache = output_cache.write(cache, keys_BND, targets_BN, num_valid_B)
+        return {"model": model_memory, "cache": cache}, sums
+
+    return jit_segment(setup, eval_step, memory_sharding={"model": memory_shardings(setup), "cache": cache_shardings(setup)})
+
+
+def jit_segment(setup: Setup, fn, out_sharding=None, memory_sharding=None):
     """`fn(params, memory, batch) -> (memory, out)` jitted with the setup's shardings (`out`
-    replicated unless `out_sharding` says otherwise), the memory buffers donated, and called under
-    the mesh and the logical axis rules: the eval step, the studies' steps, the recall task."""
-    mem_sh = memory_shardings(setup)
+    replicated unless `out_sharding` says otherwise; the memory's are the model's unless
+    `memory_sharding` says otherwise), the memory buffers donated, and called under the mesh and
+    the logical axis rules: the eval steps, the studies' steps, the recall task."""
+    mem_sh = memory_sharding or memory_shardings(setup)
     jitted = jax.jit(fn, in_shardings=(setup.state_shardings["params"], mem_sh, batch_shardings(setup)),
                      out_shardings=(mem_sh, out_sharding or sharding.replicated(setup.mesh)), donate_argnums=(1,))
     return under_mesh(setup, jitted)

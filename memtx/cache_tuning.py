@@ -1,0 +1,111 @@
+"""Fitting the output cache (memtx/memory/output_cache.py) honestly: its inverse temperature theta,
+its weight lambda and the fill constant are chosen on *tuning* documents that are never the
+reported ones, the documents of the evaluation split right after the reported ones
+(`data.eval_max_docs` of them), in one pass that scores a whole grid of settings.
+
+A fit is a JSON file in the work directory (`cache_fit_*.json`): what was fitted, on which
+documents, the tuning set's NLL with and without the cache, and the best fixed lambda beside the
+best overall; `memtx.evaluate --cache-fit FILE` reuses one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+
+import numpy as np
+
+from memtx import state as state_lib
+from memtx.cli import UsageError
+from memtx.config import Config, stable_hash
+from memtx.data import FileSource, load_vocab
+from memtx.data.sources import file_documents
+from memtx.memory.output_cache import CacheSpec
+from memtx.step import init_cache_memory, make_cache_eval_step
+
+# Inverse temperatures for unit-length h (cosines); raw h's are divided by d_model (|h|^2 ~ d_model
+# after a layer norm). Fill 0: a fixed lambda.
+THETAS = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0)
+LAMS = (0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+FILLS = (0.0, 4.0, 16.0, 64.0, 256.0)
+
+
+def tuning_documents(cfg: Config, count: int):
+    """The evaluation split's documents after the reported `data.eval_max_docs`: (docs, first index)."""
+    if cfg.data.task:
+        raise UsageError("the output cache is tuned on a file corpus's documents (data.corpus); "
+                         f"data.task '{cfg.data.task}' is not supported yet: pass --cache-fit FILE")
+    if not cfg.data.eval_max_docs:
+        raise UsageError("the output cache is tuned on the documents after the reported ones: "
+                         "set --config.data.eval_max_docs=N (e.g. 64), or pass --cache-fit FILE")
+    docs = file_documents(cfg.data, cfg.data.eval_split)
+    first = cfg.data.eval_max_docs
+    if len(docs) < first + count:
+        raise UsageError(f"the {cfg.data.eval_split} split has {len(docs)} documents: after the {first} reported "
+                         f"ones, {max(0, len(docs) - first)} are left to tune the cache on, fewer than "
+                         f"--cache-tune-docs {count}")
+    return docs[first:first + count], first
+
+
+def fit(setup: state_lib.Setup, params, spec: CacheSpec, count: int, verbose: bool = True) -> dict:
+    """theta, lam and fill of `spec` fitted on `count` tuning documents; returns the fit's record."""
+    from memtx.evaluation import stream_documents  # evaluation imports this module
+
+    cfg = setup.cfg
+    docs, first = tuning_documents(cfg, count)
+    vocab = load_vocab(cfg.data.vocab)
+    source_fn = lambda shard_index, num_shards: FileSource(  # noqa: E731
+        docs, vocab=vocab, shuffle=False, repeat=False, shard_index=shard_index, num_shards=num_shards,
+        max_tokens=cfg.data.eval_doc_tokens)
+    scale = 1.0 if spec.normalize else 1.0 / cfg.model.d_model
+    thetas = tuple(t * scale for t in THETAS)
+    B = cfg.data.eval_batch_size
+    sums = stream_documents(setup, params, source_fn, make_cache_eval_step(setup, spec, (thetas, LAMS, FILLS)),
+                            verbose=verbose, label=f"tuning the cache ({spec.size})",
+                            init_memory=lambda: init_cache_memory(setup, spec, B))
+    tokens = float(sums["tokens"])
+    grid = np.asarray(sums["grid_nll"]) / max(tokens, 1.0)  # [thetas, lams, fills] mean NLL
+    i, j, f = np.unravel_index(np.argmin(grid), grid.shape)
+    fi, fj = np.unravel_index(np.argmin(grid[:, :, 0]), grid[:, :, 0].shape)
+    model_nll = float(sums["model_nll"]) / max(tokens, 1.0)
+    edges = [name for name, index, size in (("theta", i, len(thetas)), ("lambda", j, len(LAMS))) if index in (0, size - 1)]
+    return {"theta": thetas[i], "lam": LAMS[j], "fill": FILLS[f],
+            "fixed_lambda": {"theta": thetas[fi], "lam": LAMS[fj], "nll": float(grid[fi, fj, 0])},
+            "nll": float(grid[i, j, f]), "model_nll": model_nll,
+            "perplexity": math.exp(float(grid[i, j, f])), "model_perplexity": math.exp(model_nll),
+            "at_grid_edge": edges, "grid": {"thetas": list(thetas), "lams": list(LAMS), "fills": list(FILLS)},
+            "tuned_on": {"split": cfg.data.eval_split, "documents": [first, first + len(docs)],
+                         "read": int(sums["documents"]), "tokens": int(tokens), "doc_tokens": cfg.data.eval_doc_tokens}}
+
+
+def fitted_spec(spec: CacheSpec, record: dict) -> CacheSpec:
+    return dataclasses.replace(spec, theta=float(record["theta"]), lam=float(record["lam"]), fill=float(record["fill"]))
+
+
+def fit_path(workdir: str, spec: CacheSpec, step: int, identity: dict) -> str:
+    return os.path.join(workdir, f"cache_fit_{spec.scorer}_size{spec.size}_k{spec.k}_step{step}_"
+                                 f"{stable_hash(identity)}.json")
+
+
+def save_fit(path: str, spec: CacheSpec, record: dict, identity: dict) -> None:
+    with open(path, "w") as f:
+        json.dump({"spec": dataclasses.asdict(fitted_spec(spec, record)), "fit": record, "identity": identity}, f,
+                  indent=2)
+
+
+def load_fit(path: str, spec: CacheSpec) -> dict:
+    """A saved fit's record, for `spec`'s scorer and normalisation (one-line errors otherwise)."""
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+        record, their = saved["fit"], saved["spec"]
+        for key in ("theta", "lam", "fill"):
+            float(record[key])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UsageError(f"--cache-fit {path}: not a cache fit written by memtx.evaluate ({type(e).__name__}: {e})")
+    for key in ("scorer", "normalize"):
+        if their.get(key) != getattr(spec, key):
+            raise UsageError(f"--cache-fit {path} was fitted with cache {key} {their.get(key)!r}, not {getattr(spec, key)!r}")
+    return {**record, "loaded_from": path}
