@@ -54,7 +54,8 @@ def _cache(r: dict) -> str:
 
 def format_cache_fits(rows: list[dict]) -> str:
     """What each output cache was fitted on, and its tuning-set perplexity with and without it."""
-    header = ["run", "fitted on", "tokens", "perplexity without", "with the cache", "best fixed lambda", "grid edge"]
+    header = ["run", "fitted on", "tokens", "perplexity without", "with the cache", "best fixed lambda", "grid edge",
+              "reported: first 64 positions' NLL without / with"]
     lines = []
     for r in rows:
         fit = (r.get("cache") or {}).get("fit")
@@ -65,7 +66,9 @@ def format_cache_fits(rows: list[dict]) -> str:
         lines.append([r["run"], f"{on['split']} documents {on['documents'][0]}-{on['documents'][1] - 1}",
                       f"{on['tokens']:,}", f"{fit['model_perplexity']:.3f}", f"{fit['perplexity']:.3f}",
                       f"theta {fixed['theta']:g} lambda {fixed['lam']:g}: {math.exp(fixed['nll']):.3f}",
-                      ", ".join(fit["at_grid_edge"]) or "-"])
+                      ", ".join(fit["at_grid_edge"]) or "-",
+                      (lambda e: f"{e['model_nll']:.4f} / {e['nll']:.4f}")(r["first_64_positions"])
+                      if r.get("first_64_positions") else "-"])
     return ("output cache settings, fitted on tuning documents that are not the reported ones:\n"
             + markdown_table(header, lines)) if lines else ""
 

@@ -144,6 +144,10 @@ def evaluate(setup: state_lib.Setup, params, source_fn: SourceFn, *, log_every: 
     if "model_nll" in sums:  # an output-cache step: the model alone on the same tokens, in the same pass
         result["model_nll_sum"] = float(sums["model_nll"])
         result["model_perplexity"] = math.exp(float(sums["model_nll"]) / max(tokens, 1))
+        if "first64_tokens" in sums:
+            early = max(float(sums["first64_tokens"]), 1)
+            result["first_64_positions"] = {"tokens": int(sums["first64_tokens"]), "nll": float(sums["first64_nll"]) / early,
+                                            "model_nll": float(sums["first64_model_nll"]) / early}
     if cfg.model.knn.enabled and cfg.model.knn.size and "fill_sum" in sums:
         result["knn_fill"] = float(sums["fill_sum"]) / max(tokens, 1)
         result["knn_top1_score"] = float(sums["top1_sum"]) / max(float(sums["top1_count"]), 1)

@@ -157,6 +157,10 @@ def make_cache_eval_step(setup: Setup, spec: output_cache.CacheSpec, grid: tuple
             logp_BN = output_cache.log_prob(scores, tokens, valid, targets_BN, spec.theta)
             mixed_BN = jnp.where(weights_BN > 0, output_cache.mixed_nll(nll_BN, logp_BN, n_BN, spec.lam, spec.fill), 0.0)
             sums.update(nll_BN=mixed_BN, nll=jnp.sum(mixed_BN))
+            # A document's first 64 positions: where the cache is nearly empty and a fixed lambda hurt in the probe.
+            early_BN = (cache["seen"][:, None] + jnp.arange(weights_BN.shape[1])[None, :] < 64) & (weights_BN > 0)
+            sums.update(first64_nll=jnp.sum(jnp.where(early_BN, mixed_BN, 0.0)),
+                        first64_model_nll=jnp.sum(jnp.where(early_BN, nll_BN, 0.0)), first64_tokens=jnp.sum(early_BN))
         cache = output_cache.write(cache, keys_BND, targets_BN, num_valid_B)
         return {"model": model_memory, "cache": cache}, sums
 

@@ -202,6 +202,8 @@ def test_the_cache_is_fitted_on_other_documents_and_paired_with_the_model(traine
     # The model alone, scored in the cache's pass, is the plain evaluation.
     assert cached["model_perplexity"] == pytest.approx(plain["perplexity"], rel=1e-5)
     assert cached["perplexity"] != plain["perplexity"]
+    early = cached["first_64_positions"]
+    assert early["tokens"] == 4 * 64 and early["nll"] != early["model_nll"]  # 4 documents of over 64 tokens
     assert "run +cache 32" in out and "fitted on" in out and "train documents 4-7" in out
     fit_file, = workdir.glob("cache_fit_continuous_size32_k0_step6_*.json")
     assert json.loads(fit_file.read_text())["spec"]["theta"] == cached["cache"]["theta"]

@@ -22,7 +22,8 @@ top k by inner product are the nearest by L2 and theta = 2/T again.
 Strictly causal: position t reads the store (earlier segments of its document, written after they
 were scored) and the positions of its own segment before t. The store is the kNN memory's
 (memtx/memory/knn.py) with one head: its ring buffer, reset, write and search backends; the
-values are the next tokens (int32, [B, 1, S, 1]).
+values are the next tokens (int32, [B, 1, S, 1]); `seen` counts the document's tokens before the
+segment (where each position lies in its document).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from memtx.memory import knn
 SCORERS = ("continuous", "knn_lm")
 # Not the kNN store's axes: one "head", so only rows (and slots, where the rules shard them) split.
 LOGICAL_AXES = {"keys": ("act_batch", None, "act_mem", None), "values": ("act_batch", None, "act_mem", None),
-                "pointer": ("act_batch",), "count": ("act_batch",)}
+                "pointer": ("act_batch",), "count": ("act_batch",), "seen": ("act_batch",)}
 
 
 @dataclass(frozen=True)
@@ -76,10 +77,13 @@ class CacheSpec:
 def init(batch_size: int, size: int, key_dim: int) -> dict:
     return {"keys": jnp.zeros((batch_size, 1, size, key_dim), jnp.float32),
             "values": jnp.zeros((batch_size, 1, size, 1), jnp.int32),
-            "pointer": jnp.zeros((batch_size,), jnp.int32), "count": jnp.zeros((batch_size,), jnp.int32)}
+            "pointer": jnp.zeros((batch_size,), jnp.int32), "count": jnp.zeros((batch_size,), jnp.int32),
+            "seen": jnp.zeros((batch_size,), jnp.int32)}  # tokens of the document before this segment
 
 
-reset_rows = knn.reset_rows  # the rows starting a document forget their entries
+def reset_rows(cache: dict, reset_B: jax.Array) -> dict:
+    """The rows starting a document forget their entries (the kNN store's reset)."""
+    return {**knn.reset_rows(cache, reset_B), "seen": jnp.where(reset_B, 0, cache["seen"])}
 
 
 def keys_and_queries(h_BND: jax.Array, spec: CacheSpec) -> tuple[jax.Array, jax.Array]:
@@ -97,7 +101,9 @@ def keys_and_queries(h_BND: jax.Array, spec: CacheSpec) -> tuple[jax.Array, jax.
 
 def write(cache: dict, keys_BND: jax.Array, targets_BN: jax.Array, num_valid_B: jax.Array) -> dict:
     """Appends each row's first `num_valid[b]` (h, next token) pairs (the kNN store's FIFO)."""
-    return knn.write(cache, keys_BND[:, :, None, :], targets_BN.astype(jnp.int32)[:, :, None, None], num_valid_B)
+    written = knn.write({k: v for k, v in cache.items() if k != "seen"}, keys_BND[:, :, None, :],
+                        targets_BN.astype(jnp.int32)[:, :, None, None], num_valid_B)
+    return {**written, "seen": cache["seen"] + num_valid_B}
 
 
 def candidates(cache: dict, queries_BND, keys_BND, targets_BN, num_valid_B, spec: CacheSpec):
@@ -166,4 +172,4 @@ def grid_nll(nll_model_BN, scores, tokens, valid, n_BN, targets_BN, weights_BN, 
 
 
 def state_bytes(batch_size: int, spec: CacheSpec, d_model: int) -> int:
-    return batch_size * spec.size * (4 * spec.key_dim(d_model) + 4)
+    return batch_size * spec.size * (4 * spec.key_dim(d_model) + 4)  # + 12 bytes per row
