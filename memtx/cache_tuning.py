@@ -17,13 +17,11 @@ import os
 
 import numpy as np
 
-from memtx import state as state_lib
 from memtx.cli import UsageError
 from memtx.config import Config, stable_hash
 from memtx.data import FileSource, load_vocab
 from memtx.data.sources import file_documents
 from memtx.memory.output_cache import CacheSpec
-from memtx.step import init_cache_memory, make_cache_eval_step
 
 # Inverse temperatures for unit-length h (cosines); raw h's are divided by d_model (|h|^2 ~ d_model
 # after a layer norm). Fill 0: a fixed lambda.
@@ -49,34 +47,38 @@ def tuning_documents(cfg: Config, count: int):
     return docs[first:first + count], first
 
 
-def fit(setup: state_lib.Setup, params, spec: CacheSpec, count: int, verbose: bool = True) -> dict:
-    """theta, lam and fill of `spec` fitted on `count` tuning documents; returns the fit's record."""
-    from memtx.evaluation import stream_documents  # evaluation imports this module
-
-    cfg = setup.cfg
+def tuning_source(cfg: Config, count: int):
+    """(source_fn, first document index, documents) of the tuning documents."""
     docs, first = tuning_documents(cfg, count)
     vocab = load_vocab(cfg.data.vocab)
     source_fn = lambda shard_index, num_shards: FileSource(  # noqa: E731
         docs, vocab=vocab, shuffle=False, repeat=False, shard_index=shard_index, num_shards=num_shards,
         max_tokens=cfg.data.eval_doc_tokens)
-    scale = 1.0 if spec.normalize else 1.0 / cfg.model.d_model
-    thetas = tuple(t * scale for t in THETAS)
-    B = cfg.data.eval_batch_size
-    sums = stream_documents(setup, params, source_fn, make_cache_eval_step(setup, spec, (thetas, LAMS, FILLS)),
-                            verbose=verbose, label=f"tuning the cache ({spec.size})",
-                            init_memory=lambda: init_cache_memory(setup, spec, B))
+    return source_fn, first, len(docs)
+
+
+def grid(spec: CacheSpec, d_model: int) -> tuple:
+    """(thetas, lams, fills) scored in the tuning pass (make_cache_eval_step's `grid`)."""
+    scale = 1.0 if spec.normalize else 1.0 / d_model
+    return tuple(t * scale for t in THETAS), LAMS, FILLS
+
+
+def record(sums: dict, the_grid: tuple, cfg: Config, first: int, count: int) -> dict:
+    """The fit's record from the tuning pass's sums: the best setting, the best fixed lambda, the
+    tuning set's NLL with and without the cache, and what it was fitted on."""
+    thetas, lams, fills = the_grid
     tokens = float(sums["tokens"])
-    grid = np.asarray(sums["grid_nll"]) / max(tokens, 1.0)  # [thetas, lams, fills] mean NLL
-    i, j, f = np.unravel_index(np.argmin(grid), grid.shape)
-    fi, fj = np.unravel_index(np.argmin(grid[:, :, 0]), grid[:, :, 0].shape)
+    nll = np.asarray(sums["grid_nll"]) / max(tokens, 1.0)  # [thetas, lams, fills] mean NLL
+    i, j, f = np.unravel_index(np.argmin(nll), nll.shape)
+    fi, fj = np.unravel_index(np.argmin(nll[:, :, 0]), nll[:, :, 0].shape)
     model_nll = float(sums["model_nll"]) / max(tokens, 1.0)
-    edges = [name for name, index, size in (("theta", i, len(thetas)), ("lambda", j, len(LAMS))) if index in (0, size - 1)]
-    return {"theta": thetas[i], "lam": LAMS[j], "fill": FILLS[f],
-            "fixed_lambda": {"theta": thetas[fi], "lam": LAMS[fj], "nll": float(grid[fi, fj, 0])},
-            "nll": float(grid[i, j, f]), "model_nll": model_nll,
-            "perplexity": math.exp(float(grid[i, j, f])), "model_perplexity": math.exp(model_nll),
-            "at_grid_edge": edges, "grid": {"thetas": list(thetas), "lams": list(LAMS), "fills": list(FILLS)},
-            "tuned_on": {"split": cfg.data.eval_split, "documents": [first, first + len(docs)],
+    edges = [name for name, index, size in (("theta", i, len(thetas)), ("lambda", j, len(lams))) if index in (0, size - 1)]
+    return {"theta": thetas[i], "lam": lams[j], "fill": fills[f],
+            "fixed_lambda": {"theta": thetas[fi], "lam": lams[fj], "nll": float(nll[fi, fj, 0])},
+            "nll": float(nll[i, j, f]), "model_nll": model_nll,
+            "perplexity": math.exp(float(nll[i, j, f])), "model_perplexity": math.exp(model_nll),
+            "at_grid_edge": edges, "grid": {"thetas": list(thetas), "lams": list(lams), "fills": list(fills)},
+            "tuned_on": {"split": cfg.data.eval_split, "documents": [first, first + count],
                          "read": int(sums["documents"]), "tokens": int(tokens), "doc_tokens": cfg.data.eval_doc_tokens}}
 
 

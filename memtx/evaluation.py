@@ -189,6 +189,17 @@ def paired_rows(rows: list[dict]) -> list[dict]:
     return out
 
 
+def fit_cache(setup: state_lib.Setup, params, spec: CacheSpec, count: int, verbose: bool = True) -> dict:
+    """The output cache's theta, lambda and fill fitted on `count` tuning documents (those after the
+    reported ones) in one pass over a grid (memtx/cache_tuning.py); returns the fit's record."""
+    source_fn, first, n = cache_tuning.tuning_source(setup.cfg, count)
+    the_grid = cache_tuning.grid(spec, setup.cfg.model.d_model)
+    B = setup.cfg.data.eval_batch_size
+    sums = stream_documents(setup, params, source_fn, make_cache_eval_step(setup, spec, the_grid), verbose=verbose,
+                            label=f"tuning the cache ({spec.size})", init_memory=lambda: init_cache_memory(setup, spec, B))
+    return cache_tuning.record(sums, the_grid, setup.cfg, first, n)
+
+
 def cache_paired_rows(rows: list[dict]) -> list[dict]:
     """Each output-cache row against the same run's row without it (same kNN size), on the same documents."""
     out = []
@@ -300,7 +311,7 @@ def evaluate_workdir(workdir: str, cfg: Config, *, step: int | None = None, knn_
             if record is None:
                 main_print(f"{workdir}: fitting the output cache ({spec.scorer}, {cache_size} entries) on "
                            f"{cache_tune_docs} tuning documents", flush=True)
-                record = cache_tuning.fit(setup, params, spec, cache_tune_docs, verbose=is_main_process())
+                record = fit_cache(setup, params, spec, cache_tune_docs, verbose=is_main_process())
                 if is_main_process():
                     fit_file = cache_tuning.fit_path(workdir, spec, step, identity)
                     cache_tuning.save_fit(fit_file, spec, record, identity)
