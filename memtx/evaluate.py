@@ -37,6 +37,7 @@ from memtx.loss_breakdown import COPY_BUCKETS, DEFAULT_FAR_REACH, DEFAULT_NGRAM,
 from memtx.memory import registry
 from memtx.memory.output_cache import CacheSpec
 from memtx.metrics import format_duration, markdown_table
+from memtx.studies.common import pyplot
 
 
 def _knn(r: dict) -> str:
@@ -136,12 +137,8 @@ def format_breakdown(rows: list[dict]) -> str:
 def plot_memory_scaling(rows: list[dict], path: str, title: str) -> bool:
     """Perplexity (left) and the far-copyable tokens' loss (right) against kNN memory size, a curve
     per kNN run (log axis); kNN size 0 and runs without a kNN layer are horizontal lines."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot written", file=sys.stderr)
+    plt = pyplot()
+    if plt is None:
         return False
     far = lambda r: (r.get("loss_by_copyability") or {}).get("far", {}).get("nll")  # noqa: E731
     panels = [("perplexity", lambda r: r["perplexity"], title)]
@@ -181,12 +178,8 @@ def plot_memory_scaling(rows: list[dict], path: str, title: str) -> bool:
 def plot_cache_scaling(rows: list[dict], path: str) -> bool:
     """Perplexity against output-cache size (0: none), a line per run, with each point's bootstrap
     interval."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot written", file=sys.stderr)
+    plt = pyplot()
+    if plt is None:
         return False
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     runs = list(dict.fromkeys((r["run_base"], r.get("knn_size")) for r in rows))

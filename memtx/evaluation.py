@@ -148,7 +148,7 @@ def evaluate(setup: state_lib.Setup, params, source_fn: SourceFn, *, log_every: 
             early = max(float(sums["first64_tokens"]), 1)
             result["first_64_positions"] = {"tokens": int(sums["first64_tokens"]), "nll": float(sums["first64_nll"]) / early,
                                             "model_nll": float(sums["first64_model_nll"]) / early}
-    if cfg.model.knn.enabled and cfg.model.knn.size and "fill_sum" in sums:
+    if cfg.model.knn.enabled and cfg.model.knn.size:
         result["knn_fill"] = float(sums["fill_sum"]) / max(tokens, 1)
         result["knn_top1_score"] = float(sums["top1_sum"]) / max(float(sums["top1_count"]), 1)
         result["knn_gate"] = {str(layer): jax.nn.sigmoid(probes.attention_param(params, int(layer), "gate_bias")).tolist()
@@ -292,9 +292,9 @@ def evaluate_workdir(workdir: str, cfg: Config, *, step: int | None = None, knn_
     copyability = {"local_window": window, "far_reach": far_reach, "ngram": copy_ngram}
     where = f"{cfg.data.task} task" if cfg.data.task else f"corpus {cfg.data.corpus}"
     cache_sizes = [size for size in cache_sizes if size > 0]
-    if cache_sizes:
-        cache_tuning.tuning_documents(cfg, cache_tune_docs) if cache_fit is None else None  # one-line errors first
-        fit_record = cache_tuning.load_fit(cache_fit, cache) if cache_fit else None
+    fit_record = cache_tuning.load_fit(cache_fit, cache) if cache_sizes and cache_fit else None
+    if cache_sizes and cache_fit is None:
+        cache_tuning.tuning_documents(cfg, cache_tune_docs)  # its one-line errors before anything runs
     rows, params = [], None
     for setup, cache_size in [(setup, size) for setup in setups for size in [0, *cache_sizes]]:
         m = setup.cfg.model

@@ -102,24 +102,30 @@ def make_eval_step(setup: Setup):
     fraction after the segment, weighted by the row's scored tokens.
     """
     model = setup.model
-    knn_cfg = setup.cfg.model.knn
+    knn_size = setup.cfg.model.knn.size
 
     def eval_step(params, memory, batch):
         nll_BN, memory, inter = segment_nll(model, params, memory, batch, with_intermediates=True)
-        scored_BN = batch["weights"] > 0
         sums = {"nll_BN": nll_BN, "nll": jnp.sum(nll_BN), "tokens": jnp.sum(batch["weights"]),
-                "top1_sum": jnp.float32(0), "top1_count": jnp.float32(0), "fill_sum": jnp.float32(0)}
-        for layer, store in memory["knn"].items():
-            if knn_cfg.size == 0:
-                continue
-            scores_BHN, valid_BHN = probes.attention(inter, int(layer), "knn_top1")
-            counted = valid_BHN & scored_BN[:, None, :]
-            sums["top1_sum"] += jnp.sum(jnp.where(counted, scores_BHN, 0.0))
-            sums["top1_count"] += jnp.sum(counted)
-            sums["fill_sum"] += jnp.sum(store["count"] / knn_cfg.size * jnp.sum(scored_BN, -1)) / len(memory["knn"])
+                **retrieval_sums(inter, memory["knn"], batch["weights"] > 0, knn_size)}
         return memory, sums
 
     return jit_segment(setup, eval_step)
+
+
+def retrieval_sums(inter, knn_stores: dict, scored_BN, knn_size: int) -> dict:
+    """The kNN layers' retrieval sums of a segment (make_eval_step's docstring), from the sown
+    intermediates and the stores after the segment."""
+    sums = {"top1_sum": jnp.float32(0), "top1_count": jnp.float32(0), "fill_sum": jnp.float32(0)}
+    for layer, store in knn_stores.items():
+        if knn_size == 0:
+            continue
+        scores_BHN, valid_BHN = probes.attention(inter, int(layer), "knn_top1")
+        counted = valid_BHN & scored_BN[:, None, :]
+        sums["top1_sum"] += jnp.sum(jnp.where(counted, scores_BHN, 0.0))
+        sums["top1_count"] += jnp.sum(counted)
+        sums["fill_sum"] += jnp.sum(store["count"] / knn_size * jnp.sum(scored_BN, -1)) / len(knn_stores)
+    return sums
 
 
 def cache_shardings(setup: Setup) -> dict:
@@ -150,7 +156,8 @@ def make_cache_eval_step(setup: Setup, spec: output_cache.CacheSpec, grid: tuple
         targets_BN = batch["targets"]
         scores, tokens, valid, n_BN = output_cache.candidates(cache, queries_BND, keys_BND, targets_BN, num_valid_B, spec)
         weights_BN = batch["weights"]
-        sums = {"tokens": jnp.sum(weights_BN), "model_nll": jnp.sum(nll_BN)}
+        sums = {"tokens": jnp.sum(weights_BN), "model_nll": jnp.sum(nll_BN),
+                **retrieval_sums(inter, model_memory["knn"], weights_BN > 0, setup.cfg.model.knn.size)}
         if grid is not None:
             sums["grid_nll"] = output_cache.grid_nll(nll_BN, scores, tokens, valid, n_BN, targets_BN, weights_BN, *grid)
         else:

@@ -42,6 +42,7 @@ from memtx.cli import ArgumentParser, run_cli
 from memtx.config import (Config, DataConfig, KNNConfig, MeshConfig, ModelConfig, OptimConfig,
                           TrainConfig, apply_override, parse_overrides, to_dict)
 from memtx.data import kv_recall, recall
+from memtx.studies.common import pyplot
 from memtx.train import train
 
 
@@ -205,14 +206,10 @@ def format_size_curve(curve: dict, chance: float) -> str:
 def plot_size_curve(curve: dict, chance: float, path: str) -> str | None:
     """accuracy against answer distance, one line per store size, its size marked; None without
     matplotlib."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        import matplotlib.ticker
-    except ImportError:
-        print("matplotlib is not installed: no plot written", file=sys.stderr)
+    plt = pyplot()
+    if plt is None:
         return None
+    import matplotlib.ticker
     fig, ax = plt.subplots(figsize=(6.4, 4))
     for row in curve["sizes"]:
         points = [((b["min"] * (b["max"] or 2 * b["min"])) ** 0.5, b["accuracy"])  # geometric midpoints

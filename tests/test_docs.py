@@ -378,42 +378,37 @@ def test_the_docs_pages_are_there_and_the_readme_is_short():
     assert lines <= 250, f"README.md has {lines} lines; the details belong in docs/ (at most 250)"
 
 
-def test_every_config_file_and_preset_named_loads():
-    problems, count = [], 0
-    for page, _, text in pages():
-        p, n = config_problems(page, text)
+def collect(check, by_path: bool = False):
+    """`check`'s problems over every page, and its reference counts added (a number, or a dict of them)."""
+    problems, counts = [], None
+    for page, path, text in pages():
+        p, n = check(path if by_path else page, text)
         problems += p
-        count += n
+        counts = n if counts is None else ({k: counts.get(k, 0) + v for k, v in n.items()} if isinstance(n, dict)
+                                           else counts + n)
+    return problems, counts
+
+
+def test_every_config_file_and_preset_named_loads():
+    problems, count = collect(config_problems)
     assert not problems, report(problems)
     assert count > 0, "no config file reference found: the pattern no longer matches the docs"
 
 
 def test_every_config_override_and_key_named_resolves_and_parses():
-    problems, count = [], 0
-    for page, _, text in pages():
-        p, n = override_problems(page, text)
-        problems += p
-        count += n
+    problems, count = collect(override_problems)
     assert not problems, report(problems)
     assert count > 0, "no --config. override found: the pattern no longer matches the docs"
 
 
 def test_every_link_image_and_anchor_resolves():
-    problems, count = [], 0
-    for _, path, text in pages():
-        p, n = link_problems(path, text)
-        problems += p
-        count += n
+    problems, count = collect(link_problems, by_path=True)
     assert not problems, report(problems)
     assert count > 0
 
 
 def test_every_path_module_and_command_named_exists():
-    problems, counts = [], {}
-    for page, _, text in pages():
-        p, n = path_problems(page, text)
-        problems += p
-        counts = {k: counts.get(k, 0) + v for k, v in n.items()}
+    problems, counts = collect(path_problems)
     assert not problems, report(problems)
     assert all(counts.values()), counts
 

@@ -130,7 +130,7 @@ def write(memory: dict, keys_BNHD: jax.Array, values_BNHD: jax.Array, num_valid_
     new_values = lax.stop_gradient(values_BNHD).astype(memory["values"].dtype)
     keys = memory["keys"].at[rows_B1, :, slot_BN].set(new_keys, mode="drop")
     values = memory["values"].at[rows_B1, :, slot_BN].set(new_values, mode="drop")
-    return {"keys": keys, "values": values,
+    return {**memory, "keys": keys, "values": values,
             "pointer": ((memory["pointer"] + num_valid_B) % S).astype(jnp.int32),
             "count": jnp.minimum(memory["count"] + num_valid_B, S).astype(jnp.int32)}
 

@@ -67,7 +67,7 @@ class CacheSpec:
             raise ValueError(f"unknown cache search backend '{self.backend}' (one of {', '.join(knn.BACKENDS)})")
         for name, low, high in (("theta", 0.0, math.inf), ("lam", 0.0, 1.0), ("fill", 0.0, math.inf)):
             value = getattr(self, name)
-            if not (math.isfinite(value) and low <= value and (value < high or name == "lam" and value < 1.0)):
+            if not (math.isfinite(value) and low <= value < high):
                 raise ValueError(f"cache {name} must be finite and in [{low}, {high}), got {value}")
 
     def key_dim(self, d_model: int) -> int:
@@ -101,8 +101,7 @@ def keys_and_queries(h_BND: jax.Array, spec: CacheSpec) -> tuple[jax.Array, jax.
 
 def write(cache: dict, keys_BND: jax.Array, targets_BN: jax.Array, num_valid_B: jax.Array) -> dict:
     """Appends each row's first `num_valid[b]` (h, next token) pairs (the kNN store's FIFO)."""
-    written = knn.write({k: v for k, v in cache.items() if k != "seen"}, keys_BND[:, :, None, :],
-                        targets_BN.astype(jnp.int32)[:, :, None, None], num_valid_B)
+    written = knn.write(cache, keys_BND[:, :, None, :], targets_BN.astype(jnp.int32)[:, :, None, None], num_valid_B)
     return {**written, "seen": cache["seen"] + num_valid_B}
 
 
@@ -170,6 +169,3 @@ def grid_nll(nll_model_BN, scores, tokens, valid, n_BN, targets_BN, weights_BN, 
         return jax.vmap(jax.vmap(for_lam_fill))(lam_G, fill_G)
     return jax.lax.map(for_theta, jnp.asarray(thetas, jnp.float32))
 
-
-def state_bytes(batch_size: int, spec: CacheSpec, d_model: int) -> int:
-    return batch_size * spec.size * (4 * spec.key_dim(d_model) + 4)  # + 12 bytes per row
