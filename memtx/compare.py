@@ -15,6 +15,12 @@ paired with the first seed by seed (config minus first): the mean difference wit
 t-interval over seeds, "within noise" when it covers 0, else "better" (lower) or "worse".
 Everything goes to OUT/compare.json, with a plot in OUT/compare.png.
 
+With --cache-size S every checkpoint is also evaluated with the output cache of S entries
+(memtx/memory/output_cache.py, the continuous cache; its theta, lambda and fill fitted per
+checkpoint on --cache-tune-docs documents after the reported ones), and a table gives each config
+and seed with and without it: the paired difference on the same documents with its 95% bootstrap
+interval, and per config the mean relative change over seeds with its t-interval.
+
 A config is [LABEL=]FILE.py[:PRESET][@KEY=VALUE...]: overrides after @ apply to that config only
 (e.g. configs/knn.py:cpu@model.knn.size=0@model.knn.k=8), --config.KEY=VALUE (with "=") to every
 run. LABEL (the directory name) defaults to FILE_PRESET plus the overridden values. train.seed
@@ -24,6 +30,7 @@ is set by --seeds, and data.seed may not differ between configs.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -97,6 +104,9 @@ def check_args(args: argparse.Namespace, rest: list[str]) -> tuple[list[ConfigSp
         raise UsageError(f"--seeds must be >= 1, got {args.seeds}")
     if args.last_steps is not None and args.last_steps < 1:
         raise UsageError(f"--last-steps must be >= 1, got {args.last_steps}")
+    if args.cache_size < 0 or args.cache_tune_docs < 1:
+        raise UsageError(f"--cache-size must be >= 0 and --cache-tune-docs >= 1, got {args.cache_size} and "
+                         f"{args.cache_tune_docs}")
     if args.eval_max_docs is not None and args.eval_max_docs < 0:
         raise UsageError(f"--eval-max-docs must be >= 0, got {args.eval_max_docs}")
     for arg in rest:
@@ -148,33 +158,59 @@ def train_all(specs: list[ConfigSpec], common: list[str], args: argparse.Namespa
     return cfgs
 
 
-def evaluate_all(specs: list[ConfigSpec], cfgs: dict[str, list[Config]], args: argparse.Namespace) -> dict:
-    """{label: [each seed's evaluation result]}, all on the same documents."""
+def evaluate_all(specs: list[ConfigSpec], cfgs: dict[str, list[Config]], args: argparse.Namespace) -> tuple[dict, dict]:
+    """({label: [each seed's evaluation result]}, all on the same documents; with --cache-size,
+    {label: [each seed's result with the output cache]}, else {})."""
     from memtx import evaluation as evaluate_lib
+    from memtx.memory.output_cache import CacheSpec
     all_cfgs = [c for cs in cfgs.values() for c in cs]
     first = all_cfgs[0]
     window = first.data.seq_len + first.model.mem_len
     far_reach = evaluate_lib.default_far_reach(all_cfgs, None)
-    results = {}
+    results, cached = {}, {}
+    cache = dict(cache_sizes=[args.cache_size], cache=CacheSpec(size=1), cache_tune_docs=args.cache_tune_docs) \
+        if args.cache_size else {}
     for s in specs:
-        results[s.label] = []
+        results[s.label], cached[s.label] = [], []
         for seed in range(args.seeds):
             workdir = os.path.join(args.out, s.label, f"seed{seed}")
             cfg = evaluate_lib.run_config(workdir, split=args.eval_split)
             if args.eval_max_docs is not None:
                 cfg.data.eval_max_docs = args.eval_max_docs
-            row, = evaluate_lib.evaluate_workdir(workdir, cfg, local_window=window, far_reach=far_reach, reuse=True,
-                                                 name=f"{s.label}/seed{seed}")
+            row, *with_cache = evaluate_lib.evaluate_workdir(workdir, cfg, local_window=window, far_reach=far_reach,
+                                                             reuse=True, name=f"{s.label}/seed{seed}", **cache)
+            cached[s.label] += with_cache
             base = (results[specs[0].label] or results[s.label] or [row])[0]
             why = evaluate_lib.not_paired(base, row)
             if why:
                 raise UsageError(f"{s.label} seed {seed} cannot be paired with {specs[0].label} seed 0: {why}")
             results[s.label].append(row)
-    return results
+    return results, (cached if args.cache_size else {})
+
+
+def summarize_cache(evals: dict, cached: dict) -> list[dict]:
+    """Per config: each seed's perplexity without and with the output cache, its paired difference
+    on the same documents (bootstrap over documents), and the seeds' mean relative change."""
+    from memtx.evaluation import cache_paired_rows
+    out = []
+    for label, rows in cached.items():
+        runs = []
+        for seed, (base, row) in enumerate(zip(evals[label], rows)):
+            paired, = cache_paired_rows([base, row])
+            fit = row["cache"]
+            runs.append({"seed": seed, "without": base["perplexity"], "with": row["perplexity"],
+                         "diff": paired["diff"], "diff_ci": paired["diff_ci"], "rel_pct": paired["rel_pct"],
+                         "rel_pct_ci": paired["rel_pct_ci"], "verdict": paired["verdict"],
+                         "first_64": row.get("first_64_positions"),
+                         "fit": {k: fit[k] for k in ("theta", "lam", "fill")}, "eval_json": row["json_path"]})
+        out.append({"label": label, "size": rows[0]["cache_size"], "runs": runs,
+                    "rel_pct": stats.seed_summary([r["rel_pct"] for r in runs]),
+                    "every_seed_better": all(r["verdict"] == "better" for r in runs)})
+    return out
 
 
 def summarize(specs: list[ConfigSpec], cfgs: dict[str, list[Config]], evals: dict, args: argparse.Namespace,
-              common: list[str]) -> dict:
+              common: list[str], cached: dict | None = None) -> dict:
     configs = []
     for s in specs:
         steps = cfgs[s.label][0].train.steps
@@ -200,7 +236,7 @@ def summarize(specs: list[ConfigSpec], cfgs: dict[str, list[Config]], evals: dic
     return {"out": args.out, "seeds": args.seeds, "data_seed": cfgs[specs[0].label][0].data.seed, "overrides": common,
             "eval": {"split": row["split"], "max_docs": row["identity"]["max_docs"], "documents": row["documents"],
                      "tokens": row["tokens"], "corpus": row["corpus"]},
-            "configs": configs, "paired": paired}
+            "configs": configs, "paired": paired, "output_cache": summarize_cache(evals, cached or {})}
 
 
 def _pm(summary: dict, digits: int) -> str:
@@ -234,7 +270,32 @@ def format_report(result: dict) -> str:
               f"{p['perplexity']['mean']:+.3f}", _ci(p["perplexity"], 3),
               f"{p['perplexity_rel_pct']['mean']:+.2f}% {_ci(p['perplexity_rel_pct'], 2, '%')}",
               p["perplexity"]["verdict"]] for p in result["paired"]]))
+    if result.get("output_cache"):
+        lines.append(format_cache(result["output_cache"], ev))
     return "\n".join(lines)
+
+
+def format_cache(cache: list[dict], ev: dict) -> str:
+    """Every config and seed without and with the output cache, and each config's mean over seeds."""
+    from memtx.metrics import markdown_table
+    rows = []
+    for c in cache:
+        for r in c["runs"]:
+            first = r["first_64"]
+            rows.append([c["label"], str(r["seed"]), f"{r['without']:.3f}", f"{r['with']:.3f}",
+                         f"{r['diff']:+.3f} [{r['diff_ci'][0]:+.3f}, {r['diff_ci'][1]:+.3f}]",
+                         f"{r['rel_pct']:+.1f}% [{r['rel_pct_ci'][0]:+.1f}%, {r['rel_pct_ci'][1]:+.1f}%]", r["verdict"],
+                         f"{first['model_nll']:.3f} / {first['nll']:.3f}" if first else "-",
+                         f"theta {r['fit']['theta']:g}, lambda {r['fit']['lam']:g}, fill {r['fit']['fill']:g}"])
+        s = c["rel_pct"]
+        rows.append([f"**{c['label']}**", f"mean of {s['n']}", "", "", "",
+                     f"{s['mean']:+.1f}%" + (f" [{s['ci'][0]:+.1f}%, {s['ci'][1]:+.1f}%]" if s["ci"] else ""),
+                     "every seed better" if c["every_seed_better"] else "not every seed better", "", ""])
+    return (f"the output cache ({cache[0]['size']} entries, continuous; fitted per checkpoint on other documents), "
+            f"each checkpoint against itself without it on the same {ev['documents']} {ev['split']} documents "
+            "(95% bootstrap intervals over documents; the mean's is a t-interval over seeds):\n"
+            + markdown_table(["config", "seed", "perplexity without", "with the cache", "difference", "relative",
+                              "verdict", "first 64 positions' NLL without / with", "fitted"], rows))
 
 
 def plot(result: dict, path: str) -> bool:
@@ -249,8 +310,13 @@ def plot(result: dict, path: str) -> bool:
     configs = result["configs"]
     fig, axes = plt.subplots(1, 2, figsize=(4 + 1.2 * len(configs), 4))
     for ax, key, name in [(axes[0], "train_loss_last", "train_loss"), (axes[1], "perplexity", "perplexity")]:
+        cache = {c["label"]: c for c in result.get("output_cache") or []}
         for i, c in enumerate(configs):
-            ax.plot([i] * len(c["runs"]), [r[key] for r in c["runs"]], "o", color="C0", alpha=0.5)
+            ax.plot([i] * len(c["runs"]), [r[key] for r in c["runs"]], "o", color="C0", alpha=0.5,
+                    label="seeds" if i == 0 else None)
+            if name == "perplexity" and c["label"] in cache:
+                ax.plot([i - 0.15] * len(c["runs"]), [r["with"] for r in cache[c["label"]]["runs"]], "v", color="C2",
+                        alpha=0.7, label=f"seeds with the output cache ({cache[c['label']]['size']})" if i == 0 else None)
             s = c[name]
             err = [[s["mean"] - s["ci"][0]], [s["ci"][1] - s["mean"]]] if s["ci"] else None
             ax.errorbar([i + 0.15], [s["mean"]], yerr=err, fmt="s", color="C1", capsize=4)
@@ -258,6 +324,8 @@ def plot(result: dict, path: str) -> bool:
         ax.set_ylabel(f"train loss (last {configs[0]['last_steps']} steps)" if name == "train_loss"
                       else f"{result['eval']['split']} perplexity")
         ax.grid(True, axis="y", alpha=0.3)
+        if name == "perplexity" and result.get("output_cache"):
+            ax.legend(fontsize=8)
     fig.suptitle(f"{result['seeds']} seeds per config: seeds (dots), mean and 95% t-interval (squares)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -275,10 +343,16 @@ def _json(x):
 
 def main(args: argparse.Namespace, rest: list[str]) -> int:
     specs, common = check_args(args, rest)
+    if args.cache_size:  # its tuning documents exist: a one-line error now, not after training
+        from memtx.cache_tuning import tuning_documents
+        first = resolve(specs[0], common, 0)
+        max_docs = first.data.eval_max_docs if args.eval_max_docs is None else args.eval_max_docs
+        tuning_documents(dataclasses.replace(first, data=dataclasses.replace(
+            first.data, eval_max_docs=max_docs, eval_split=args.eval_split or first.data.eval_split)), args.cache_tune_docs)
     with compilation_cache.within(args.compilation_cache or os.path.join(args.out, "compilation_cache")):
         cfgs = train_all(specs, common, args)
-        evals = evaluate_all(specs, cfgs, args)
-    result = summarize(specs, cfgs, evals, args, common)
+        evals, cached = evaluate_all(specs, cfgs, args)
+    result = summarize(specs, cfgs, evals, args, common, cached)
     print(format_report(result))
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "compare.json")
@@ -302,6 +376,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-max-docs", type=int, help="evaluate on the first N documents (0: all; default: "
                                                       "data.eval_max_docs)")
     p.add_argument("--eval-split", choices=["validation", "test", "train"], help="default: data.eval_split")
+    p.add_argument("--cache-size", type=int, default=0,
+                   help="also evaluate every checkpoint with the output cache of this many entries (e.g. 3072), "
+                        "fitted on --cache-tune-docs other documents: a table with and without it")
+    p.add_argument("--cache-tune-docs", type=int, default=32,
+                   help="documents after the reported ones to fit the cache's settings on (default 32)")
     p.add_argument("--compilation-cache", help="JAX's persistent compilation cache for the seeds and evaluations to "
                                                "share compiled steps (default OUT/compilation_cache; 'off': none)")
     return p

@@ -65,6 +65,25 @@ def test_two_configs_two_seeds_on_the_same_batches(tmp_path, capsys):
     assert printed.count("finished (4 steps)") == 4 and printed.count("already evaluated") == 4
     assert json.loads((out / "compare.json").read_text()) == result
 
+    # With the output cache: each checkpoint again with it (fitted on the other two documents), a
+    # row per config and seed against itself without it, on the same documents.
+    assert _compare([*argv, "--cache-size", "64", "--cache-tune-docs", "2"]) == 0
+    printed = capsys.readouterr().out
+    cached = json.loads((out / "compare.json").read_text())
+    assert cached["configs"] == result["configs"] and len(cached["output_cache"]) == 2
+    for c, base in zip(cached["output_cache"], result["configs"]):
+        assert c["label"] == base["label"] and c["size"] == 64 and [r["seed"] for r in c["runs"]] == [0, 1]
+        for r, b in zip(c["runs"], base["runs"]):
+            assert r["without"] == b["perplexity"]
+            assert r["with"] == json.loads(open(r["eval_json"]).read())["perplexity"]
+            assert r["rel_pct"] == pytest.approx(100 * (r["with"] / r["without"] - 1))
+            assert r["diff_ci"][0] <= r["diff"] <= r["diff_ci"][1] and r["verdict"] in ("within noise", "better", "worse")
+            assert "_cache64" in r["eval_json"] and 0 <= r["fit"]["lam"] < 1
+        assert c["rel_pct"]["mean"] == pytest.approx(sum(r["rel_pct"] for r in c["runs"]) / 2)
+    table = printed[printed.index("the output cache (64 entries"):printed.index("numbers written")].splitlines()
+    assert len(table) == 3 + 3 * 2 and table[3].split("|")[1].strip() == "tiny"
+    assert f"{cached['output_cache'][1]['rel_pct']['mean']:+.1f}%" in table[-1]
+
 
 @pytest.mark.parametrize("argv, message", [
     (["--seeds", "0"], "--seeds must be >= 1"),
@@ -76,6 +95,9 @@ def test_two_configs_two_seeds_on_the_same_batches(tmp_path, capsys):
     (["{config}@model.num_layrs=2"], "did you mean 'model.num_layers'"),
     (["--last-steps", "9"], "--last-steps 9 is more than the 4 steps"),
     (["--config.train.steps", "3"], "unrecognised argument '--config.train.steps'"),
+    (["--cache-size", "-1"], "--cache-size must be >= 0"),
+    (["--cache-size", "64", "--eval-max-docs", "1", "--eval-split", "train", "--cache-tune-docs", "5"],
+     "1 are left to tune the cache on, fewer than --cache-tune-docs 5"),
 ])
 def test_bad_input_is_one_line(tmp_path, capsys, argv, message):
     config = tmp_path / "tiny.py"
