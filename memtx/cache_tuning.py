@@ -111,3 +111,75 @@ def load_fit(path: str, spec: CacheSpec) -> dict:
         if their.get(key) != getattr(spec, key):
             raise UsageError(f"--cache-fit {path} was fitted with cache {key} {their.get(key)!r}, not {getattr(spec, key)!r}")
     return {**record, "loaded_from": path}
+
+
+def load_spec(path: str) -> CacheSpec:
+    """The fitted cache a saved fit describes (memtx.generate --cache-fit): one-line errors."""
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+        return CacheSpec(**saved["spec"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UsageError(f"--cache-fit {path}: not a cache fit written by memtx.evaluate ({type(e).__name__}: {e})")
+
+
+MIXTURES = ("fill", "fixed", "gate")  # the cache's weight: the grid's best lambda and fill, its best fixed lambda, a learned gate
+GATE_STEPS, GATE_LEARNING_RATE, GATE_L2 = 400, 0.05, 1e-3
+
+
+def mixture_spec(spec: CacheSpec, record: dict, mixture: str) -> CacheSpec:
+    """The fitted cache of one mixture: `fill` the grid's best setting (fitted_spec), `fixed` its
+    best fixed lambda, `gate` the grid's theta with the learned gate (record["gate"])."""
+    if mixture == "fixed":
+        fixed = record["fixed_lambda"]
+        return dataclasses.replace(spec, theta=float(fixed["theta"]), lam=float(fixed["lam"]), fill=0.0)
+    best = fitted_spec(spec, record)
+    if mixture == "gate":
+        return dataclasses.replace(best, gate=tuple(float(g) for g in record["gate"]["weights"]))
+    return best
+
+
+def train_gate(per_token: dict, lam: float) -> dict:
+    """The learned gate fitted to the tuning documents' tokens (evaluation.fit_cache's collecting
+    pass, the model frozen): logistic weights over output_cache.gate_features minimising the mean
+    mixed NLL (plus GATE_L2 times their squared norm), GATE_STEPS full-batch Adam steps from a gate
+    that gives every position the weight `lam` (the grid's). Returns its weights and the tuning
+    tokens' NLL with it."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from memtx.memory import output_cache
+
+    keep = per_token["per_token_scored"] & (per_token["per_token_n"] > 0)
+    f = jnp.asarray(per_token["per_token_features"][keep])
+    nll, logp = jnp.asarray(per_token["per_token_nll_model"][keep]), jnp.asarray(per_token["per_token_logp_cache"][keep])
+    n = jnp.asarray(per_token["per_token_n"][keep])
+    share = min(max(lam / output_cache.GATE_MAX, 1e-3), 1 - 1e-3)
+    gate = jnp.zeros(f.shape[-1] + 1, jnp.float32).at[-1].set(math.log(share / (1 - share)))
+    tx = optax.adam(GATE_LEARNING_RATE)
+
+    def mean_nll(gate):
+        return jnp.mean(output_cache.mix_nll(nll, logp, output_cache.gate_weight(f, gate, n)))
+
+    def loss(gate):
+        return mean_nll(gate) + GATE_L2 * jnp.sum(gate[:-1] ** 2)
+
+    @jax.jit
+    def fit(gate):
+        def step(carry, _):
+            gate, opt = carry
+            updates, opt = tx.update(jax.grad(loss)(gate), opt, gate)
+            return (optax.apply_updates(gate, updates), opt), None
+        (gate, _), _ = jax.lax.scan(step, (gate, tx.init(gate)), None, length=GATE_STEPS)
+        return gate, mean_nll(gate)
+
+    start = float(mean_nll(gate))
+    gate, fitted = fit(gate)
+    total = float(per_token["per_token_scored"].sum())
+    # over every scored token (those with an empty cache keep the model's NLL)
+    rest = float(np.sum(per_token["per_token_nll_model"][per_token["per_token_scored"] & ~keep]))
+    return {"weights": [float(g) for g in np.asarray(gate)], "steps": GATE_STEPS, "l2": GATE_L2,
+            "learning_rate": GATE_LEARNING_RATE, "tokens": int(keep.sum()),
+            "nll": (float(fitted) * float(keep.sum()) + rest) / max(total, 1.0),
+            "nll_at_start": (start * float(keep.sum()) + rest) / max(total, 1.0)}

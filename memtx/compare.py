@@ -107,6 +107,10 @@ def check_args(args: argparse.Namespace, rest: list[str]) -> tuple[list[ConfigSp
     if args.cache_size < 0 or args.cache_tune_docs < 1:
         raise UsageError(f"--cache-size must be >= 0 and --cache-tune-docs >= 1, got {args.cache_size} and "
                          f"{args.cache_tune_docs}")
+    from memtx.cache_tuning import MIXTURES
+    args.cache_mixtures = tuple(dict.fromkeys(m.strip() for m in args.cache_mixtures.split(",")))
+    if not all(m in MIXTURES for m in args.cache_mixtures):
+        raise UsageError(f"--cache-mixtures: each one of {', '.join(MIXTURES)}, got {','.join(args.cache_mixtures)}")
     if args.eval_max_docs is not None and args.eval_max_docs < 0:
         raise UsageError(f"--eval-max-docs must be >= 0, got {args.eval_max_docs}")
     for arg in rest:
@@ -168,8 +172,8 @@ def evaluate_all(specs: list[ConfigSpec], cfgs: dict[str, list[Config]], args: a
     window = first.data.seq_len + first.model.mem_len
     far_reach = evaluate_lib.default_far_reach(all_cfgs, None)
     results, cached = {}, {}
-    cache = dict(cache_sizes=[args.cache_size], cache=CacheSpec(size=1), cache_tune_docs=args.cache_tune_docs) \
-        if args.cache_size else {}
+    cache = dict(cache_sizes=[args.cache_size], cache=CacheSpec(size=1), cache_tune_docs=args.cache_tune_docs,
+                 cache_mixtures=args.cache_mixtures) if args.cache_size else {}
     for s in specs:
         results[s.label], cached[s.label] = [], []
         for seed in range(args.seeds):
@@ -179,7 +183,7 @@ def evaluate_all(specs: list[ConfigSpec], cfgs: dict[str, list[Config]], args: a
                 cfg.data.eval_max_docs = args.eval_max_docs
             row, *with_cache = evaluate_lib.evaluate_workdir(workdir, cfg, local_window=window, far_reach=far_reach,
                                                              reuse=True, name=f"{s.label}/seed{seed}", **cache)
-            cached[s.label] += with_cache
+            cached[s.label].append(with_cache)  # a row per mixture
             base = (results[specs[0].label] or results[s.label] or [row])[0]
             why = evaluate_lib.not_paired(base, row)
             if why:
@@ -189,24 +193,42 @@ def evaluate_all(specs: list[ConfigSpec], cfgs: dict[str, list[Config]], args: a
 
 
 def summarize_cache(evals: dict, cached: dict) -> list[dict]:
-    """Per config: each seed's perplexity without and with the output cache, its paired difference
-    on the same documents (bootstrap over documents), and the seeds' mean relative change."""
-    from memtx.evaluation import cache_paired_rows
+    """Per config and mixture: each seed's perplexity without and with the output cache, its paired
+    difference on the same documents (bootstrap over documents), and the seeds' mean relative
+    change; for each mixture after the first, "against": its perplexity minus the first mixture's,
+    seed by seed (t-interval over seeds) and per seed on the same documents."""
+    from memtx.evaluation import paired_rows
     out = []
-    for label, rows in cached.items():
-        runs = []
-        for seed, (base, row) in enumerate(zip(evals[label], rows)):
-            paired, = cache_paired_rows([base, row])
-            fit = row["cache"]
-            runs.append({"seed": seed, "without": base["perplexity"], "with": row["perplexity"],
-                         "diff": paired["diff"], "diff_ci": paired["diff_ci"], "rel_pct": paired["rel_pct"],
-                         "rel_pct_ci": paired["rel_pct_ci"], "verdict": paired["verdict"],
-                         "first_64": row.get("first_64_positions"),
-                         "fit": {k: fit[k] for k in ("theta", "lam", "fill")}, "eval_json": row["json_path"]})
-        out.append({"label": label, "size": rows[0]["cache_size"], "runs": runs,
-                    "rel_pct": stats.seed_summary([r["rel_pct"] for r in runs]),
-                    "every_seed_better": all(r["verdict"] == "better" for r in runs)})
+    for label, per_seed in cached.items():
+        first = [rows[0] for rows in per_seed]
+        for index in range(len(per_seed[0])):
+            mine = [rows[index] for rows in per_seed]
+            out.append(_cache_summary(label, evals[label], mine))
+            if index:
+                out[-1]["against"] = {
+                    "mixture": first[0].get("cache_mixture") or "fill",
+                    "seeds": stats.paired_seed_difference([r["perplexity"] for r in first], [r["perplexity"] for r in mine]),
+                    "per_seed": [{k: p[k] for k in ("diff", "diff_ci", "rel_pct", "rel_pct_ci", "verdict")}
+                                 for p in (paired_rows([a, b])[0] for a, b in zip(first, mine))]}
     return out
+
+
+def _cache_summary(label: str, bases: list[dict], rows: list[dict]) -> dict:
+    """One config's seeds with one mixture of the cache, each against itself without it."""
+    from memtx.evaluation import cache_paired_rows
+    runs = []
+    for seed, (base, row) in enumerate(zip(bases, rows)):
+        paired, = cache_paired_rows([base, row])
+        fit = row["cache"]
+        runs.append({"seed": seed, "without": base["perplexity"], "with": row["perplexity"],
+                     "diff": paired["diff"], "diff_ci": paired["diff_ci"], "rel_pct": paired["rel_pct"],
+                     "rel_pct_ci": paired["rel_pct_ci"], "verdict": paired["verdict"],
+                     "first_64": row.get("first_64_positions"),
+                     "fit": {k: fit[k] for k in ("theta", "lam", "fill")} | ({"gate": True} if fit.get("gate") else {}),
+                     "eval_json": row["json_path"]})
+    return {"label": label, "size": rows[0]["cache_size"], "mixture": rows[0].get("cache_mixture") or "fill",
+            "runs": runs, "rel_pct": stats.seed_summary([r["rel_pct"] for r in runs]),
+            "every_seed_better": all(r["verdict"] == "better" for r in runs)}
 
 
 def summarize(specs: list[ConfigSpec], cfgs: dict[str, list[Config]], evals: dict, args: argparse.Namespace,
@@ -276,26 +298,39 @@ def format_report(result: dict) -> str:
 
 
 def format_cache(cache: list[dict], ev: dict) -> str:
-    """Every config and seed without and with the output cache, and each config's mean over seeds."""
+    """Every config (and mixture) and seed without and with the output cache, each's mean over
+    seeds, and the mixtures against each other."""
     from memtx.metrics import markdown_table
-    rows = []
+    rows, against = [], []
     for c in cache:
+        name = c["label"] + (f" ({c['mixture']})" if c["mixture"] != "fill" else "")
         for r in c["runs"]:
             first = r["first_64"]
-            rows.append([c["label"], str(r["seed"]), f"{r['without']:.3f}", f"{r['with']:.3f}",
+            fitted = (f"learned gate, theta {r['fit']['theta']:g}" if r["fit"].get("gate") else
+                      f"theta {r['fit']['theta']:g}, lambda {r['fit']['lam']:g}, fill {r['fit']['fill']:g}")
+            rows.append([name, str(r["seed"]), f"{r['without']:.3f}", f"{r['with']:.3f}",
                          f"{r['diff']:+.3f} [{r['diff_ci'][0]:+.3f}, {r['diff_ci'][1]:+.3f}]",
                          f"{r['rel_pct']:+.1f}% [{r['rel_pct_ci'][0]:+.1f}%, {r['rel_pct_ci'][1]:+.1f}%]", r["verdict"],
-                         f"{first['model_nll']:.3f} / {first['nll']:.3f}" if first else "-",
-                         f"theta {r['fit']['theta']:g}, lambda {r['fit']['lam']:g}, fill {r['fit']['fill']:g}"])
+                         f"{first['model_nll']:.3f} / {first['nll']:.3f}" if first else "-", fitted])
         s = c["rel_pct"]
-        rows.append([f"**{c['label']}**", f"mean of {s['n']}", "", "", "",
+        rows.append([f"**{name}**", f"mean of {s['n']}", "", "", "",
                      f"{s['mean']:+.1f}%" + (f" [{s['ci'][0]:+.1f}%, {s['ci'][1]:+.1f}%]" if s["ci"] else ""),
                      "every seed better" if c["every_seed_better"] else "not every seed better", "", ""])
-    return (f"the output cache ({cache[0]['size']} entries, continuous; fitted per checkpoint on other documents), "
+        if c.get("against"):
+            a, d = c["against"], c["against"]["seeds"]
+            against.append([name, a["mixture"], f"{d['mean']:+.3f}" + (f" [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}]" if d["ci"] else ""),
+                            d["verdict"], " ".join(f"{p['rel_pct']:+.2f}% ({p['verdict']})" for p in a["per_seed"])])
+    text = (f"the output cache ({cache[0]['size']} entries, continuous; fitted per checkpoint on other documents), "
             f"each checkpoint against itself without it on the same {ev['documents']} {ev['split']} documents "
             "(95% bootstrap intervals over documents; the mean's is a t-interval over seeds):\n"
             + markdown_table(["config", "seed", "perplexity without", "with the cache", "difference", "relative",
                               "verdict", "first 64 positions' NLL without / with", "fitted"], rows))
+    if against:
+        text += ("\nthe cache's weight compared: perplexity with one mixture minus with another, seed by seed "
+                 "(t-interval over seeds), and per seed on the same documents (bootstrap):\n"
+                 + markdown_table(["config (mixture)", "minus", "mean difference [95%]", "verdict over seeds",
+                                   "per seed: relative (verdict)"], against))
+    return text
 
 
 def plot(result: dict, path: str) -> bool:
@@ -310,7 +345,7 @@ def plot(result: dict, path: str) -> bool:
     configs = result["configs"]
     fig, axes = plt.subplots(1, 2, figsize=(4 + 1.2 * len(configs), 4))
     for ax, key, name in [(axes[0], "train_loss_last", "train_loss"), (axes[1], "perplexity", "perplexity")]:
-        cache = {c["label"]: c for c in result.get("output_cache") or []}
+        cache = {c["label"]: c for c in reversed(result.get("output_cache") or [])}  # each config's first mixture
         for i, c in enumerate(configs):
             ax.plot([i] * len(c["runs"]), [r[key] for r in c["runs"]], "o", color="C0", alpha=0.5,
                     label="seeds" if i == 0 else None)
@@ -379,6 +414,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-size", type=int, default=0,
                    help="also evaluate every checkpoint with the output cache of this many entries (e.g. 3072), "
                         "fitted on --cache-tune-docs other documents: a table with and without it")
+    p.add_argument("--cache-mixtures", default="fill",
+                   help="the cache's weight, a row each (comma-separated: fill, fixed, gate; see memtx.evaluate), "
+                        "each later one paired with the first over seeds")
     p.add_argument("--cache-tune-docs", type=int, default=32,
                    help="documents after the reported ones to fit the cache's settings on (default 32)")
     p.add_argument("--compilation-cache", help="JAX's persistent compilation cache for the seeds and evaluations to "

@@ -25,7 +25,7 @@ import math
 import os
 import sys
 
-from memtx import compilation_cache
+from memtx import cache_tuning, compilation_cache
 from memtx.cli import ArgumentParser, UsageError, parse_int_list, run_cli
 from memtx.config import stable_hash
 from memtx.data.fingerprint import corpus_fingerprint
@@ -49,6 +49,8 @@ def _cache(r: dict) -> str:
     c = r.get("cache")
     if not c:
         return "-"
+    if c.get("gate"):
+        return f"{c['scorer']} {c['size']}" + (f" top {c['k']}" if c["k"] else "") + f" (theta {c['theta']:g}, learned gate)"
     return (f"{c['scorer']} {c['size']}" + (f" top {c['k']}" if c["k"] else "")
             + f" (theta {c['theta']:g}, lambda {c['lam']:g}" + (f", fill {c['fill']:g}" if c["fill"] else "") + ")")
 
@@ -56,18 +58,20 @@ def _cache(r: dict) -> str:
 def format_cache_fits(rows: list[dict]) -> str:
     """What each output cache was fitted on, and its tuning-set perplexity with and without it."""
     header = ["run", "fitted on", "tokens", "perplexity without", "with the cache", "best fixed lambda", "grid edge",
-              "reported: first 64 positions' NLL without / with"]
-    lines = []
+              "learned gate", "reported: first 64 positions' NLL without / with"]
+    lines, seen = [], set()
     for r in rows:
         fit = (r.get("cache") or {}).get("fit")
-        if not fit:
+        if not fit or (r["run_base"], r.get("knn_size"), r["cache_size"]) in seen:
             continue
+        seen.add((r["run_base"], r.get("knn_size"), r["cache_size"]))
         on = fit["tuned_on"]
         fixed = fit["fixed_lambda"]
-        lines.append([r["run"], f"{on['split']} documents {on['documents'][0]}-{on['documents'][1] - 1}",
+        lines.append([r["run_base"] + f" +cache {r['cache_size']}", f"{on['split']} documents {on['documents'][0]}-{on['documents'][1] - 1}",
                       f"{on['tokens']:,}", f"{fit['model_perplexity']:.3f}", f"{fit['perplexity']:.3f}",
                       f"theta {fixed['theta']:g} lambda {fixed['lam']:g}: {math.exp(fixed['nll']):.3f}",
                       ", ".join(fit["at_grid_edge"]) or "-",
+                      f"{math.exp(fit['gate']['nll']):.3f}" if fit.get("gate") else "-",
                       (lambda e: f"{e['model_nll']:.4f} / {e['nll']:.4f}")(r["first_64_positions"])
                       if r.get("first_64_positions") else "-"])
     return ("output cache settings, fitted on tuning documents that are not the reported ones:\n"
@@ -182,16 +186,19 @@ def plot_cache_scaling(rows: list[dict], path: str) -> bool:
     if plt is None:
         return False
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    runs = list(dict.fromkeys((r["run_base"], r.get("knn_size")) for r in rows))
+    runs = list(dict.fromkeys((r["run_base"], r.get("knn_size"), r.get("cache_mixture")) for r in rows
+                              if r.get("cache_size")))
     sizes = sorted({r.get("cache_size") or 0 for r in rows})
-    for index, (run, knn) in enumerate(runs):
-        mine = sorted((r for r in rows if r["run_base"] == run and r.get("knn_size") == knn), key=lambda r: r.get("cache_size") or 0)
+    for index, (run, knn, mixture) in enumerate(runs):
+        mine = sorted((r for r in rows if r["run_base"] == run and r.get("knn_size") == knn
+                       and (not r.get("cache_size") or r.get("cache_mixture") == mixture)),
+                      key=lambda r: r.get("cache_size") or 0)
         x = [sizes.index(r.get("cache_size") or 0) for r in mine]
         y = [r["perplexity"] for r in mine]
         err = [[p - (r.get("perplexity_ci95") or [p, p])[0] for p, r in zip(y, mine)],
                [(r.get("perplexity_ci95") or [p, p])[1] - p for p, r in zip(y, mine)]]
         ax.errorbar(x, y, yerr=err, fmt="o-", capsize=3, color=f"C{index % 10}",
-                    label=run + (f" (kNN {knn})" if knn is not None else ""))
+                    label=run + (f" (kNN {knn})" if knn is not None else "") + (f", {mixture}" if mixture not in (None, "fill") else ""))
     ax.set_xticks(range(len(sizes)), [str(s) if s else "none" for s in sizes])
     ax.set(xlabel="output cache size (entries per document)", ylabel="perplexity (95% bootstrap interval)",
            title=f"{rows[0]['split']} perplexity with the output cache ({rows[-1].get('documents', '?')} documents)")
@@ -210,6 +217,9 @@ def main(args: argparse.Namespace, rest: list[str]) -> int:
     initialize_from_env()  # several processes: before JAX touches a device
     sizes = parse_int_list("--knn-sizes", args.knn_sizes) if args.knn_sizes is not None else None
     cache_sizes = parse_int_list("--cache-sizes", args.cache_sizes) if args.cache_sizes is not None else []
+    mixtures = tuple(dict.fromkeys(m.strip() for m in args.cache_mixtures.split(",")))
+    if not all(m in cache_tuning.MIXTURES for m in mixtures):
+        raise UsageError(f"--cache-mixtures '{args.cache_mixtures}': each one of {', '.join(cache_tuning.MIXTURES)}")
     cache = None
     if cache_sizes:
         if args.cache_tune_docs < 1:
@@ -247,7 +257,7 @@ def main(args: argparse.Namespace, rest: list[str]) -> int:
             for row in evaluate_workdir(workdir, cfg, step=args.step, knn_sizes=sizes, local_window=window,
                                         far_reach=far_reach, copy_ngram=args.copy_ngram, name=name, overrides=rest,
                                         cache_sizes=cache_sizes, cache=cache, cache_tune_docs=args.cache_tune_docs,
-                                        cache_fit=args.cache_fit)]
+                                        cache_fit=args.cache_fit, cache_mixtures=mixtures)]
     if not is_main_process():
         return 0
     print(format_table(rows))
@@ -307,6 +317,10 @@ def parser() -> argparse.ArgumentParser:
                    help="fit theta, lambda and fill on this many documents of the split after the reported "
                         "data.eval_max_docs (default 32); the fit is saved as WORKDIR/cache_fit_*.json")
     p.add_argument("--cache-fit", help="a saved cache_fit_*.json to use instead of fitting")
+    p.add_argument("--cache-mixtures", default="fill",
+                   help="how the cache's weight is set, a row each (comma-separated): fill (lambda * n / (n + fill), "
+                        "the grid's best), fixed (the best fixed lambda), gate (a logistic gate from h, the fill and "
+                        "the best match, fitted on the tuning documents)")
     p.add_argument("--copy-ngram", type=int, default=DEFAULT_NGRAM,
                    help=f"tokens before a target that make its copyability n-gram (default {DEFAULT_NGRAM})")
     p.add_argument("--far-reach", type=int, help="a target whose n-gram last occurred further back than the local "

@@ -44,7 +44,8 @@ def stream_documents(setup: state_lib.Setup, params, source_fn: SourceFn, step_f
     the sums added over all segments as float64 numpy values, with "documents" (how many were
     read) and "skipped_documents". Evaluation and the studies share it.
 
-    A per-token `nll_BN` in the step's output is not summed: it goes, with what each row holds
+    Outputs named "per_token_*" ([B, N, ...]) are not summed but stacked, every process's rows
+    together ([segments * B, N, ...]). A per-token `nll_BN` in the step's output is not summed: it goes, with what each row holds
     (document id = index in the evaluation order * shards + shard; target offsets), to
     `breakdown` (then gathered from every process)."""
     cfg = setup.cfg
@@ -64,11 +65,15 @@ def stream_documents(setup: state_lib.Setup, params, source_fn: SourceFn, step_f
         Progress(source.num_docs or 0, unit="documents")
     sums, pending, pending_rows = {}, [], []
 
+    collected = {}
+
     def accumulate():
         for step_sums, row_segments in zip(jax.device_get(pending), pending_rows):
             nll_BN = step_sums.pop("nll_BN", None)
             if breakdown is not None and nll_BN is not None:
                 breakdown.add(row_segments, nll_BN[first_row:first_row + rows])
+            for key in [k for k in step_sums if k.startswith("per_token_")]:  # [B, N, ...]: this process's rows
+                collected.setdefault(key, []).append(np.asarray(step_sums.pop(key))[first_row:first_row + rows])
             for key, value in step_sums.items():
                 sums[key] = sums.get(key, 0.0) + np.asarray(value, np.float64)
         pending.clear()
@@ -107,6 +112,11 @@ def stream_documents(setup: state_lib.Setup, params, source_fn: SourceFn, step_f
         from jax.experimental import multihost_utils
         counts = multihost_utils.process_allgather(counts).sum(axis=0)
     sums["documents"], sums["skipped_documents"], sums["bytes"] = counts
+    for key, parts in collected.items():  # every segment's rows, [segments * rows, N, ...]
+        sums[key] = np.concatenate(parts)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            sums[key] = np.asarray(multihost_utils.process_allgather(sums[key], tiled=True))
     if breakdown is not None:
         breakdown.gather()
     return sums
@@ -200,6 +210,18 @@ def fit_cache(setup: state_lib.Setup, params, spec: CacheSpec, count: int, verbo
     return cache_tuning.record(sums, the_grid, setup.cfg, first, n)
 
 
+def fit_gate(setup: state_lib.Setup, params, spec: CacheSpec, record: dict, count: int, verbose: bool = True) -> dict:
+    """The learned gate (cache_tuning.train_gate) on the same tuning documents as `record`'s grid
+    fit, with its theta: one more pass collects each token's model NLL, cache log-probability and
+    gate features. Returns the record with "gate"."""
+    source_fn, _, _ = cache_tuning.tuning_source(setup.cfg, count)
+    best = cache_tuning.fitted_spec(spec, record)
+    B = setup.cfg.data.eval_batch_size
+    sums = stream_documents(setup, params, source_fn, make_cache_eval_step(setup, best, collect=True), verbose=verbose,
+                            label=f"fitting the cache's gate ({spec.size})", init_memory=lambda: init_cache_memory(setup, best, B))
+    return {**record, "gate": cache_tuning.train_gate(sums, best.lam)}
+
+
 def cache_paired_rows(rows: list[dict]) -> list[dict]:
     """Each output-cache row against the same run's row without it (same kNN size), on the same documents."""
     out = []
@@ -265,13 +287,16 @@ def evaluate_workdir(workdir: str, cfg: Config, *, step: int | None = None, knn_
                      local_window: int | None = None, far_reach: int = DEFAULT_FAR_REACH,
                      copy_ngram: int = DEFAULT_NGRAM, reuse: bool = False, name: str | None = None,
                      overrides: list[str] = (), cache_sizes: list[int] = (), cache: CacheSpec | None = None,
-                     cache_tune_docs: int = 32, cache_fit: str | None = None) -> list[dict]:
+                     cache_tune_docs: int = 32, cache_fit: str | None = None,
+                     cache_mixtures: tuple[str, ...] = ("fill",)) -> list[dict]:
     """Evaluates one work directory's checkpoint (`step`, default the latest) under `cfg`, at each
     of `knn_sizes` if it has a kNN memory; writes each result's JSON (see `result_path`) and returns
     the results. `reuse`: a result already written for the same evaluation and copyability settings
     is read back instead of evaluated again. `cache_sizes`: also a row with the output cache of each
     size above 0 (`cache` gives its scorer, k, normalisation and backend), fitted on
-    `cache_tune_docs` tuning documents (memtx/cache_tuning.py) or read from `cache_fit`."""
+    `cache_tune_docs` tuning documents (memtx/cache_tuning.py) or read from `cache_fit`, a row per
+    `cache_mixtures` (cache_tuning.MIXTURES: "fill" is the row "RUN +cache S", the others
+    "RUN +cache S fixed" and "RUN +cache S gate")."""
     setups = []
     for size in knn_sizes if knn_sizes and cfg.model.knn.enabled else [None]:
         c = copy.deepcopy(cfg)
@@ -295,8 +320,10 @@ def evaluate_workdir(workdir: str, cfg: Config, *, step: int | None = None, knn_
     fit_record = cache_tuning.load_fit(cache_fit, cache) if cache_sizes and cache_fit else None
     if cache_sizes and cache_fit is None:
         cache_tuning.tuning_documents(cfg, cache_tune_docs)  # its one-line errors before anything runs
-    rows, params = [], None
-    for setup, cache_size in [(setup, size) for setup in setups for size in [0, *cache_sizes]]:
+    rows, params, fits_by_size = [], None, {}
+    runs = [(setup, size, mixture) for setup in setups for size in [0, *cache_sizes]
+            for mixture in (cache_mixtures if size else [None])]
+    for setup, cache_size, mixture in runs:
         m = setup.cfg.model
         knn_size = m.knn.size if m.knn.enabled else None
         identity = _json_ready({"split": cfg.data.eval_split, "corpus": fingerprint, "max_docs": cfg.data.eval_max_docs,
@@ -307,16 +334,29 @@ def evaluate_workdir(workdir: str, cfg: Config, *, step: int | None = None, knn_
             if params is None:
                 params = ckpt.restore_params(step, setups[0].abstract_state["params"])
             spec = dataclasses.replace(cache, size=cache_size)
-            record = fit_record
+            fits = fits_by_size if fit_record is None else {cache_size: fit_record}
+            record = fits.get(cache_size)
+            saved = cache_tuning.fit_path(workdir, spec, step, identity)
+            if record is None and reuse and os.path.exists(saved):  # fitted before: the same documents
+                record = cache_tuning.load_fit(saved, spec)
+                main_print(f"{workdir}: the output cache's fit read from {saved}", flush=True)
+            refit = record is None or (mixture == "gate" and "gate" not in record)
             if record is None:
                 main_print(f"{workdir}: fitting the output cache ({spec.scorer}, {cache_size} entries) on "
                            f"{cache_tune_docs} tuning documents", flush=True)
                 record = fit_cache(setup, params, spec, cache_tune_docs, verbose=is_main_process())
-                if is_main_process():
-                    fit_file = cache_tuning.fit_path(workdir, spec, step, identity)
-                    cache_tuning.save_fit(fit_file, spec, record, identity)
-                    record = {**record, "saved_to": fit_file}
-            spec = cache_tuning.fitted_spec(spec, record)
+            if mixture == "gate" and "gate" not in record:
+                if cache_fit is not None:
+                    raise UsageError(f"--cache-fit {cache_fit} has no learned gate: fit one without --cache-fit")
+                main_print(f"{workdir}: fitting the output cache's gate ({cache_size} entries) on the same "
+                           f"{cache_tune_docs} tuning documents", flush=True)
+                record = fit_gate(setup, params, spec, record, cache_tune_docs, verbose=is_main_process())
+            if refit and is_main_process():
+                cache_tuning.save_fit(saved, spec, {k: v for k, v in record.items() if k not in ("saved_to", "loaded_from")},
+                                      identity)
+                record = {**record, "saved_to": saved}
+            fits[cache_size] = record
+            spec = cache_tuning.mixture_spec(spec, record, mixture)
             identity["cache"] = _json_ready(dataclasses.asdict(spec))
         path = result_path(workdir, identity)
         if reuse and os.path.exists(path):
@@ -341,7 +381,9 @@ def evaluate_workdir(workdir: str, cfg: Config, *, step: int | None = None, knn_
                               init_memory=lambda: init_cache_memory(setup, spec, B))
             result["cache"] = {**dataclasses.asdict(spec), "fit": record}
         result.update(cache_size=cache_size, run_base=name or os.path.basename(os.path.normpath(workdir)))
-        result.update(run=result["run_base"] + (f" +cache {cache_size}" if cache_size else ""), split=cfg.data.eval_split, mem_len=m.mem_len,
+        result.update(cache_mixture=mixture,
+                      run=result["run_base"] + (f" +cache {cache_size}" if cache_size else "")
+                      + (f" {mixture}" if mixture not in (None, "fill") else ""), split=cfg.data.eval_split, mem_len=m.mem_len,
                       memory=m.memory, knn_size=knn_size, seq_len=cfg.data.seq_len, step=step,
                       corpus=fingerprint, identity=identity, overrides=list(overrides),
                       config_sha256=config_hash(setup.cfg))

@@ -18,11 +18,19 @@ the same `model.apply` as training and evaluation and the logits equal the teach
 
 LaMemo has no such cache: its memory is refreshed by looking ahead at the whole segment, so each
 token runs one forward of the whole (padded) segment, O(N) work per token.
+
+With --cache-fit (a fit `memtx.evaluate --cache-sizes` saved) tokens are drawn from the model mixed
+with the output cache (memtx/memory/output_cache.py) as evaluation scores them: the store holds the
+(output state, next token) pairs of the document's completed segments (a completed segment is
+written when the token after it arrives: its last pair's next token), and each position also reads
+its segment's earlier positions. The mixed log-probabilities equal the teacher-forced ones
+(tests/test_generate.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -31,14 +39,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from memtx import compilation_cache
+from memtx import cache_tuning, compilation_cache
 from memtx import state as state_lib
 from memtx.checkpoint import run_checkpointer
 from memtx.cli import ArgumentParser, UsageError, resolve_config, run_cli
 from memtx.config import Config
 from memtx.data import tokenizer
 from memtx.data.vocab import load_vocab
-from memtx.memory import model_memory, registry
+from memtx.memory import model_memory, output_cache, registry
+from memtx.memory.output_cache import CacheSpec
 from memtx.model import TransformerLM
 
 
@@ -47,7 +56,7 @@ class Generator:
     document left), `segment` (the inputs of the current segment, fewer than N) and the logits
     that predict the token after the last input."""
 
-    def __init__(self, cfg: Config, params, pad_id: int, kv_cache: bool = True):
+    def __init__(self, cfg: Config, params, pad_id: int, kv_cache: bool = True, cache: CacheSpec | None = None):
         self.cfg = cfg
         self.model = TransformerLM(cfg.model)
         self.pad_id = pad_id  # padded inputs after the last real one: causal attention never reads them
@@ -59,19 +68,35 @@ class Generator:
         # `kv_cache=False`: every token runs the whole segment (for comparisons).
         self.cached = kv_cache and registry.of(cfg.model).kv_cache
 
+        # The output cache (`cache`): the model's output states come back with its logits.
+        self.cache_spec = cache
+        mutable = ["intermediates"] if cache is not None else False
+
+        def hidden(state):
+            return state["intermediates"]["output_hidden"][0][0].astype(jnp.float32) if cache is not None else None
+
         def forward(params, memory, inputs_1N, num_valid_1, reset_1):
             memory = model_memory.reset_rows(memory, reset_1)
-            out = self.model.apply({"params": params}, inputs_1N, memory, num_valid_1, return_cache=self.cached)
-            return out[0][0].astype(jnp.float32), out[1], (out[2] if self.cached else None)
+            out, state = self.model.apply({"params": params}, inputs_1N, memory, num_valid_1, return_cache=self.cached,
+                                          mutable=mutable) if mutable else (self.model.apply(
+                {"params": params}, inputs_1N, memory, num_valid_1, return_cache=self.cached), None)
+            return out[0][0].astype(jnp.float32), out[1], (out[2] if self.cached else None), hidden(state)
 
         def decode(params, memory, cache, token_11, position, reset_1):
             memory = model_memory.reset_rows(memory, reset_1)
-            logits_11V, _, cache = self.model.apply({"params": params}, token_11, memory, None, cache=cache,
-                                                    position=position)
-            return logits_11V[0, 0].astype(jnp.float32), cache
+            out, state = self.model.apply({"params": params}, token_11, memory, None, cache=cache, position=position,
+                                          mutable=mutable) if mutable else (self.model.apply(
+                {"params": params}, token_11, memory, None, cache=cache, position=position), None)
+            logits_11V, _, cache = out
+            return logits_11V[0, 0].astype(jnp.float32), cache, hidden(state)
 
         self._forward = jax.jit(forward)
         self._decode = jax.jit(decode, donate_argnums=2)
+        if cache is not None:
+            self._mix = jax.jit(self._mixed_log_probs)
+            self._write = jax.jit(self._write_segment, donate_argnums=0)
+            self.h_ND = np.zeros((self.N, cfg.model.d_model), np.float32)  # output states of the current segment
+            self.pending = None  # (output states, inputs) of the completed segment not yet in the store
         self.memory = model_memory.init(cfg.model, 1)
         self.segment: list[int] = []
         self.first_segment = True  # the next full segment starts a document: reset its row
@@ -94,21 +119,63 @@ class Generator:
                              np.array([self.first_segment]))
 
     def start_document(self, bos_id: int) -> None:
-        """A new document: the memory row is reset when its first segment is run."""
+        """A new document: the memory row is reset when its first segment is run (the output cache now)."""
         self.segment, self.first_segment, self.logits = [], True, None
         self.cache, self.cached_len = None, 0
+        if self.cache_spec is not None:
+            spec = self.cache_spec
+            self.store = output_cache.init(1, spec.size, spec.key_dim(self.cfg.model.d_model))
+            self.pending = None
         self.feed([bos_id])
+
+    # ---------------------------------------------------------------- the output cache
+
+    def _mixed_log_probs(self, store, h_1ND, targets_1N, num_valid_1, logits_V, row):
+        """log p of the token after segment position `row`: the model's logits mixed with the cache,
+        which holds the store and the segment's positions before `row` (`num_valid` = row of them,
+        their next tokens in `targets`): evaluation's computation (step.make_cache_eval_step) at `row`."""
+        spec = self.cache_spec
+        keys, queries = output_cache.keys_and_queries(h_1ND, spec)
+        scores, tokens, valid, n_BN = output_cache.candidates(store, queries, keys, targets_1N, num_valid_1, spec)
+        w_BN = output_cache.mixture_weight(spec, n_BN, h_1ND, scores, valid)
+        pick = lambda x: jax.lax.dynamic_slice_in_dim(x, row, 1, axis=1)  # noqa: E731
+        logp_V = jax.nn.log_softmax(logits_V)
+        return output_cache.log_distribution(logp_V[None, None], pick(scores), pick(tokens), pick(valid), spec.theta,
+                                             pick(w_BN))[0, 0]
+
+    def _write_segment(self, store, h_1ND, targets_1N):
+        keys, _ = output_cache.keys_and_queries(h_1ND, self.cache_spec)
+        return output_cache.write(store, keys, targets_1N, jnp.array([self.N], jnp.int32))
+
+    def _with_cache(self, logits_V, n: int) -> jax.Array:
+        """The logits of the token after segment position n - 1 mixed with the output cache."""
+        targets = np.full((1, self.N), self.pad_id, np.int32)
+        targets[0, :n - 1] = self.segment[1:n]
+        return self._mix(self.store, self.h_ND[None], targets, np.array([n - 1], np.int32), logits_V, np.int32(n - 1))
+
+    def _flush(self, next_token: int) -> None:
+        """The completed segment goes into the store now that its last position's next token is known."""
+        h_ND, inputs = self.pending
+        targets = np.array([[*inputs[1:], next_token]], np.int32)
+        self.store = self._write(self.store, h_ND[None], targets)
+        self.pending = None
 
     def feed(self, tokens) -> None:
         """Appends inputs; every segment that fills up runs once and is rolled into memory."""
         tokens = [int(t) for t in tokens]
         while tokens:
+            if self.cache_spec is not None and self.pending is not None:
+                self._flush(tokens[0])
             take = self.N - len(self.segment)
             self.segment += tokens[:take]
             tokens = tokens[take:]
             if len(self.segment) == self.N:
-                logits_NV, self.memory, _ = self._run(self.segment)
+                logits_NV, self.memory, _, h_ND = self._run(self.segment)
                 self.logits = logits_NV[-1]
+                if self.cache_spec is not None:
+                    self.h_ND = np.array(h_ND)
+                    self.logits = self._with_cache(self.logits, self.N)
+                    self.pending = (self.h_ND.copy(), list(self.segment))
                 self.segment, self.first_segment = [], False
                 self.cache, self.cached_len = None, 0
             else:
@@ -121,13 +188,19 @@ class Generator:
             if not n:
                 raise ValueError("no input yet: call start_document first")
             if self.cache is not None and self.cached_len == n - 1:  # one new token: a cached step
-                self.logits, self.cache = self._decode(
+                self.logits, self.cache, h_1D = self._decode(
                     self.params, self.memory, self.cache, np.array([[self.segment[-1]]], np.int32),
                     np.int32(n - 1), np.array([self.first_segment]))
                 self.decodes += 1
+                if self.cache_spec is not None:
+                    self.h_ND[n - 1] = np.asarray(h_1D)[0]
             else:  # the segment's first forward (the memory it would write is dropped)
-                logits_NV, _, self.cache = self._run(self.segment)
+                logits_NV, _, self.cache, h_ND = self._run(self.segment)
                 self.logits = logits_NV[n - 1]
+                if self.cache_spec is not None:
+                    self.h_ND[:n] = np.asarray(h_ND)[:n]
+            if self.cache_spec is not None:
+                self.logits = self._with_cache(self.logits, n)
             self.cached_len = n
         return np.asarray(self.logits)
 
@@ -211,12 +284,22 @@ def main(args: argparse.Namespace, rest: list[str]) -> int:
             prompt = f.read()
     else:
         prompt = args.prompt.encode()
+    cache = cache_tuning.load_spec(args.cache_fit) if args.cache_fit else None
+    if args.cache_size is not None:
+        if cache is None:
+            raise UsageError("--cache-size needs --cache-fit (the cache's fitted settings)")
+        if args.cache_size < 1:
+            raise UsageError(f"--cache-size must be >= 1, got {args.cache_size}")
+        cache = dataclasses.replace(cache, size=args.cache_size)
     cfg, params, step = load(args.workdir, args.config, rest, args.step)
     vocab = load_vocab(cfg.data.vocab)
-    gen = Generator(cfg, params, vocab.pad_id)
+    gen = Generator(cfg, params, vocab.pad_id, cache=cache)
     ids = vocab.encode(prompt)
     m = cfg.model
     memory = registry.describe(m)
+    if cache is not None:
+        memory += (f"; output cache {cache.scorer} {cache.size}" + (f" top {cache.k}" if cache.k else "")
+                   + f" (theta {cache.theta:g}, lambda {cache.lam:g}, fill {cache.fill:g})")
     print(f"{args.workdir} step {step}: {memory}, segment {cfg.data.seq_len}; prompt {len(ids):,} tokens",
           file=sys.stderr, flush=True)
     # Never padding; a document start (or the byte vocabulary's reserved EOS) ends the continuation.
@@ -257,6 +340,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus: the smallest set with this probability")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--greedy", action="store_true", help="always the most likely token")
+    p.add_argument("--cache-fit", help="mix in the output cache with the settings `memtx.evaluate --cache-sizes` "
+                                       "fitted and saved (WORKDIR/cache_fit_*.json)")
+    p.add_argument("--cache-size", type=int, help="the output cache's entries (default: the fit's)")
     p.add_argument("--echo", action="store_true", help="print the prompt before the continuation")
     return p
 

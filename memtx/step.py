@@ -140,11 +140,13 @@ def init_cache_memory(setup: Setup, spec: output_cache.CacheSpec, batch_size: in
     return {"model": init_memory_sharded(setup, batch_size), "cache": cache}
 
 
-def make_cache_eval_step(setup: Setup, spec: output_cache.CacheSpec, grid: tuple | None = None):
+def make_cache_eval_step(setup: Setup, spec: output_cache.CacheSpec, grid: tuple | None = None, collect: bool = False):
     """The eval step with the output cache (memtx/memory/output_cache.py) beside the model's memory:
     (params, {"model": memory, "cache": cache}, batch) -> (memory, sums). Sums: the mixed NLL under
     `spec` ("nll", and "nll_BN" for the breakdowns), the model's alone ("model_nll") and "tokens";
-    with `grid` = (thetas, lams, fills), "grid_nll" [thetas, lams, fills] instead (tuning)."""
+    with `grid` = (thetas, lams, fills), "grid_nll" [thetas, lams, fills] instead (tuning); with
+    `collect`, also each token's model NLL, cache log-probability, gate features and readable
+    entries as "per_token_*" (stream_documents gathers them: the gate's fit)."""
     model = setup.model
 
     def eval_step(params, memory, batch):
@@ -162,7 +164,12 @@ def make_cache_eval_step(setup: Setup, spec: output_cache.CacheSpec, grid: tuple
             sums["grid_nll"] = output_cache.grid_nll(nll_BN, scores, tokens, valid, n_BN, targets_BN, weights_BN, *grid)
         else:
             logp_BN = output_cache.log_prob(scores, tokens, valid, targets_BN, spec.theta)
-            mixed_BN = jnp.where(weights_BN > 0, output_cache.mixed_nll(nll_BN, logp_BN, n_BN, spec.lam, spec.fill), 0.0)
+            w_BN = output_cache.mixture_weight(spec, n_BN, h_BND, scores, valid)
+            if collect:  # per token, for fitting the gate (evaluation.fit_cache)
+                sums.update(per_token_nll_model=nll_BN, per_token_logp_cache=logp_BN, per_token_scored=weights_BN > 0,
+                            per_token_features=output_cache.gate_features(h_BND, scores, valid, n_BN),
+                            per_token_n=n_BN)
+            mixed_BN = jnp.where(weights_BN > 0, output_cache.mix_nll(nll_BN, logp_BN, w_BN), 0.0)
             sums.update(nll_BN=mixed_BN, nll=jnp.sum(mixed_BN))
             # A document's first 64 positions: where the cache is nearly empty and a fixed lambda hurt in the probe.
             early_BN = (cache["seen"][:, None] + jnp.arange(weights_BN.shape[1])[None, :] < 64) & (weights_BN > 0)

@@ -66,12 +66,20 @@ def test_two_configs_two_seeds_on_the_same_batches(tmp_path, capsys):
     assert json.loads((out / "compare.json").read_text()) == result
 
     # With the output cache: each checkpoint again with it (fitted on the other two documents), a
-    # row per config and seed against itself without it, on the same documents.
-    assert _compare([*argv, "--cache-size", "64", "--cache-tune-docs", "2"]) == 0
+    # row per config, mixture and seed against itself without it, on the same documents; the
+    # learned gate's rows paired with the fill-dependent lambda's over seeds.
+    assert _compare([*argv, "--cache-size", "64", "--cache-tune-docs", "2", "--cache-mixtures", "fill,gate"]) == 0
     printed = capsys.readouterr().out
     cached = json.loads((out / "compare.json").read_text())
-    assert cached["configs"] == result["configs"] and len(cached["output_cache"]) == 2
-    for c, base in zip(cached["output_cache"], result["configs"]):
+    assert cached["configs"] == result["configs"] and len(cached["output_cache"]) == 4
+    assert [(c["label"], c["mixture"]) for c in cached["output_cache"]] == [
+        ("tiny", "fill"), ("tiny", "gate"), ("fast", "fill"), ("fast", "gate")]
+    for gated, fill in zip(cached["output_cache"][1::2], cached["output_cache"][0::2]):
+        against = gated["against"]
+        assert against["mixture"] == "fill" and all(r["fit"].get("gate") for r in gated["runs"])
+        assert against["seeds"]["mean"] == pytest.approx(
+            sum(g["with"] - f["with"] for g, f in zip(gated["runs"], fill["runs"])) / 2)
+    for c, base in zip(cached["output_cache"][0::2], result["configs"]):
         assert c["label"] == base["label"] and c["size"] == 64 and [r["seed"] for r in c["runs"]] == [0, 1]
         for r, b in zip(c["runs"], base["runs"]):
             assert r["without"] == b["perplexity"]
@@ -80,9 +88,12 @@ def test_two_configs_two_seeds_on_the_same_batches(tmp_path, capsys):
             assert r["diff_ci"][0] <= r["diff"] <= r["diff_ci"][1] and r["verdict"] in ("within noise", "better", "worse")
             assert "_cache64" in r["eval_json"] and 0 <= r["fit"]["lam"] < 1
         assert c["rel_pct"]["mean"] == pytest.approx(sum(r["rel_pct"] for r in c["runs"]) / 2)
-    table = printed[printed.index("the output cache (64 entries"):printed.index("numbers written")].splitlines()
-    assert len(table) == 3 + 3 * 2 and table[3].split("|")[1].strip() == "tiny"
-    assert f"{cached['output_cache'][1]['rel_pct']['mean']:+.1f}%" in table[-1]
+    table = printed[printed.index("the output cache (64 entries"):printed.index("the cache's weight compared")].splitlines()
+    assert len(table) == 3 + 4 * 3 and table[3].split("|")[1].strip() == "tiny"
+    assert table[6].split("|")[1].strip() == "tiny (gate)"
+    assert f"{cached['output_cache'][2]['rel_pct']['mean']:+.1f}%" in table[-4]
+    weights = printed[printed.index("the cache's weight compared"):].splitlines()
+    assert [line.split("|")[1].strip() for line in weights[3:5]] == ["tiny (gate)", "fast (gate)"]
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -17,9 +17,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from memtx.cache_tuning import save_fit
 from memtx.config import BlockRecurrentConfig, CompressiveConfig, Config, DataConfig, KNNConfig, ModelConfig
 from memtx.generate import Generator, generate, sample
-from memtx.memory import model_memory, registry
+from memtx.memory import model_memory, output_cache, registry
+from memtx.memory.output_cache import CacheSpec
 from memtx.model import TransformerLM, init_memory
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -110,6 +112,63 @@ def test_greedy_logits_equal_the_teacher_forced_forward(kind):
         assert gen.decodes >= 10 and gen.forwards < gen.decodes
 
 
+def teacher_forced_mixed(cfg, model, params, documents, spec):
+    """Log-probabilities [len(doc) + 1, V] of the model mixed with the output cache, read as
+    evaluation reads each document (BOS + tokens in whole segments; the store written after each
+    segment is scored, reset at each document) through output_cache's functions."""
+    memory = init_memory(cfg.model, 1)
+    out = []
+    for doc in documents:
+        inputs, targets = np.array([BOS, *doc], np.int32), np.array([*doc, PAD], np.int32)
+        assert len(inputs) % N == 0  # whole segments (LaMemo's last, shorter one is another computation)
+        store = output_cache.init(1, spec.size, spec.key_dim(cfg.model.d_model))
+        rows = []
+        for s in range(0, len(inputs), N):
+            memory = model_memory.reset_rows(memory, jnp.array([s == 0]))
+            (logits, memory), state = model.apply({"params": params}, jnp.asarray(inputs[None, s:s + N]), memory,
+                                                  jnp.array([N], jnp.int32), mutable=["intermediates"])
+            keys, queries = output_cache.keys_and_queries(state["intermediates"]["output_hidden"][0], spec)
+            seg_targets, num_valid = jnp.asarray(targets[None, s:s + N]), jnp.array([N], jnp.int32)
+            scores, tokens, valid, n = output_cache.candidates(store, queries, keys, seg_targets, num_valid, spec)
+            h = state["intermediates"]["output_hidden"][0]
+            logp = output_cache.log_distribution(jax.nn.log_softmax(logits), scores, tokens, valid, spec.theta,
+                                                 output_cache.mixture_weight(spec, n, h, scores, valid))
+            rows.append(np.asarray(logp[0]))
+            store = output_cache.write(store, keys, seg_targets, num_valid)
+        out.append(np.concatenate(rows))
+    return out
+
+
+@pytest.mark.parametrize("kind, spec", [
+    ("xl", CacheSpec(size=8, theta=4.0, lam=0.5, fill=2.0)),  # 17 pairs per document: the store evicts
+    ("knn", CacheSpec(size=32, scorer="knn_lm", k=3, normalize=False, theta=0.5, lam=0.6)),
+    ("lamemo", CacheSpec(size=8, theta=8.0, lam=0.4)),  # a whole-segment forward per token
+    # a learned gate (16 + 2 features and a bias): the weight read from h and the candidates
+    ("rpe", CacheSpec(size=8, theta=4.0, gate=tuple(float(g) for g in np.random.default_rng(5).normal(size=19)))),
+])
+@pytest.mark.slow
+def test_generation_with_the_output_cache_equals_the_teacher_forced_mixture(kind, spec):
+    cfg, model, params = setup(kind)
+    gen = Generator(cfg, params, PAD, cache=spec)
+    rng = np.random.default_rng(0)
+    documents, drawn = [], []
+    for prompt_len, new in ((5, 12), (8, 9)):  # two documents: the second's store starts empty
+        prompt = list(rng.integers(0, 30, prompt_len))
+        tokens, logits = generate(gen, prompt, new, BOS, rng, greedy=True, allowed=30)
+        documents.append(prompt + tokens)
+        drawn.append((prompt_len, tokens, np.stack(logits)))
+    mixed = teacher_forced_mixed(cfg, model, params, documents, spec)
+    plain = teacher_forced_logits(cfg, model, params, documents)
+    for (prompt_len, tokens, logits), ref, model_only in zip(drawn, mixed, plain):
+        ref = ref[prompt_len:prompt_len + len(tokens)]
+        np.testing.assert_allclose(logits, ref, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(np.exp(ref).sum(-1), 1.0, atol=1e-5)  # a distribution over the vocabulary
+        assert tokens == [int(np.argmax(r[:30])) for r in ref]
+        # The cache changes what is drawn from (the check above compares two real mixtures).
+        model_logp = jax.nn.log_softmax(model_only[prompt_len:prompt_len + len(tokens)])
+        assert np.max(np.abs(np.asarray(model_logp) - ref)) > 0.1
+
+
 def test_the_second_document_does_not_see_the_first():
     """After start_document the memory row is reset: a document's logits do not depend on what
     the generator read before it."""
@@ -170,4 +229,12 @@ def test_command_line_continues_a_prompt_from_a_trained_run(tmp_path):
     again = run_cli("--workdir", str(tmp_path / "run"), "--prompt", "abcab" * 10, "--max-tokens", "40",
                     "--seed", "3", "--top-k", "5", cwd=tmp_path)
     assert again.stdout == out.stdout  # the seed fixes the sample
+    # With the output cache (a fit as memtx.evaluate saves it): drawn from the mixture.
+    fit = tmp_path / "fit.json"
+    save_fit(str(fit), CacheSpec(size=64, theta=16.0, lam=0.9), {"theta": 16.0, "lam": 0.9, "fill": 0.0}, {})
+    cached = run_cli("--workdir", str(tmp_path / "run"), "--prompt", "abcab" * 10, "--max-tokens", "40",
+                     "--seed", "3", "--top-k", "5", "--cache-fit", str(fit), "--cache-size", "32", cwd=tmp_path)
+    assert cached.returncode == 0, cached.stderr[-2000:]
+    assert "output cache continuous 32 (theta 16, lambda 0.9, fill 0)" in cached.stderr
+    assert "40 tokens generated" in cached.stderr and cached.stdout != out.stdout
     # Bad flags (no prompt, --top-p 0, ...) are one-line errors: tests/test_hostile_inputs.py, in-process.

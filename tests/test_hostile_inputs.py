@@ -207,6 +207,10 @@ CASES = [
      "--max-tokens"),
     ("gen_no_prompt", ("generate", ["--workdir", "@run"]), "exactly one of --prompt"),
     ("gen_prompt_file_missing", ("generate", ["--workdir", "@run", "--prompt-file", "/no/such"]), "/no/such"),
+    ("gen_cache_fit_missing", ("generate", ["--workdir", "@run", "--prompt", "x", "--cache-fit", "/no/fit.json"]),
+     "--cache-fit /no/fit.json: not a cache fit"),
+    ("gen_cache_size_without_fit", ("generate", ["--workdir", "@run", "--prompt", "x", "--cache-size", "8"]),
+     "--cache-size needs --cache-fit"),
 ]
 
 # (case id, environment, text the one error line must contain): the distributed start-up's checks

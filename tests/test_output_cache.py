@@ -2,6 +2,8 @@
 computation (both scorers, whole cache or top k, with resets, padding and eviction), no future
 leakage, lambda 0 giving the model exactly, and the store's size bounding what is seen."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -136,6 +138,32 @@ def test_lambda_zero_is_the_model_exactly_and_the_mixture_is_a_probability():
     np.testing.assert_array_equal(mixed[0][:, 0], nll_model[0][:, 0])
 
 
+@pytest.mark.parametrize("name", ["continuous", "knn_lm"])
+def test_the_whole_distribution_is_normalised_and_scores_the_target_as_evaluation_does(name):
+    """log_distribution (what generation samples from) over the whole vocabulary: it sums to 1 and
+    at each target equals -mixed_nll (what evaluation scores)."""
+    spec = dataclasses.replace(SPECS[name], lam=0.5, fill=2.0)
+    rng = np.random.default_rng(4)
+    cache = output_cache.init(B, spec.size, spec.key_dim(D))
+    for seg in segments(3):
+        cache = output_cache.reset_rows(cache, jnp.asarray(seg["reset"]))
+        keys, queries = output_cache.keys_and_queries(jnp.asarray(seg["h"]), spec)
+        targets, valid = jnp.asarray(seg["targets"], jnp.int32), jnp.asarray(seg["valid"], jnp.int32)
+        scores, tokens, ok, n = output_cache.candidates(cache, queries, keys, targets, valid, spec)
+        logp_model = jax.nn.log_softmax(jnp.asarray(rng.normal(size=(B, N, V)), jnp.float32))
+        dist = output_cache.log_distribution(logp_model, scores, tokens, ok, spec.theta,
+                                             output_cache.weight(n, spec.lam, spec.fill))
+        np.testing.assert_allclose(np.exp(np.asarray(dist)).sum(-1), 1.0, atol=1e-5)
+        nll_model = -jnp.take_along_axis(logp_model, targets[..., None], -1)[..., 0]
+        logp = output_cache.log_prob(scores, tokens, ok, targets, spec.theta)
+        mixed = output_cache.mixed_nll(nll_model, logp, n, spec.lam, spec.fill)
+        at_target = jnp.take_along_axis(dist, targets[..., None], -1)[..., 0]
+        np.testing.assert_allclose(np.asarray(at_target), -np.asarray(mixed), rtol=1e-5, atol=1e-5)
+        # Where the cache holds something the mixture is not the model (the check is not vacuous).
+        assert np.any((np.asarray(n) > 0) & (np.abs(np.asarray(dist - logp_model)).max(-1) > 1e-3))
+        cache = output_cache.write(cache, keys, targets, valid)
+
+
 def test_the_store_size_bounds_what_is_seen():
     """A token written once at a document's start is found while it is within `size` entries of the
     segment, and never once it is older."""
@@ -158,6 +186,33 @@ def test_bad_specs_are_refused():
                        (dict(size=4, theta=float("nan")), "theta"), (dict(size=4, backend="x"), "backend")):
         with pytest.raises(ValueError, match=match):
             CacheSpec(**bad)
+
+
+def test_the_learned_gate_learns_when_to_trust_the_cache():
+    """Tokens where the cache is right (log p_cache high) and ones where it is wrong, told apart
+    only by one feature: the fitted gate trusts the cache on the first and not on the second, and
+    beats the best single weight; the gate gives an empty cache no weight."""
+    from memtx.cache_tuning import train_gate
+
+    rng = np.random.default_rng(0)
+    T, F = 4000, 6
+    right = rng.random(T) < 0.5
+    features = rng.normal(size=(T, 1, F)).astype(np.float32) * 0.1
+    features[:, 0, 2] = np.where(right, 1.0, -1.0)
+    per_token = {"per_token_features": features, "per_token_n": np.full((T, 1), 50),
+                 "per_token_scored": np.ones((T, 1), bool),
+                 "per_token_nll_model": np.full((T, 1), 2.0, np.float32),
+                 "per_token_logp_cache": np.where(right, np.log(0.9), np.log(1e-4))[:, None].astype(np.float32)}
+    fit = train_gate(per_token, lam=0.3)
+    gate = np.array(fit["weights"], np.float32)
+    w = np.asarray(output_cache.gate_weight(jnp.asarray(features[:, 0]), gate, jnp.full((T,), 50)))
+    assert w[right].mean() > 0.8 and w[~right].mean() < 0.1
+    lams = np.linspace(0.01, 0.98, 98)[:, None]
+    p_model, p_cache = np.exp(-2.0), np.exp(per_token["per_token_logp_cache"][:, 0])
+    best_fixed = np.min(np.mean(-np.log((1 - lams) * p_model + lams * p_cache), axis=1))
+    assert fit["nll"] < best_fixed - 0.3 and fit["nll"] < fit["nll_at_start"]
+    assert float(output_cache.gate_weight(jnp.asarray(features[:1, 0]), gate, jnp.zeros((1,)))[0]) == 0.0
+    assert float(w.max()) <= output_cache.GATE_MAX
 
 
 # ------------------------------------------------------------------ in evaluation, from a checkpoint
@@ -249,6 +304,7 @@ def test_a_cache_of_weight_zero_is_the_model_exactly(trained):
     (["--cache-sizes", "32", "--config.data.eval_max_docs=6"], "fewer than --cache-tune-docs 32"),
     (["--cache-sizes", "32", "--cache-scorer", "knn_lm", "--cache-k", "0"], "k must be"),
     (["--cache-fit", "x.json"], "--cache-fit needs --cache-sizes"),
+    (["--cache-sizes", "32", "--cache-mixtures", "fill,nope"], "--cache-mixtures 'fill,nope'"),
     (["--cache-sizes", "32", "--config.data.eval_max_docs=2", "--cache-fit", "nope.json"], "not a cache fit"),
 ])
 def test_bad_cache_options_are_one_line_errors(trained, capsys, args, message):

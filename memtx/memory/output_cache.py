@@ -8,10 +8,13 @@ i and y_i its next token, kept per row and reset at each document:
               (`k` 0) or its top k;
   knn_lm      kNN-LM (Khandelwal et al. 2020): the k nearest entries, softmax over -d(h_t, h_i)/T.
 
-and the model's distribution is mixed with it: p = (1 - lambda) p_model + lambda p_cache, where
-lambda is fixed once the cache holds anything, or grows with how full it is,
+and the model's distribution is mixed with it: p = (1 - w) p_model + w p_cache, where the weight
+w is lambda, fixed once the cache holds anything, or grows with how full it is,
 lambda * n / (n + fill) with n the entries position t can read (`fill` > 0), so that the first
-positions of a document, where the cache is nearly empty, lean on the model.
+positions of a document, where the cache is nearly empty, lean on the model; or w is predicted
+per position by a gate (`gate`: a logistic regression fitted after the fact on tuning documents,
+the model frozen, in the manner of pointer-sentinel models' learned switch) from the unit-length
+h_t, log(1 + n) and the cache's best score at t (how closely some entry matches).
 
 With `normalize` (the default) h is scaled to unit length: scores are cosines, and kNN-LM's
 squared distance 2 - 2 cos makes exp(-d/T) proportional to exp((2/T) cos), so both scorers read
@@ -55,6 +58,7 @@ class CacheSpec:
     lam: float = 0.0  # lambda: the cache's weight in the mixture (its maximum with `fill`)
     fill: float = 0.0  # lambda * n / (n + fill); 0: lambda as soon as the cache holds an entry
     backend: str = "auto"  # the kNN store's search backend (with k > 0)
+    gate: tuple = ()  # the learned gate's weights (gate_features' D + 2, then a bias); () = lambda and fill
 
     def __post_init__(self):
         if self.size < 1:
@@ -69,6 +73,8 @@ class CacheSpec:
             value = getattr(self, name)
             if not (math.isfinite(value) and low <= value < high):
                 raise ValueError(f"cache {name} must be finite and in [{low}, {high}), got {value}")
+        if not all(isinstance(g, (int, float)) and math.isfinite(g) for g in self.gate):
+            raise ValueError("cache gate weights must be finite numbers")
 
     def key_dim(self, d_model: int) -> int:
         return d_model + (self.scorer == "knn_lm" and not self.normalize)
@@ -151,10 +157,56 @@ def weight(n_BN, lam, fill) -> jax.Array:
     return jnp.where(n > 0, lam * share, 0.0)
 
 
+GATE_MAX = 0.99  # the gate's weight is GATE_MAX * sigmoid(.): the model always keeps some mass
+
+
+def gate_features(h_BND, scores_BNC, valid_BNC, n_BN) -> jax.Array:
+    """[B, N, D + 2]: h_t at unit length, log(1 + n) / 8 and the cache's best score at t (0 with none)."""
+    h_BND = h_BND.astype(jnp.float32)
+    unit = h_BND / jnp.maximum(jnp.linalg.norm(h_BND, axis=-1, keepdims=True), 1e-6)
+    best = jnp.max(jnp.where(valid_BNC, scores_BNC, -jnp.inf), -1)
+    best = jnp.where(jnp.isfinite(best), best, 0.0)
+    return jnp.concatenate([unit, jnp.log1p(n_BN.astype(jnp.float32))[..., None] / 8.0, best[..., None]], -1)
+
+
+def gate_weight(features_BNF, gate, n_BN) -> jax.Array:
+    """The learned gate's weight: GATE_MAX * sigmoid(features . g + bias), 0 while the cache is empty."""
+    gate = jnp.asarray(gate, jnp.float32)
+    w = GATE_MAX * jax.nn.sigmoid(features_BNF @ gate[:-1] + gate[-1])
+    return jnp.where(n_BN > 0, w, 0.0)
+
+
+def mixture_weight(spec: CacheSpec, n_BN, h_BND=None, scores_BNC=None, valid_BNC=None) -> jax.Array:
+    """w [B, N]: the learned gate's if the spec has one (it reads h and the candidates), else lambda
+    and fill's."""
+    if spec.gate:
+        return gate_weight(gate_features(h_BND, scores_BNC, valid_BNC, n_BN), spec.gate, n_BN)
+    return weight(n_BN, spec.lam, spec.fill)
+
+
+def mix_nll(nll_model_BN, logp_cache_BN, w_BN) -> jax.Array:
+    """-log((1 - w) p_model + w p_cache); exactly the model's NLL where w = 0."""
+    return -jnp.logaddexp(jnp.log1p(-w_BN) - nll_model_BN, jnp.log(w_BN) + logp_cache_BN)
+
+
 def mixed_nll(nll_model_BN, logp_cache_BN, n_BN, lam, fill) -> jax.Array:
-    """-log((1 - w) p_model + w p_cache), w = weight(n, lam, fill); exactly the model's NLL where w = 0."""
-    w = weight(n_BN, lam, fill)
-    return -jnp.logaddexp(jnp.log1p(-w) - nll_model_BN, jnp.log(w) + logp_cache_BN)
+    """mix_nll with w = weight(n, lam, fill)."""
+    return mix_nll(nll_model_BN, logp_cache_BN, weight(n_BN, lam, fill))
+
+
+def log_distribution(logp_model_BNV, scores_BNC, tokens_BNC, valid_BNC, theta, w_BN) -> jax.Array:
+    """log of the whole mixed distribution [B, N, V] (generation samples from it): the model's
+    log-probabilities and the cache's over the vocabulary, each entry's share added to its token,
+    with weight w (mixture_weight). At a position's target it is -mix_nll."""
+    V = logp_model_BNV.shape[-1]
+    logits = jnp.where(valid_BNC, theta * scores_BNC, -jnp.inf)
+    total = jax.nn.logsumexp(logits, -1, keepdims=True)
+    share = jnp.where(valid_BNC, jnp.exp(logits - jnp.where(jnp.isfinite(total), total, 0.0)), 0.0)
+    B, N, _ = share.shape
+    p_cache = jnp.zeros((B, N, V), jnp.float32).at[jnp.arange(B)[:, None, None], jnp.arange(N)[None, :, None],
+                                                     tokens_BNC].add(share)
+    w = w_BN[..., None]
+    return jnp.logaddexp(jnp.log1p(-w) + logp_model_BNV, jnp.log(w) + jnp.log(p_cache))
 
 
 def grid_nll(nll_model_BN, scores, tokens, valid, n_BN, targets_BN, weights_BN, thetas, lams, fills) -> jax.Array:
