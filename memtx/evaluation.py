@@ -357,7 +357,8 @@ def evaluate_workdir(workdir: str, cfg: Config, *, step: int | None = None, knn_
                 record = {**record, "saved_to": saved}
             fits[cache_size] = record
             spec = cache_tuning.mixture_spec(spec, record, mixture)
-            identity["cache"] = _json_ready(dataclasses.asdict(spec))
+            # (no "gate" key without one: the results of caches fitted before gates existed still match)
+            identity["cache"] = _json_ready({k: v for k, v in dataclasses.asdict(spec).items() if k != "gate" or v})
         path = result_path(workdir, identity)
         if reuse and os.path.exists(path):
             with open(path) as f:

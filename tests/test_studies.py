@@ -85,6 +85,27 @@ def test_extrapolation_at_one_segment_is_the_evaluation_perplexity(runs, tmp_pat
     assert limits == [1, 2]
 
 
+def test_extrapolation_with_the_output_cache(runs, tmp_path, capsys):
+    """--cache-fit: every M also with the cache; weight 0 is the model's own perplexity exactly,
+    a real weight another, and the table and plot say so."""
+    from memtx.cache_tuning import save_fit
+    from memtx.memory.output_cache import CacheSpec
+
+    for lam in (0.0, 0.5):
+        fit = tmp_path / f"fit{lam}.json"
+        save_fit(str(fit), CacheSpec(size=32, theta=8.0, lam=lam), {"theta": 8.0, "lam": lam, "fill": 0.0}, {})
+        out = tmp_path / f"out{lam}"
+        code = _cli(extrapolation, ["--workdir", runs["xl"], "--multiples", "1", "--config.data.eval_max_docs=1",
+                                    "--cache-fit", str(fit)], out)
+        assert code == 0 and "xl +cache" in capsys.readouterr().out
+        point, = json.loads(_output(out, "extrapolation_train", "json").read_text())["runs"]["xl"]["points"]
+        if lam == 0.0:
+            assert point["cache_perplexity"] == pytest.approx(point["perplexity"], rel=1e-6)
+        else:
+            assert point["cache_perplexity"] != pytest.approx(point["perplexity"], rel=1e-3)
+        assert _output(out, "extrapolation_train", "png").stat().st_size > 1000
+
+
 def test_alpha_curves_per_layer_over_memory_slots(runs, tmp_path, capsys):
     code = _cli(alpha, ["--workdir", runs["xl"], runs["lamemo"], "--config.data.eval_max_docs=2"], tmp_path)
     out = capsys.readouterr().out

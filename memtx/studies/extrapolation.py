@@ -9,23 +9,32 @@ not depend on M) is evaluated at every M. A model that extrapolates keeps improv
 least does not degrade, as M grows beyond the length it was trained with. Relative distances
 beyond those seen in training can be encoded as the longest one seen with
 `--config.model.clamp_len=D` (Transformer-XL's clamp_len; D = trained M + N - 1).
+
+With --cache-fit FILE (an output-cache fit `memtx.evaluate --cache-sizes` saved) every M is also
+evaluated with that output cache mixed in (memtx/memory/output_cache.py): a dashed curve per run,
+`RUN +cache` in the table. Whether a longer attention memory still pays once the cache holds the
+document is the question it answers.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import sys
 
 from memtx import state as state_lib
+from memtx.cache_tuning import load_spec
 from memtx.cli import parse_int_list, run_cli
 from memtx.evaluation import evaluate
+from memtx.step import init_cache_memory, make_cache_eval_step
 from memtx.metrics import markdown_table
 from memtx.studies import common
 
 
-def study_run(run: common.Run, multiples: list[int]) -> list[dict]:
-    """Perplexity of one run's checkpoint at M = m * seq_len for each m."""
+def study_run(run: common.Run, multiples: list[int], cache=None) -> list[dict]:
+    """Perplexity of one run's checkpoint at M = m * seq_len for each m (and with the output cache
+    `cache`, a CacheSpec, as "cache_perplexity")."""
     N = run.cfg.data.seq_len
     setups = []
     for m in multiples:
@@ -43,6 +52,11 @@ def study_run(run: common.Run, multiples: list[int]) -> list[dict]:
                        "bits_per_byte": result["bits_per_byte"], "tokens": result["tokens"],
                        "documents": result["documents"],
                        "seconds": result["seconds"]})
+        if cache is not None:
+            B = setup.cfg.data.eval_batch_size
+            with_cache = evaluate(setup, params, docs, step_fn=make_cache_eval_step(setup, cache),
+                                  init_memory=lambda: init_cache_memory(setup, cache, B))
+            points[-1]["cache_perplexity"] = with_cache["perplexity"]
     return points
 
 
@@ -56,7 +70,11 @@ def plot(result: dict, path: str) -> bool:
         ax.plot([p["multiple"] for p in points], [p["perplexity"] for p in points], "o-",
                 label=f"{name} ({run['memory']}, trained M={run['trained_mem_len']}"
                       + (f", distances clamped at {run['clamp_len']})" if run.get("clamp_len") else ")"))
-    values = [p["perplexity"] for run in result["runs"].values() for p in run["points"]]
+        if all("cache_perplexity" in p for p in points):
+            ax.plot([p["multiple"] for p in points], [p["cache_perplexity"] for p in points], "o--",
+                    color=ax.lines[-1].get_color(), label=f"{name} with the output cache ({result['cache']['size']})")
+    values = [p[k] for run in result["runs"].values() for p in run["points"] for k in ("perplexity", "cache_perplexity")
+              if k in p]
     if values and max(values) > 3 * min(values):  # one run blows up: keep the others readable
         ax.set_yscale("log")
     ax.set_xlabel("memory length / segment length")
@@ -84,21 +102,27 @@ def format_table(result: dict) -> str:
     names = list(result["runs"])
     multiples = result["multiples"]
     by_run = {name: {p["multiple"]: p for p in run["points"]} for name, run in result["runs"].items()}
+    cached = [n for n in names if all("cache_perplexity" in p for p in result["runs"][n]["points"])]
     lines = [[str(m), ", ".join(sorted({str(by_run[n][m]["mem_len"]) for n in names})),
-              *(f"{by_run[n][m]['perplexity']:.3f}" for n in names)] for m in multiples]
-    return markdown_table(["m", "memory M", *names], lines)
+              *(f"{by_run[n][m]['perplexity']:.3f}" for n in names),
+              *(f"{by_run[n][m]['cache_perplexity']:.3f}" for n in cached)] for m in multiples]
+    return markdown_table(["m", "memory M", *names, *(f"{n} +cache" for n in cached)], lines)
 
 
 def main(args: argparse.Namespace, rest: list[str]) -> int:
     multiples = sorted(set(parse_int_list("--multiples", args.multiples)))
+    cache = load_spec(args.cache_fit) if args.cache_fit else None
     runs = common.find_runs(args, rest)
-    prov = common.provenance(runs, rest, multiples=multiples)
+    prov = common.provenance(runs, rest, multiples=multiples,
+                             **({"cache": dataclasses.asdict(cache), "cache_fit": args.cache_fit} if cache else {}))
     result = {"study": "extrapolation", "split": runs[0].split, "multiples": multiples, "provenance": prov, "runs": {}}
+    if cache is not None:
+        result["cache"] = dataclasses.asdict(cache)
     for run in runs:
         result["runs"][run.name] = {"workdir": run.workdir, "step": run.step, "memory": run.cfg.model.memory,
                                     "seq_len": run.cfg.data.seq_len, "trained_mem_len": run.cfg.model.mem_len,
                                     "clamp_len": run.cfg.model.clamp_len,
-                                    "points": study_run(run, multiples)}
+                                    "points": study_run(run, multiples, cache)}
     print(format_table(result))
     common.write_outputs(args.out, common.output_stem(f"extrapolation_{result['split']}", prov), result,
                          lambda path: plot(result, path))
@@ -109,6 +133,8 @@ def parser() -> argparse.ArgumentParser:
     p = common.parser(__doc__)
     p.add_argument("--multiples", default="1,2,3,4,5,6,7,8,9,10",
                    help="memory lengths as multiples of the segment length (default 1..10)")
+    p.add_argument("--cache-fit", help="also evaluate with this saved output-cache fit (memtx.evaluate --cache-sizes "
+                                       "writes WORKDIR/cache_fit_*.json)")
     return p
 
 
