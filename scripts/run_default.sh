@@ -18,7 +18,9 @@
 # difference to Transformer-XL with a 95% interval ("within noise" when it covers 0); then every
 # checkpoint again with the output cache (a test-time continuous cache of the model's own output
 # states, 3,072 entries: the whole document; theta, lambda and fill fitted per checkpoint on the 22
-# validation documents after the reported 64) against itself without it. Last, seed 0's
+# validation documents after the reported 64) against itself without it, its weight set three ways
+# (lambda growing with the fill, the best fixed lambda, a learned gate) and the last two paired with
+# the first over seeds. Last, seed 0's
 # XL and kNN checkpoints on the same documents: perplexity with bootstrap intervals, the paired
 # difference, loss by position and by copyability, and the kNN model at memory sizes 0, 256, 1,024
 # and 4,096 from its one checkpoint, plotted in $RUNS/knn/seed0/.
@@ -34,7 +36,7 @@ common=(--config.data.split_fractions=94,5,1 --config.data.eval_doc_tokens=3072 
 MODELS=${MODELS:-xl=configs/txl.py:cpu rpe=configs/txl.py:cpu_rpe lamemo=configs/lamemo.py:cpu knn=configs/knn.py:cpu compressive=configs/compressive.py:cpu
   block_recurrent=configs/block_recurrent.py:cpu}
 .venv/bin/python -m memtx.compare --out "$RUNS" --seeds "${SEEDS:-3}" --eval-max-docs 64 --cache-size 3072 \
-  --cache-tune-docs 22 $MODELS "${common[@]}" "$@"
+  --cache-tune-docs 22 --cache-mixtures fill,fixed,gate $MODELS "${common[@]}" "$@"
 .venv/bin/python -m memtx.evaluate --workdir "$RUNS/xl/seed0" "$RUNS/knn/seed0" --knn-sizes 0,256,1024,4096 \
   --config.data.eval_max_docs=64
 names=$(for m in $MODELS; do printf '%s,' "${m%%=*}"; done)
