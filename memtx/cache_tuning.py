@@ -5,7 +5,8 @@ reported ones, the documents of the evaluation split right after the reported on
 
 A fit is a JSON file in the work directory (`cache_fit_*.json`): what was fitted, on which
 documents, the tuning set's NLL with and without the cache, and the best fixed lambda beside the
-best overall; `memtx.evaluate --cache-fit FILE` reuses one.
+best overall, and (with the `gate` mixture) the learned gate's weights, fitted on the same
+documents in a second pass (`train_gate`); `memtx.evaluate --cache-fit FILE` reuses one.
 """
 
 from __future__ import annotations

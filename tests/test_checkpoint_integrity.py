@@ -216,3 +216,27 @@ def test_another_models_checkpoint_is_one_line(runs, tmp_path, capsys):
         assert code == 2 and len(errors) == 1 and "Traceback" not in err, err
         assert "step 3" in errors[0] and "another model" in errors[0] and "there, " in errors[0]
     assert (run / "checkpoints" / "3").is_dir()
+
+
+def test_orbax_log_filters_are_installed_by_the_checkpointer_not_by_importing(tmp_path):
+    """Importing memtx.checkpoint changes no logging or exception hook; the first Checkpointer
+    installs the filters once (a second one adds none)."""
+    import subprocess
+    import sys
+
+    code = f"""
+import logging, sys
+hook = sys.unraisablehook
+import memtx.checkpoint
+assert not logging.getLogger("absl").filters and not logging.getLogger("asyncio").filters
+assert sys.unraisablehook is hook
+memtx.checkpoint.Checkpointer({str(tmp_path / 'a')!r}, async_save=False)
+memtx.checkpoint.Checkpointer({str(tmp_path / 'b')!r}, async_save=False)
+assert len(logging.getLogger("absl").filters) == 1 and len(logging.getLogger("asyncio").filters) == 1
+assert sys.unraisablehook is not hook
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         cwd=Path(__file__).resolve().parents[1],
+                         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
