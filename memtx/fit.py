@@ -87,17 +87,20 @@ def activation_bytes(cfg: Config, batch_per_device: int, param_bytes: int) -> in
     return m.num_layers * per_layer + logits + keys_knn + 2 * param_bytes
 
 
-def estimate(cfg: Config, num_devices: int) -> dict:
+def estimate(cfg: Config, num_devices: int, setup=None) -> dict:
     """Per-device bytes of parameters, optimizer state, memories and activations on a mesh of
-    `num_devices` devices (the config's mesh.shape; nothing is allocated)."""
+    `num_devices` devices (the config's mesh.shape; nothing is allocated). `setup`: the run's own
+    (state.build on this machine's mesh), not built again."""
     from memtx import state as state_lib
 
     shape = validate(cfg, num_devices)
-    mesh = jax.sharding.AbstractMesh(shape, cfg.mesh.axes,
-                                     axis_types=(jax.sharding.AxisType.Auto,) * len(shape))
-    setup = state_lib.build(cfg, mesh, check_fit=False)
+    if setup is None:
+        mesh = jax.sharding.AbstractMesh(shape, cfg.mesh.axes,
+                                         axis_types=(jax.sharding.AxisType.Auto,) * len(shape))
+        setup = state_lib.build(cfg, mesh, check_fit=False)
+    mesh = setup.mesh
     abstract = setup.abstract_state
-    memory = state_lib.abstract_memory(setup, cfg.data.batch_size, check_fit=False)
+    memory = state_lib.abstract_memory(setup, cfg.data.batch_size)
     data_parallel = data_parallel_size(cfg.mesh.rules, dict(mesh.shape))
     params = _per_device_bytes(abstract["params"])
     parts = {"parameters": params,
@@ -142,7 +145,7 @@ def compiled_memory(cfg: Config, devices=None) -> dict:
 
     mesh = None if devices is None else sharding.make_mesh(cfg, list(devices))
     setup = state_lib.build(cfg, mesh, check_fit=devices is None)
-    memory = state_lib.abstract_memory(setup, cfg.data.batch_size, check_fit=devices is None)
+    memory = state_lib.abstract_memory(setup, cfg.data.batch_size)
     shardings = state_lib.batch_shardings(setup)
     batch = batch_layout.abstract(cfg.data.batch_size, cfg.data.seq_len, shardings)
     step = make_train_step(setup)
@@ -160,7 +163,7 @@ SHRINK = ("lower data.batch_size, data.seq_len, model.d_model, model.d_ff, model
           "use model.dtype=bfloat16, or spread it over more devices (mesh.shape)")
 
 
-def check_fits_here(cfg: Config) -> None:
+def check_fits_here(cfg: Config, setup=None) -> None:
     """Before compiling a training: the full per-device estimate (parameters, optimizer state,
     memories, activations) against the memory of this process's devices (CPU devices share the
     host's RAM). A one-line ConfigError naming the parts and the keys to shrink; with
@@ -169,7 +172,7 @@ def check_fits_here(cfg: Config) -> None:
         return
     from memtx.state import device_memory_bytes
 
-    result = estimate(cfg, jax.device_count())
+    result = estimate(cfg, jax.device_count(), setup)
     limit = device_memory_bytes()
     local = jax.local_devices()
     sharing = len(local) if local[0].platform == "cpu" else 1  # CPU "devices" share one RAM

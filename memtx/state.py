@@ -3,6 +3,11 @@
 The state is built abstractly with `jax.eval_shape`, shardings are derived from the logical
 axes the layers name, and the real state is created by a jit whose `out_shardings` place every
 array where it belongs. Checkpoints restore into the same abstract tree.
+
+A run is planned once: `build` validates the config and the mesh, checks that the memory state
+fits, and derives the abstract state and every sharding; the Setup it returns is what training,
+evaluation, generation and memtx.fit are handed (the memory's shardings and abstract trees are
+derived once per Setup and batch size, not per call).
 """
 
 from __future__ import annotations
@@ -38,6 +43,8 @@ class Setup:
     batch_sharding: jax.sharding.NamedSharding  # [B, N] arrays
     row_sharding: jax.sharding.NamedSharding  # [B] arrays
     init_boxed: Callable  # rng -> state with logically-partitioned boxes (for init and shapes)
+    memory_sharding: dict = dataclasses.field(default_factory=dict)  # the model memory's shardings (build)
+    abstract_memories: dict = dataclasses.field(default_factory=dict)  # {batch size: abstract memory}, as asked
 
 
 def dummy_inputs(cfg: Config, batch_size: int):
@@ -65,9 +72,11 @@ def build(cfg: Config, mesh=None, check_fit: bool = True) -> Setup:
                             nn.meta.unbox(abstract_boxed), shardings)
     sharding.check_divisible(abstract["params"], shardings["params"], "parameter")
     sharding.check_divisible(abstract, shardings, "optimizer state")
+    memory_sharding = jax.tree.map(lambda a: sharding.logical_sharding(mesh, cfg, a),
+                                   model_memory.logical_axes(cfg.model), is_leaf=lambda x: isinstance(x, tuple))
     return Setup(cfg, mesh, model, tx, abstract, shardings,
                  sharding.logical_sharding(mesh, cfg, ("act_batch", "act_seq")),
-                 sharding.logical_sharding(mesh, cfg, ("act_batch",)), init_boxed)
+                 sharding.logical_sharding(mesh, cfg, ("act_batch",)), init_boxed, memory_sharding)
 
 
 def init_state(setup: Setup, seed: int) -> dict:
@@ -78,19 +87,19 @@ def init_state(setup: Setup, seed: int) -> dict:
 
 
 def memory_shardings(setup: Setup) -> dict:
-    axes = model_memory.logical_axes(setup.cfg.model)
-    return jax.tree.map(lambda a: sharding.logical_sharding(setup.mesh, setup.cfg, a), axes,
-                        is_leaf=lambda x: isinstance(x, tuple))
+    return setup.memory_sharding
 
 
-def abstract_memory(setup: Setup, batch_size: int, check_fit: bool = True) -> dict:
-    shapes = jax.eval_shape(lambda: init_memory(setup.cfg.model, batch_size))
-    shardings = memory_shardings(setup)
-    abstract = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s), shapes, shardings)
-    sharding.check_divisible(abstract, shardings, "memory")
-    if check_fit:
-        check_memory_fits(setup.cfg, setup.mesh, batch_size)
-    return abstract
+def abstract_memory(setup: Setup, batch_size: int) -> dict:
+    """The memory of `batch_size` rows as ShapeDtypeStructs with their shardings (derived once
+    per batch size; `build` checked that the largest batch's memory fits)."""
+    if batch_size not in setup.abstract_memories:
+        shapes = jax.eval_shape(lambda: init_memory(setup.cfg.model, batch_size))
+        shardings = memory_shardings(setup)
+        abstract = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s), shapes, shardings)
+        sharding.check_divisible(abstract, shardings, "memory")
+        setup.abstract_memories[batch_size] = abstract
+    return setup.abstract_memories[batch_size]
 
 
 def device_memory_bytes() -> int:

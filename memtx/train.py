@@ -153,7 +153,7 @@ def train(cfg: Config, workdir: str) -> dict:
     WORKDIR/checkpoints), which every process must reach: a shared file system or gs://."""
     setup = state_lib.build(cfg)  # validates the config and the mesh before any compilation
     compilation_cache.use(cfg.train.compilation_cache_dir)
-    check_fits_here(cfg)  # the whole step's memory, estimated, against the devices'
+    check_fits_here(cfg, setup)  # the whole step's memory, estimated, against the devices'
     main = is_main_process()
     # This process's document shards, each in a seeded order, filling its rows of the batch.
     num_shards = cfg.data.shards or jax.process_count()

@@ -45,6 +45,20 @@ def test_estimate_matches_the_compiled_step(name):
     assert 1 / 3 <= ratio <= 3, (ratio, parts, xla)
 
 
+@pytest.mark.parametrize("name", ["knn", "lamemo"])
+def test_a_run_is_planned_once(name):
+    """Training's check uses the run's own Setup (no second build): the same estimate as one
+    built afresh on an abstract mesh; a Setup derives each batch size's abstract memory once."""
+    from memtx import state as state_lib
+
+    cfg = configs()[name]
+    setup = state_lib.build(cfg)
+    assert fit.estimate(cfg, jax.device_count(), setup) == fit.estimate(cfg, jax.device_count())
+    memory = state_lib.abstract_memory(setup, cfg.data.batch_size)
+    assert state_lib.abstract_memory(setup, cfg.data.batch_size) is memory
+    assert jax.tree.map(lambda a: a.sharding, memory) == state_lib.memory_shardings(setup)
+
+
 def test_knn_store_bytes_follow_the_formula():
     cfg = configs()["knn"]
     cfg.model.mem_len = 0  # only the kNN store
