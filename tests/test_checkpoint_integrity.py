@@ -218,6 +218,7 @@ def test_another_models_checkpoint_is_one_line(runs, tmp_path, capsys):
     assert (run / "checkpoints" / "3").is_dir()
 
 
+@pytest.mark.slow
 def test_orbax_log_filters_are_installed_by_the_checkpointer_not_by_importing(tmp_path):
     """Importing memtx.checkpoint changes no logging or exception hook; the first Checkpointer
     installs the filters once (a second one adds none)."""

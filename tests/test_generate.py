@@ -142,9 +142,9 @@ def teacher_forced_mixed(cfg, model, params, documents, spec):
 @pytest.mark.parametrize("kind, spec", [
     ("xl", CacheSpec(size=8, theta=4.0, lam=0.5, fill=2.0)),  # 17 pairs per document: the store evicts
     ("knn", CacheSpec(size=32, scorer="knn_lm", k=3, normalize=False, theta=0.5, lam=0.6)),
-    ("lamemo", CacheSpec(size=8, theta=8.0, lam=0.4)),  # a whole-segment forward per token
-    # a learned gate (16 + 2 features and a bias): the weight read from h and the candidates
-    ("rpe", CacheSpec(size=8, theta=4.0, gate=tuple(float(g) for g in np.random.default_rng(5).normal(size=19)))),
+    # a whole-segment forward per token, and a learned gate (16 + 2 features and a bias): the
+    # weight read from h and the candidates
+    ("lamemo", CacheSpec(size=8, theta=8.0, gate=tuple(float(g) for g in np.random.default_rng(5).normal(size=19)))),
 ])
 @pytest.mark.slow
 def test_generation_with_the_output_cache_equals_the_teacher_forced_mixture(kind, spec):

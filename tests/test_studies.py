@@ -85,6 +85,7 @@ def test_extrapolation_at_one_segment_is_the_evaluation_perplexity(runs, tmp_pat
     assert limits == [1, 2]
 
 
+@pytest.mark.slow
 def test_extrapolation_with_the_output_cache(runs, tmp_path, capsys):
     """--cache-fit: every M also with the cache; weight 0 is the model's own perplexity exactly,
     a real weight another, and the table and plot say so."""
