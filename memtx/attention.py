@@ -175,15 +175,9 @@ class RelativeAttention(nn.Module):
         qv_BNHD = ((q_BNHD + v_HD.astype(dtype)) * scale_HD).astype(dtype)
         if cache is None:  # a whole segment, query block by query block
             out_BNHD = self.segment_attention(qu_BNHD, qv_BNHD, k_BKHD, v_BKHD, r_KHD, key_valid_BK, deterministic)
-        else:  # a few rows at `position`: their position terms gathered by distance
-            distance_NK = M + position + jnp.arange(N)[:, None] - jnp.arange(K)[None, :]
-            ac_BHNK = jnp.einsum("bnhd,bkhd->bhnk", qu_BNHD, k_BKHD, preferred_element_type=jnp.float32)
-            bd_BHNK = 0.0 if r_KHD is None else gather_by_distance(
-                jnp.einsum("bnhd,khd->bhnk", qv_BNHD, r_KHD, preferred_element_type=jnp.float32), distance_NK)
-            mask_BHNK = (distance_NK >= 0)[None, None] & key_valid_BK[:, None, None, :]
-            probs_BHNK, out_BNHD = softmax_attend(jnp.where(mask_BHNK, ac_BHNK + bd_BHNK, NEG_INF), v_BKHD,
-                                                  cfg.attn_dropout, self.dropout_rng(deterministic))
-            self.sow("intermediates", "attn_prob", probs_BHNK)
+        else:  # a few rows at `position` (generation)
+            out_BNHD = self.cached_attention(qu_BNHD, qv_BNHD, k_BKHD, v_BKHD, r_KHD, key_valid_BK, M + position,
+                                             deterministic)
         if knn_memory is not None:
             gate_bias_H = param_with_axes(self, "gate_bias", (H,), ("heads",),
                                           nn.initializers.constant(cfg.knn.gate_bias_init))
@@ -249,6 +243,21 @@ class RelativeAttention(nn.Module):
         # The whole probability matrix exists only when an intermediates collection asks for it.
         self.sow("intermediates", "attn_prob", jnp.concatenate(probs, axis=2))
         return jnp.concatenate(outs, axis=1)
+
+    def cached_attention(self, qu_BNHD, qv_BNHD, k_BKHD, v_BKHD, r_KHD, key_valid_BK, first_row, deterministic):
+        """Attention of a few new rows (generation: rows first_row.. of [memory ; segment]) over
+        the cached keys and values of [memory ; segment], those after them masked: [B, n, H, Dh].
+        Their position terms are scored against every distance and gathered by d = row - key."""
+        N, K = qu_BNHD.shape[1], k_BKHD.shape[1]
+        distance_NK = first_row + jnp.arange(N)[:, None] - jnp.arange(K)[None, :]
+        ac_BHNK = jnp.einsum("bnhd,bkhd->bhnk", qu_BNHD, k_BKHD, preferred_element_type=jnp.float32)
+        bd_BHNK = 0.0 if r_KHD is None else gather_by_distance(
+            jnp.einsum("bnhd,khd->bhnk", qv_BNHD, r_KHD, preferred_element_type=jnp.float32), distance_NK)
+        mask_BHNK = (distance_NK >= 0)[None, None] & key_valid_BK[:, None, None, :]
+        probs_BHNK, out_BNHD = softmax_attend(jnp.where(mask_BHNK, ac_BHNK + bd_BHNK, NEG_INF), v_BKHD,
+                                              self.cfg.attn_dropout, self.dropout_rng(deterministic))
+        self.sow("intermediates", "attn_prob", probs_BHNK)
+        return out_BNHD
 
     def mix_in_memory(self, local_BNHD, query_BHND, scale_H, gate_bias_H, knn_memory):
         """out = g * a_mem + (1 - g) * a_local per head, g = sigmoid(gate_bias); a query with no valid
