@@ -21,7 +21,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-from memtx.memory import knn as knn_memory, registry
+from memtx.memory import knn_choices as knn_memory, registry
 
 
 class ConfigError(ValueError):

@@ -69,3 +69,19 @@ def test_a_circle_through_an_import_inside_a_function_is_found(tmp_path):
 
 def test_no_import_circles():
     assert find_cycle(import_graph()) is None
+
+
+def test_the_config_module_imports_no_jax():
+    """memtx.config validates a config (every kind's options, the kNN store's choices) without
+    JAX or Flax: a process that imports it and resolves a preset has neither loaded."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import sys; from memtx.config import load_config_file; "
+            "cfg = load_config_file('configs/knn.py:cpu'); "
+            "print(cfg.model.knn.backend, 'jax' in sys.modules, 'flax' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         cwd=PACKAGE.parent, env={**os.environ, "PYTHONPATH": str(PACKAGE.parent)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[1:] == ["False", "False"], out.stdout

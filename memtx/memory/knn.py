@@ -44,10 +44,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-BACKENDS = ("auto", "exact", "approx", "blocked", "bucketed", "chunked")
-EXACT_BACKENDS = ("exact", "blocked", "chunked")
-TILED_BACKENDS = ("blocked", "bucketed", "chunked")  # never hold the whole queries x slots score matrix
-STORE_DTYPES = ("float32", "bfloat16", "int8")
+from memtx.memory.knn_choices import BACKENDS, EXACT_BACKENDS, STORE_DTYPES, TILED_BACKENDS  # noqa: F401
+
 INT8_SCALE = 127.0  # int8 keys: round(127 x) of the unit-norm key's components
 LOGICAL_AXES = {"keys": ("act_batch", "act_heads", "act_mem", "act_kv"),
                 "values": ("act_batch", "act_heads", "act_mem", "act_kv"),
