@@ -16,12 +16,16 @@ import json
 import math
 import os
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 
 from memtx.cli import UsageError
 from memtx.config import Config, stable_hash
 from memtx.data import FileSource, load_vocab
 from memtx.data.sources import file_documents
+from memtx.memory import output_cache
 from memtx.memory.output_cache import CacheSpec
 
 # Inverse temperatures for unit-length h (cosines); raw h's are divided by d_model (|h|^2 ~ d_model
@@ -98,34 +102,44 @@ def save_fit(path: str, spec: CacheSpec, record: dict, identity: dict) -> None:
                   indent=2)
 
 
-def load_fit(path: str, spec: CacheSpec) -> dict:
-    """A saved fit's record, for `spec`'s scorer and normalisation (one-line errors otherwise)."""
+def _read_fit(path: str) -> tuple[dict, CacheSpec]:
+    """(record, fitted spec) of a saved fit; anything else is one line."""
     try:
         with open(path) as f:
             saved = json.load(f)
-        record, their = saved["fit"], saved["spec"]
+        record = saved["fit"]
         for key in ("theta", "lam", "fill"):
             float(record[key])
+        return record, CacheSpec(**saved["spec"])
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise UsageError(f"--cache-fit {path}: not a cache fit written by memtx.evaluate ({type(e).__name__}: {e})")
+
+
+def load_fit(path: str, spec: CacheSpec) -> dict:
+    """A saved fit's record, for `spec`'s scorer and normalisation (one-line errors otherwise)."""
+    record, theirs = _read_fit(path)
     for key in ("scorer", "normalize"):
-        if their.get(key) != getattr(spec, key):
-            raise UsageError(f"--cache-fit {path} was fitted with cache {key} {their.get(key)!r}, not {getattr(spec, key)!r}")
+        if getattr(theirs, key) != getattr(spec, key):
+            raise UsageError(f"--cache-fit {path} was fitted with cache {key} {getattr(theirs, key)!r}, "
+                             f"not {getattr(spec, key)!r}")
     return {**record, "loaded_from": path}
 
 
 def load_spec(path: str) -> CacheSpec:
     """The fitted cache a saved fit describes (memtx.generate --cache-fit): one-line errors."""
-    try:
-        with open(path) as f:
-            saved = json.load(f)
-        return CacheSpec(**saved["spec"])
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise UsageError(f"--cache-fit {path}: not a cache fit written by memtx.evaluate ({type(e).__name__}: {e})")
+    return _read_fit(path)[1]
 
 
 MIXTURES = ("fill", "fixed", "gate")  # the cache's weight: the grid's best lambda and fill, its best fixed lambda, a learned gate
 GATE_STEPS, GATE_LEARNING_RATE, GATE_L2 = 400, 0.05, 1e-3
+
+
+def parse_mixtures(text: str) -> tuple[str, ...]:
+    """--cache-mixtures 'fill,gate' -> ("fill", "gate"); an unknown name is one line."""
+    mixtures = tuple(dict.fromkeys(m.strip() for m in text.split(",")))
+    if not all(m in MIXTURES for m in mixtures):
+        raise UsageError(f"--cache-mixtures '{text}': each one of {', '.join(MIXTURES)}")
+    return mixtures
 
 
 def mixture_spec(spec: CacheSpec, record: dict, mixture: str) -> CacheSpec:
@@ -146,12 +160,6 @@ def train_gate(per_token: dict, lam: float) -> dict:
     mixed NLL (plus GATE_L2 times their squared norm), GATE_STEPS full-batch Adam steps from a gate
     that gives every position the weight `lam` (the grid's). Returns its weights and the tuning
     tokens' NLL with it."""
-    import jax
-    import jax.numpy as jnp
-    import optax
-
-    from memtx.memory import output_cache
-
     keep = per_token["per_token_scored"] & (per_token["per_token_n"] > 0)
     f = jnp.asarray(per_token["per_token_features"][keep])
     nll, logp = jnp.asarray(per_token["per_token_nll_model"][keep]), jnp.asarray(per_token["per_token_logp_cache"][keep])

@@ -107,10 +107,8 @@ def check_args(args: argparse.Namespace, rest: list[str]) -> tuple[list[ConfigSp
     if args.cache_size < 0 or args.cache_tune_docs < 1:
         raise UsageError(f"--cache-size must be >= 0 and --cache-tune-docs >= 1, got {args.cache_size} and "
                          f"{args.cache_tune_docs}")
-    from memtx.cache_tuning import MIXTURES
-    args.cache_mixtures = tuple(dict.fromkeys(m.strip() for m in args.cache_mixtures.split(",")))
-    if not all(m in MIXTURES for m in args.cache_mixtures):
-        raise UsageError(f"--cache-mixtures: each one of {', '.join(MIXTURES)}, got {','.join(args.cache_mixtures)}")
+    from memtx.cache_tuning import parse_mixtures
+    args.cache_mixtures = parse_mixtures(args.cache_mixtures)
     if args.eval_max_docs is not None and args.eval_max_docs < 0:
         raise UsageError(f"--eval-max-docs must be >= 0, got {args.eval_max_docs}")
     for arg in rest:

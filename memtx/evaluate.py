@@ -217,9 +217,7 @@ def main(args: argparse.Namespace, rest: list[str]) -> int:
     initialize_from_env()  # several processes: before JAX touches a device
     sizes = parse_int_list("--knn-sizes", args.knn_sizes) if args.knn_sizes is not None else None
     cache_sizes = parse_int_list("--cache-sizes", args.cache_sizes) if args.cache_sizes is not None else []
-    mixtures = tuple(dict.fromkeys(m.strip() for m in args.cache_mixtures.split(",")))
-    if not all(m in cache_tuning.MIXTURES for m in mixtures):
-        raise UsageError(f"--cache-mixtures '{args.cache_mixtures}': each one of {', '.join(cache_tuning.MIXTURES)}")
+    mixtures = cache_tuning.parse_mixtures(args.cache_mixtures)
     cache = None
     if cache_sizes:
         if args.cache_tune_docs < 1:

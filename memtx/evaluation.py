@@ -222,6 +222,31 @@ def fit_gate(setup: state_lib.Setup, params, spec: CacheSpec, record: dict, coun
     return {**record, "gate": cache_tuning.train_gate(sums, best.lam)}
 
 
+def _fitted(workdir: str, setup: state_lib.Setup, params, spec: CacheSpec, step: int, identity: dict,
+            record: dict | None, gate: bool, count: int, reuse: bool) -> dict:
+    """The output cache's fit for this checkpoint: `record`, or with `reuse` the one saved in the
+    work directory, or one fitted now on `count` tuning documents; with `gate`, extended by a
+    learned gate if it has none. A fit made or extended here is saved (cache_tuning.fit_path)."""
+    saved = cache_tuning.fit_path(workdir, spec, step, identity)
+    if record is None and reuse and os.path.exists(saved):  # fitted before: the same documents
+        record = cache_tuning.load_fit(saved, spec)
+        main_print(f"{workdir}: the output cache's fit read from {saved}", flush=True)
+    changed = record is None or (gate and "gate" not in record)
+    if record is None:
+        main_print(f"{workdir}: fitting the output cache ({spec.scorer}, {spec.size} entries) on {count} tuning "
+                   "documents", flush=True)
+        record = fit_cache(setup, params, spec, count, verbose=is_main_process())
+    if gate and "gate" not in record:
+        main_print(f"{workdir}: fitting the output cache's gate ({spec.size} entries) on the same {count} tuning "
+                   "documents", flush=True)
+        record = fit_gate(setup, params, spec, record, count, verbose=is_main_process())
+    if changed and is_main_process():
+        cache_tuning.save_fit(saved, spec, {k: v for k, v in record.items() if k not in ("saved_to", "loaded_from")},
+                              identity)
+        record = {**record, "saved_to": saved}
+    return record
+
+
 def cache_paired_rows(rows: list[dict]) -> list[dict]:
     """Each output-cache row against the same run's row without it (same kNN size), on the same documents."""
     out = []
@@ -334,28 +359,13 @@ def evaluate_workdir(workdir: str, cfg: Config, *, step: int | None = None, knn_
             if params is None:
                 params = ckpt.restore_params(step, setups[0].abstract_state["params"])
             spec = dataclasses.replace(cache, size=cache_size)
-            fits = fits_by_size if fit_record is None else {cache_size: fit_record}
-            record = fits.get(cache_size)
-            saved = cache_tuning.fit_path(workdir, spec, step, identity)
-            if record is None and reuse and os.path.exists(saved):  # fitted before: the same documents
-                record = cache_tuning.load_fit(saved, spec)
-                main_print(f"{workdir}: the output cache's fit read from {saved}", flush=True)
-            refit = record is None or (mixture == "gate" and "gate" not in record)
-            if record is None:
-                main_print(f"{workdir}: fitting the output cache ({spec.scorer}, {cache_size} entries) on "
-                           f"{cache_tune_docs} tuning documents", flush=True)
-                record = fit_cache(setup, params, spec, cache_tune_docs, verbose=is_main_process())
-            if mixture == "gate" and "gate" not in record:
-                if cache_fit is not None:
+            record = fit_record or fits_by_size.get(cache_size)
+            if record is None or (mixture == "gate" and "gate" not in record):
+                if record is not None and cache_fit is not None:
                     raise UsageError(f"--cache-fit {cache_fit} has no learned gate: fit one without --cache-fit")
-                main_print(f"{workdir}: fitting the output cache's gate ({cache_size} entries) on the same "
-                           f"{cache_tune_docs} tuning documents", flush=True)
-                record = fit_gate(setup, params, spec, record, cache_tune_docs, verbose=is_main_process())
-            if refit and is_main_process():
-                cache_tuning.save_fit(saved, spec, {k: v for k, v in record.items() if k not in ("saved_to", "loaded_from")},
-                                      identity)
-                record = {**record, "saved_to": saved}
-            fits[cache_size] = record
+                record = _fitted(workdir, setup, params, spec, step, identity, record, mixture == "gate",
+                                 cache_tune_docs, reuse)
+                fits_by_size[cache_size] = record
             spec = cache_tuning.mixture_spec(spec, record, mixture)
             # (no "gate" key without one: the results of caches fitted before gates existed still match)
             identity["cache"] = _json_ready({k: v for k, v in dataclasses.asdict(spec).items() if k != "gate" or v})

@@ -70,7 +70,7 @@ class Generator:
 
         # The output cache (`cache`): the model's output states come back with its logits.
         self.cache_spec = cache
-        mutable = ["intermediates"] if cache is not None else False
+        mutable = ["intermediates"] if cache is not None else []
 
         def hidden(state):
             return state["intermediates"]["output_hidden"][0][0].astype(jnp.float32) if cache is not None else None
@@ -78,15 +78,13 @@ class Generator:
         def forward(params, memory, inputs_1N, num_valid_1, reset_1):
             memory = model_memory.reset_rows(memory, reset_1)
             out, state = self.model.apply({"params": params}, inputs_1N, memory, num_valid_1, return_cache=self.cached,
-                                          mutable=mutable) if mutable else (self.model.apply(
-                {"params": params}, inputs_1N, memory, num_valid_1, return_cache=self.cached), None)
+                                          mutable=mutable)
             return out[0][0].astype(jnp.float32), out[1], (out[2] if self.cached else None), hidden(state)
 
         def decode(params, memory, cache, token_11, position, reset_1):
             memory = model_memory.reset_rows(memory, reset_1)
             out, state = self.model.apply({"params": params}, token_11, memory, None, cache=cache, position=position,
-                                          mutable=mutable) if mutable else (self.model.apply(
-                {"params": params}, token_11, memory, None, cache=cache, position=position), None)
+                                          mutable=mutable)
             logits_11V, _, cache = out
             return logits_11V[0, 0].astype(jnp.float32), cache, hidden(state)
 
