@@ -1,5 +1,5 @@
 """Block-Recurrent Transformer (Hutchins et al. 2022): sliding-window blocks with one recurrent
-layer carrying a state of S vectors from block to block (memtx/block_recurrent_layer.py).
+layer carrying a state of S vectors from block to block (memtx/memory/block_recurrent/layers.py).
 
 Presets:
   cpu      (default) the configs/txl.py cpu model (4 layers, d 128, segments of 64) cut into 2

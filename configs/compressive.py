@@ -1,5 +1,5 @@
 """Compressive Transformer (Rae et al. 2020): Transformer-XL with a compressed memory fed by the
-slots the memory evicts (memtx/compressive_layer.py), at the sizes of the presets it is compared
+slots the memory evicts (memtx/memory/compressive/layers.py), at the sizes of the presets it is compared
 with; a baseline of the LaMemo paper.
 
 Presets (each the configs/txl.py preset of the same name with the compressed memory added):

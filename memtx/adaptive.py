@@ -23,12 +23,16 @@ Parameter layout (`x @ W` convention; torch (out, in) weights are transposed):
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from memtx.attention import param_with_axes
-from memtx.config import ModelConfig
+
+if TYPE_CHECKING:  # annotations only: the config imports the memory registry, which loads this
+    from memtx.config import ModelConfig
 
 
 def cluster_bounds(vocab_size: int, cutoffs) -> list[tuple[int, int]]:

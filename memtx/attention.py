@@ -12,13 +12,16 @@ backward pass), for the few rows of a generation step by a gather (`gather_by_di
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from memtx.config import ModelConfig
 from memtx.memory import knn
+
+if TYPE_CHECKING:  # annotations only: the config imports the memory registry, which loads this
+    from memtx.config import ModelConfig
 
 NEG_INF = -1e30
 

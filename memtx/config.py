@@ -21,11 +21,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+from memtx.config_error import ConfigError
 from memtx.memory import knn_choices as knn_memory, registry
-
-
-class ConfigError(ValueError):
-    """A bad config value; the message is one line that names the key."""
 
 
 @dataclass
@@ -64,89 +61,6 @@ def default_knn_layer(num_layers: int) -> int:
     return max(num_layers - 4, 0)
 
 
-@dataclass
-class LaMemoConfig:
-    """LaMemo's parts (spec §2), each switchable off for the paper's Table 3 ablations."""
-
-    interpolation: bool = True  # False: alpha = 0, a slot keeps only its latest look-ahead output
-    look_ahead: bool = True  # False: slots are never refreshed (the Transformer-XL memory, recomputed)
-    encoding: str = "disentangled"  # disentangled (|i-j|, v_minus) | xl: signed distance p-j < 0 and v
-
-    def check(self, m: ModelConfig, d: DataConfig) -> None:
-        """ConfigError for a bad value (with model.memory "lamemo")."""
-        if self.encoding not in ("disentangled", "xl"):
-            raise ConfigError(f"config key 'model.lamemo.encoding' must be disentangled or xl, got '{self.encoding}'")
-        if m.query_block:  # its causal and look-ahead terms score the whole segment at once
-            raise ConfigError(f"config key 'model.query_block' ({m.query_block}) does not apply with model.memory "
-                              "'lamemo' (LaMemo's attention has no query blocks); set it to 0")
-
-    def describe(self) -> str:
-        return ""
-
-
-@dataclass
-class CompressiveConfig:
-    """The Compressive Transformer's compressed memory (Rae et al. 2020): each layer's slots that
-    its FIFO memory (`model.mem_len`) evicts are compressed `rate` to one into `size` more slots,
-    attended to like the memory, [compressed ; memory ; segment]."""
-
-    size: int = 64  # compressed slots per layer (n_cm; 0: evicted slots are dropped, as Transformer-XL)
-    rate: int = 2  # compression rate c (data.seq_len must be a multiple of it)
-    function: str = "conv"  # conv: 1-D convolution, kernel = stride = rate | mean: mean-pool
-    # Weight of the attention-reconstruction loss, which alone trains the compression network
-    # (its inputs and the attention weights are stop-gradient'ed, as in the paper).
-    loss_weight: float = 1.0
-
-    def check(self, m: ModelConfig, d: DataConfig) -> None:
-        """ConfigError for a bad value (with model.memory "compressive")."""
-        if self.size < 0:
-            raise ConfigError(f"config key 'model.compressive.size' must be >= 0, got {self.size}")
-        if self.rate <= 0:
-            raise ConfigError(f"config key 'model.compressive.rate' must be > 0, got {self.rate}")
-        if self.function not in ("conv", "mean"):
-            raise ConfigError(f"config key 'model.compressive.function' must be conv or mean, got '{self.function}'")
-        if not (self.loss_weight >= 0 and math.isfinite(self.loss_weight)):
-            raise ConfigError(f"config key 'model.compressive.loss_weight' must be a finite number >= 0, "
-                              f"got {self.loss_weight}")
-        if d.seq_len % self.rate:
-            raise ConfigError(f"config key 'model.compressive.rate' ({self.rate}) must divide data.seq_len ({d.seq_len})")
-
-    def describe(self) -> str:
-        return f" + {self.size} compressed (rate {self.rate}, {self.function})"
-
-
-@dataclass
-class BlockRecurrentConfig:
-    """The Block-Recurrent Transformer (Hutchins et al. 2022): the segment is cut into blocks of
-    `block_len`, every layer's block attends over itself and the `model.mem_len` positions before
-    it (the paper's sliding window: mem_len = block_len), and one layer also carries `state_size`
-    state vectors from block to block, updated by gates (memtx/block_recurrent_layer.py)."""
-
-    block_len: int = 32  # W: tokens per block; the state is updated once per block
-    state_size: int = 32  # S: state vectors
-    layer: int = -3  # the recurrent layer, Python-style (meliad's recurrent_layer_indices = (-3,))
-    gate: str = "fixed"  # fixed: c*g + z*(1-g), g = sigmoid(bias) | lstm: input and forget gates
-    skip_ffn: bool = False  # True: the state has no FFN, one gate after the attention (the paper's "skip")
-
-    def check(self, m: ModelConfig, d: DataConfig) -> None:
-        """ConfigError for a bad value (with model.memory "block_recurrent")."""
-        for key in ("block_len", "state_size"):
-            if getattr(self, key) <= 0:
-                raise ConfigError(f"config key 'model.block_recurrent.{key}' must be > 0, got {getattr(self, key)}")
-        if not -m.num_layers <= self.layer < m.num_layers:
-            raise ConfigError(f"config key 'model.block_recurrent.layer' must index one of the {m.num_layers} "
-                              f"layers (-{m.num_layers}..{m.num_layers - 1}), got {self.layer}")
-        if self.gate not in ("fixed", "lstm"):
-            raise ConfigError(f"config key 'model.block_recurrent.gate' must be fixed or lstm, got '{self.gate}'")
-        if d.seq_len % self.block_len:
-            raise ConfigError(f"config key 'model.block_recurrent.block_len' ({self.block_len}) must divide "
-                              f"data.seq_len ({d.seq_len})")
-
-    def describe(self) -> str:
-        return (f" + {self.state_size} state vectors in layer {self.layer} (blocks of {self.block_len}, "
-                f"{self.gate} gates{', no state FFN' if self.skip_ffn else ''})")
-
-
 # data.loss_mask's values: the masks memtx/data/loss_masks.py defines (it checks that the names agree).
 LOSS_MASKS = ("", "kv_recall_answers")
 
@@ -155,6 +69,7 @@ REMAT_POLICIES = ("nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_
 
 
 @dataclass
+@registry.sections
 class ModelConfig:
     vocab_size: int = 259  # byte vocabulary: 256 bytes + PAD, BOS, EOS
     vocab_pad_multiple: int = 128  # embedding rows padded to this multiple (shardable); pad ids masked
@@ -163,13 +78,11 @@ class ModelConfig:
     num_heads: int = 4
     head_dim: int = 0  # 0: d_model // num_heads (must then divide)
     d_ff: int = 1024
-    mem_len: int = 128  # memory length M (XL cache or LaMemo state); 0 is Transformer+RPE
+    mem_len: int = 128  # memory length M: the kind's slots per layer (0 with xl: Transformer+RPE)
     # Relative distances beyond this are encoded as this (0: never); for evaluating with a longer
     # memory than in training, as Transformer-XL's clamp_len. Not a parameter: any value at evaluation.
     clamp_len: int = 0
-    # The memory kind (memtx/memory/registry.py): xl (Transformer-XL recurrence, spec §1) |
-    # lamemo (look-ahead memory, spec §2) | compressive (XL memory plus compressed memory) |
-    # block_recurrent (sliding-window blocks plus a recurrent state)
+    # The memory kind: one of memtx/memory/registry.py's (each a package memtx/memory/<kind>/)
     memory: str = "xl"
     pre_norm: bool = False  # False: post-LN as the reference; True: pre-LN (+ final LN)
     # L2-normalised queries and keys with a learned per-head scale in every layer (meliad does this
@@ -201,7 +114,7 @@ class ModelConfig:
     remat: str = ""
     # Run each run of identical consecutive layers as one jax.lax.scan over parameters stacked on a
     # leading "layers" axis (memtx/layers.py): compile time stays flat in depth. Layers that differ
-    # (a kNN layer, LaMemo's last, the recurrent one) stay unrolled. Changes the parameter tree ("layers_0_to_10"), so a
+    # (a kNN layer; each kind's scan_runs says) stay unrolled. Changes the parameter tree ("layers_0_to_10"), so a
     # checkpoint is read with the value it was written with (layers.stack_params converts).
     scan_layers: bool = False
     # Adaptive input/softmax (memtx/adaptive.py): cluster boundaries; empty: one tied embedding.
@@ -209,9 +122,8 @@ class ModelConfig:
     adaptive_cutoffs: tuple[int, ...] = ()
     adaptive_div_val: int = 1  # cluster i has embedding width d_model // adaptive_div_val**i
     knn: KNNConfig = field(default_factory=KNNConfig)
-    lamemo: LaMemoConfig = field(default_factory=LaMemoConfig)  # with memory "lamemo" only
-    compressive: CompressiveConfig = field(default_factory=CompressiveConfig)  # with memory "compressive" only
-    block_recurrent: BlockRecurrentConfig = field(default_factory=BlockRecurrentConfig)  # with "block_recurrent" only
+    # ...then one section per memory kind with options, `model.<kind>`, added by registry.sections
+    # (memtx/memory/<kind>/options.py), each valid with its kind only.
 
     @property
     def dim_per_head(self) -> int:
@@ -654,10 +566,10 @@ def validate(cfg: Config, num_devices: int) -> tuple[int, ...]:
         raise ConfigError(f"config key 'model.memory' must be one of {', '.join(registry.KINDS)}, got '{m.memory}'")
     for other in registry.KINDS.values():  # options of another kind than the one chosen are a mistake
         if other.options and other is not kind:
-            section, default = getattr(m, other.options), type(getattr(m, other.options))()
+            section, default = other.section(m), other.options()
             for f in dataclasses.fields(section):
                 if getattr(section, f.name) != getattr(default, f.name):
-                    raise ConfigError(f"config key 'model.{other.options}.{f.name}' applies only with "
+                    raise ConfigError(f"config key 'model.{other.name}.{f.name}' applies only with "
                                       f"model.memory '{other.name}' (this model's is '{kind.name}')")
     if not kind.knn:
         for f in dataclasses.fields(KNNConfig):
@@ -673,13 +585,14 @@ def validate(cfg: Config, num_devices: int) -> tuple[int, ...]:
         raise ConfigError("config key 'model.qk_scale_init' applies to layers with normalised q and k: set "
                           "model.qk_norm=true or enable the kNN memory")
     if m.smeared_keys and not kind.smeared_keys:
-        raise ConfigError(f"config key 'model.smeared_keys' applies with model.memory 'xl' only (this model's is "
+        kinds = " or ".join(f"'{k.name}'" for k in registry.KINDS.values() if k.smeared_keys)
+        raise ConfigError(f"config key 'model.smeared_keys' applies with model.memory {kinds} only (this model's is "
                           f"'{kind.name}')")
     for layer in m.smeared_keys:
         if not 0 <= layer < m.num_layers:
             raise ConfigError(f"config key 'model.smeared_keys' has layer {layer}, outside 0..{m.num_layers - 1}")
     if kind.options:  # other kinds' sections hold their defaults (above)
-        getattr(m, kind.options).check(m, d)
+        kind.section(m).check(m, d)
     if knn.enabled:
         for layer in knn.layers:
             if not 0 <= layer < m.num_layers:

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import inspect
 import re
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from memtx.attention import param_with_axes
-from memtx.config import ModelConfig
+
+if TYPE_CHECKING:  # annotations only: the config imports the memory registry, which loads this
+    from memtx.config import ModelConfig
 
 
 def layer_norm(x, scale, bias, eps: float):

@@ -11,15 +11,19 @@ segment: reset the rows that start a document, run the model, score the targets.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from memtx.adaptive import AdaptiveIO
 from memtx.attention import param_with_axes
-from memtx.config import ModelConfig
 from memtx.layers import LayerNorm
 from memtx.memory import model_memory, registry
+
+if TYPE_CHECKING:  # annotations only: the config imports the memory registry, which loads this
+    from memtx.config import ModelConfig
 
 
 class TransformerLM(nn.Module):

@@ -7,17 +7,15 @@ from pathlib import Path
 
 import numpy as np
 
-from memtx.config import (BlockRecurrentConfig, CompressiveConfig, Config, DataConfig, MeshConfig, ModelConfig,
-                          OptimConfig, TrainConfig)
+from memtx.config import Config, DataConfig, MeshConfig, ModelConfig, OptimConfig, TrainConfig
+from memtx.memory import registry
 
 
 def kind_options(name: str) -> dict:
     """ModelConfig fields giving memory kind `name` small sizes that fit every test model (2
-    layers, segments of 6 or 16): its own options section, or nothing."""
-    return {"compressive": {"compressive": CompressiveConfig(size=4, rate=2)},
-            # 3 blocks per 6-token segment, so the state is carried inside segments as well
-            "block_recurrent": {"block_recurrent": BlockRecurrentConfig(block_len=2, state_size=3, layer=-1)},
-            }.get(name, {})
+    layers, segments of 6 or 16): its options section with the kind's `small_options`, or nothing."""
+    kind = registry.get(name)
+    return {name: kind.options(**kind.small_options)} if kind.options else {}
 
 
 def tiny_config(corpus: str = "stdlib", mesh_shape=(1, 1, 1), **train) -> Config:

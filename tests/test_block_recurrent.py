@@ -1,4 +1,4 @@
-"""The Block-Recurrent Transformer (memtx/block_recurrent_layer.py): one block's state update
+"""The Block-Recurrent Transformer (memtx/memory/block_recurrent/layers.py): one block's state update
 against a NumPy reference written from the paper's equations, the state as the only path between
 blocks when there is no window, the gradient it carries inside a segment, and the presets."""
 
@@ -12,7 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from memtx.config import BlockRecurrentConfig, ConfigError, load_config_file, to_dict, validate
+from memtx.config import ConfigError, load_config_file, to_dict, validate
+from memtx.memory.block_recurrent import BlockRecurrentConfig
 from memtx.model import init_memory, segment_nll
 from tests.helpers import segment_batch, small_model
 

@@ -11,9 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from memtx.compressive_layer import Compressor
-from memtx.config import CompressiveConfig, ModelConfig
-from memtx.memory import compressive
+from memtx.config import ModelConfig
+from memtx.memory.compressive import CompressiveConfig
+from memtx.memory.compressive import state as compressive
+from memtx.memory.compressive.layers import Compressor
 from memtx.model import TransformerLM, init_memory, segment_nll
 
 
@@ -179,7 +180,7 @@ def test_the_reconstruction_loss_equals_its_definition(pre_norm):
     groups, summed over heads and features, averaged over the valid query positions of rows that
     evicted something (row 2 evicted nothing; row 1 has 3 valid positions of 5), summed over
     layers. Its value is not small, so a dropped term or layer would show."""
-    from memtx.compressive_layer import reconstruction_loss
+    from memtx.memory.compressive.layers import reconstruction_loss
     L, B, N, D, H, E, c = 2, 3, 5, 8, 2, 4, 2
     cfg = ModelConfig(num_layers=L, d_model=D, num_heads=H, d_ff=16, mem_len=4, pre_norm=pre_norm, memory="compressive",
                       compressive=CompressiveConfig(size=3, rate=c))

@@ -417,7 +417,8 @@ def test_the_layout_names_every_module():
     layout = (ROOT / "docs" / "layout.md").read_text()
     modules = [p for d in ("memtx", "memtx/memory") for p in sorted((ROOT / d).glob("*.py"))
                if p.name != "__init__.py"]
-    modules += [p for p in sorted((ROOT / "memtx").iterdir()) if p.is_dir() and (p / "__init__.py").is_file()]
+    modules += [p for d in ("memtx", "memtx/memory") for p in sorted((ROOT / d).iterdir())
+                if p.is_dir() and (p / "__init__.py").is_file()]
     missing = [page_name(p) + ("/" if p.is_dir() else "") for p in modules
                if page_name(p) + ("/" if p.is_dir() else "") not in layout]
     assert not missing, f"docs/layout.md does not name {', '.join(missing)}: add a line for each to its map"

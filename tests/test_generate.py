@@ -18,7 +18,9 @@ import numpy as np
 import pytest
 
 from memtx.cache_tuning import save_fit
-from memtx.config import BlockRecurrentConfig, CompressiveConfig, Config, DataConfig, KNNConfig, ModelConfig
+from memtx.config import Config, DataConfig, KNNConfig, ModelConfig
+from memtx.memory.block_recurrent import BlockRecurrentConfig
+from memtx.memory.compressive import CompressiveConfig
 from memtx.generate import Generator, generate, sample
 from memtx.memory import model_memory, output_cache, registry
 from memtx.memory.output_cache import CacheSpec

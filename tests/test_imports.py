@@ -1,5 +1,6 @@
 """No import circles inside the package: every `import memtx...` / `from memtx... import ...`
-(at module level or inside a function) is an edge, and the graph has no cycle."""
+(at module level or inside a function, not under `if TYPE_CHECKING:`) is an edge, and the graph
+has no cycle."""
 
 from __future__ import annotations
 
@@ -18,7 +19,11 @@ def import_graph(package: Path = PACKAGE) -> dict[str, set[str]]:
     modules = {module_name(p, package): p for p in package.rglob("*.py")}
     graph = {name: set() for name in modules}
     for name, path in modules.items():
-        for node in ast.walk(ast.parse(path.read_text())):
+        tree = ast.parse(path.read_text())
+        typing_only = {id(n) for block in ast.walk(tree) if _is_type_checking_block(block) for n in ast.walk(block)}
+        for node in ast.walk(tree):
+            if id(node) in typing_only:  # `if TYPE_CHECKING:` imports never run
+                continue
             targets = []
             if isinstance(node, ast.Import):
                 targets = [a.name for a in node.names]
@@ -29,6 +34,12 @@ def import_graph(package: Path = PACKAGE) -> dict[str, set[str]]:
                            for a in node.names]
             graph[name] |= {t for t in targets if t in modules and t != name}
     return graph
+
+
+def _is_type_checking_block(node) -> bool:
+    test = getattr(node, "test", None)
+    return isinstance(node, ast.If) and (getattr(test, "id", None) == "TYPE_CHECKING"
+                                         or getattr(test, "attr", None) == "TYPE_CHECKING")
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:

@@ -6,8 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from memtx.config import Config, ConfigError, KNNConfig, LaMemoConfig, ModelConfig, validate
-from memtx.lamemo_layer import LaMemoAttention
+from memtx.config import Config, ConfigError, KNNConfig, ModelConfig, validate
+from memtx.memory.lamemo import LaMemoConfig
+from memtx.memory.lamemo.layers import LaMemoAttention
 from memtx.model import TransformerLM, init_memory, segment_nll
 
 

@@ -6,12 +6,14 @@
   segment leaves the memory a short segment leaves;
 - a checkpoint restores the state and memory, and training goes on as if it had not stopped.
 
-A kind registered in memtx/memory/registry.py is tested here without being named.
+A kind registered in memtx/memory/registry.py is tested here without being named, at its
+`small_options`; the typed contract it keeps is memtx/memory/kind.py.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import types
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +22,7 @@ import pytest
 
 from memtx.config import KNNConfig, ModelConfig
 from memtx.memory import model_memory, registry
+from memtx.memory.kind import MemoryLayers, MemoryState
 from memtx.model import init_memory, segment_nll
 from tests.helpers import kind_options, random_batches, segment_batch, small_model, tiny_config
 
@@ -47,12 +50,10 @@ def _run(model, params, memory, segments, resets):
     return out, memory
 
 
-def test_every_kind_has_what_the_registry_promises():
+def test_every_kind_keeps_the_typed_contract():
     for kind in registry.KINDS.values():
-        state = kind.state
-        for function in ("init_for", "reset_rows", "valid_mask", "bytes_for"):
-            assert callable(getattr(state, function)), (kind.name, function)
-        assert callable(kind.layers.stack), kind.name
+        assert isinstance(kind.state, MemoryState), kind.name  # every function the package calls is there
+        assert isinstance(kind.layers, MemoryLayers), kind.name
         scanned = ModelConfig(memory=kind.name, num_layers=6, scan_layers=True, **_options(kind))
         runs = kind.layers.scan_runs(scanned)  # model.scan_layers: consecutive ranges covering every layer
         assert [a for a, _ in runs] == [0] + [b for _, b in runs[:-1]] and runs[-1][1] == 6, (kind.name, runs)
@@ -62,9 +63,19 @@ def test_every_kind_has_what_the_registry_promises():
         assert jax.tree.structure(memory) == jax.tree.structure(axes, is_leaf=lambda x: isinstance(x, tuple))
         for leaf, names in zip(jax.tree.leaves(memory), jax.tree.leaves(axes, is_leaf=lambda x: isinstance(x, tuple))):
             assert len(names) == leaf.ndim
-        total = sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(memory) if leaf.dtype != jnp.int32)
-        ints = sum(leaf.size * 4 for leaf in jax.tree.leaves(memory) if leaf.dtype == jnp.int32)
-        assert total <= model_memory.state_bytes(cfg, 3) <= total + ints + 8 * 3 * cfg.num_layers * cfg.mem_len
+        for path, leaf in jax.tree_util.tree_leaves_with_path(memory):  # rows are the batch axis (or after layers)
+            names = dict(kind.state.LOGICAL_AXES).get(path[-1].key) if path[0].key == kind.name else None
+            if names is not None:
+                assert leaf.shape[names.index("act_batch")] == 3, (kind.name, path)
+        real = init_memory(cfg, 3)  # the bytes fit checks are those of the arrays the steps carry
+        assert model_memory.state_bytes(cfg, 3) == sum(leaf.nbytes for leaf in jax.tree.leaves(real)) > 0
+
+
+def test_a_kind_without_a_function_of_the_contract_fails_it():
+    state, layers = registry.get("xl").load()
+    partial = types.SimpleNamespace(**{k: getattr(state, k) for k in ("LOGICAL_AXES", "init_for", "reset_rows")})
+    assert isinstance(state, MemoryState) and not isinstance(partial, MemoryState)
+    assert not isinstance(types.SimpleNamespace(stack=layers.stack), MemoryLayers)
 
 
 @pytest.mark.parametrize("name, knn", VARIANTS, ids=IDS)

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from memtx.config import Config, ConfigError, KNNConfig, ModelConfig, validate
-from memtx.memory import lamemo, model_memory
+from memtx.memory import model_memory
+from memtx.memory.lamemo import state as lamemo
 from memtx.model import TransformerLM, init_memory, segment_nll
 from tests.helpers import segment_batch, small_model
 

@@ -3,7 +3,7 @@
 import jax.numpy as jnp
 import numpy as np
 
-from memtx.memory import xl
+from memtx.memory.xl import state as xl
 from memtx.model import init_memory, segment_nll
 from tests.helpers import segment_batch, small_model
 

@@ -15,7 +15,7 @@ from helpers import segment_batch, small_model
 from memtx.attention import RelativeAttention
 from memtx.config import Config, ConfigError, KNNConfig, ModelConfig, validate
 from memtx.model import TransformerLM, init_memory
-from memtx.xl_layer import scan_runs
+from memtx.memory.xl.layers import scan_runs
 
 
 def test_smeared_keys_equal_their_definition_over_memory_and_segment():

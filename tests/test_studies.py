@@ -123,7 +123,7 @@ def test_alpha_curves_per_layer_over_memory_slots(runs, tmp_path, capsys):
 
 def test_alpha_counts_valid_slots_and_follows_the_carried_denominator(runs):
     setup, params = _restore(runs["lamemo"])
-    step_fn = common.make_segment_step(setup, alpha.alpha_reduce(2))
+    step_fn = common.make_segment_step(setup, alpha.alpha_reduce(setup.cfg.model))
     memory = state_lib.init_memory_sharded(setup, 4)
     state = memory["lamemo"]
     big = jnp.stack([jnp.full(state["logS"].shape[1:], 40.0), jnp.full(state["logS"].shape[1:], -40.0)])

@@ -9,11 +9,15 @@ that start a document, the logical axes from which shardings are derived, and th
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import jax
 import jax.numpy as jnp
 
-from memtx.config import ModelConfig
 from memtx.memory import knn, registry
+
+if TYPE_CHECKING:  # annotations only: the config imports the memory registry, which loads this
+    from memtx.config import ModelConfig
 
 
 def init(cfg: ModelConfig, batch_size: int) -> dict:
@@ -43,7 +47,7 @@ def logical_axes(cfg: ModelConfig) -> dict:
 
 
 def state_bytes(cfg: ModelConfig, batch_size: int) -> int:
-    """Bytes of the whole memory state (all rows), to check against the devices before allocating."""
-    knn_bytes = len(cfg.knn.layer_indices(cfg.num_layers)) * knn.state_bytes(
-        batch_size, cfg.num_heads, cfg.knn.size, cfg.dim_per_head, cfg.knn.dtype)
-    return registry.of(cfg).state.bytes_for(cfg, batch_size) + knn_bytes
+    """Bytes of the whole memory state (all rows), to check against the devices before allocating:
+    those of `init`'s abstract value, so no kind writes its own count."""
+    shapes = jax.eval_shape(lambda: init(cfg, batch_size))
+    return sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(shapes))

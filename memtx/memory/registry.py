@@ -1,67 +1,35 @@
 """The memory kinds memtx knows: `model.memory` names one of them.
 
-A kind is a state module (pure functions over its pytree: `init_for(cfg, batch_size)`,
-`reset_rows(state, reset_B)`, `valid_mask(state)` (the slots the layers attend, [B, slots]),
-`LOGICAL_AXES`, `bytes_for(cfg, batch_size)`) and a layer stack
-(`stack(model, h_BND, emb_BND, state, knn_stores, num_valid_B, u_HD, v_HD, deterministic, cache,
-position) -> (h_BND, state, knn_stores, cache)`, which runs every layer and writes the memories,
-and `scan_runs(cfg)`, its layer ranges for `model.scan_layers`),
-registered here once. The model, the steps, checkpoints, `memtx.fit`, the studies and generation
-ask this table; nothing else in the package compares memory names. Adding a kind is one state
-file, one layer file and one entry below.
+Each kind is a package `memtx/memory/<kind>/` (its options, state and layers; the contract is
+memtx/memory/kind.py) whose `KIND` is listed here once. The model, the steps, checkpoints,
+`memtx.fit`, the studies and generation ask this table, and the config takes each kind's options
+section from it (`model.<kind>`); nothing else in the package compares memory names. Importing
+this module imports no JAX: a kind's state and layers load when first used.
 
-The modules are named, not imported: `memtx.config` reads this table to validate a config
-without importing JAX or Flax.
+Adding a kind is its package and one line below (docs/adding_a_memory.md).
 """
 
 from __future__ import annotations
 
-import importlib
-from dataclasses import dataclass
-from types import ModuleType
+from dataclasses import field
 
-
-@dataclass(frozen=True)
-class MemoryKind:
-    name: str  # the value of `model.memory`
-    label: str  # how tables and plots name it
-    state_module: str  # the state's pure functions
-    layer_module: str  # its `stack` (and its layers)
-    options: str | None = None  # its ModelConfig section (check(model, data), describe()), valid with it only
-    knn: bool = True  # can carry the kNN memory (`model.knn`) in its layers
-    kv_cache: bool = True  # generation may run one token at a time with a key/value cache
-    qk_norm: bool = True  # `model.qk_norm` applies to its attention
-    refreshes: bool = False  # its memory slots are recomputed from each segment (LaMemo's look-ahead)
-    whole_segment: bool = True  # every layer's queries are the whole segment over [memory ; segment]
-    smeared_keys: bool = False  # `model.smeared_keys` applies (its memory rows are consecutive positions)
-
-    @property
-    def state(self) -> ModuleType:
-        return importlib.import_module(self.state_module)
-
-    @property
-    def layers(self) -> ModuleType:
-        return importlib.import_module(self.layer_module)
-
+from memtx.memory import block_recurrent, compressive, lamemo, xl
+from memtx.memory.kind import MemoryKind
 
 KINDS: dict[str, MemoryKind] = {}
 
 
 def register(kind: MemoryKind) -> MemoryKind:
+    """Adds a kind (the list below; a test or a user's script may add one more at run time: a
+    kind with options must be registered before memtx.config is imported to get its section)."""
     if kind.name in KINDS:
         raise ValueError(f"memory kind '{kind.name}' is registered twice")
     KINDS[kind.name] = kind
     return kind
 
 
-register(MemoryKind("xl", "XL", "memtx.memory.xl", "memtx.xl_layer", smeared_keys=True))
-register(MemoryKind("lamemo", "LaMemo", "memtx.memory.lamemo", "memtx.lamemo_layer", options="lamemo", knn=False,
-                    kv_cache=False, qk_norm=False, refreshes=True))
-register(MemoryKind("compressive", "Compressive", "memtx.memory.compressive", "memtx.compressive_layer",
-                    options="compressive"))
-register(MemoryKind("block_recurrent", "Block-Recurrent", "memtx.memory.block_recurrent",
-                    "memtx.block_recurrent_layer", options="block_recurrent", knn=False, kv_cache=False, qk_norm=False,
-                    whole_segment=False))
+for _kind in (xl.KIND, lamemo.KIND, compressive.KIND, block_recurrent.KIND):
+    register(_kind)
 
 
 def describe(model_cfg, with_knn: bool = True) -> str:
@@ -69,7 +37,7 @@ def describe(model_cfg, with_knn: bool = True) -> str:
     kind, m = of(model_cfg), model_cfg
     text = f"{kind.label} memory {m.mem_len}"
     if kind.options:
-        text += getattr(m, kind.options).describe()
+        text += kind.section(m).describe()
     return text + (f", kNN memory {m.knn.size}" if with_knn and m.knn.enabled else "")
 
 
@@ -84,3 +52,14 @@ def get(name: str) -> MemoryKind:
 def of(model_cfg) -> MemoryKind:
     """The kind a ModelConfig uses."""
     return get(model_cfg.memory)
+
+
+def sections(cls: type) -> type:
+    """Class decorator for ModelConfig (before @dataclass): one field per kind with options,
+    `model.<kind>`, holding its defaults. The config module names no kind."""
+    for kind in KINDS.values():
+        if kind.options:
+            cls.__annotations__[kind.name] = kind.options
+            setattr(cls, kind.name, field(default_factory=kind.options))
+    return cls
+

@@ -26,17 +26,18 @@ import numpy as np
 from memtx import probes
 from memtx import state as state_lib
 from memtx.cli import UsageError, run_cli
-from memtx.memory import lamemo, registry
+from memtx.memory import registry
 from memtx.evaluation import stream_documents
 from memtx.metrics import markdown_table
 from memtx.studies import common
 
 
-def alpha_reduce(num_layers: int):
+def alpha_reduce(model_cfg):
     """(memory as read, batch, intermediates) -> {alpha_LM: sums over rows and heads, count_M}."""
+    kind, num_layers = registry.of(model_cfg), model_cfg.num_layers
 
     def reduce(memory_in, batch, inter):
-        valid_BM = lamemo.valid_mask(memory_in["lamemo"]) & jnp.any(batch["weights"] > 0, axis=-1)[:, None]
+        valid_BM = kind.state.valid_mask(memory_in[kind.name]) & jnp.any(batch["weights"] > 0, axis=-1)[:, None]
         alpha_LBMH = jnp.stack([probes.attention(inter, l, "alpha") for l in range(num_layers)])
         H = alpha_LBMH.shape[-1]
         return {"alpha_LM": jnp.sum(jnp.where(valid_BM[None, :, :, None], alpha_LBMH, 0.0), axis=(1, 3)),
@@ -50,7 +51,7 @@ def study_run(run: common.Run) -> dict:
     params = run.restore_params(setup)
     docs = run.documents()
     print(f"{run.name}: step {run.step}, {run.split} documents, memory {run.cfg.model.mem_len}", flush=True)
-    step_fn = common.make_segment_step(setup, alpha_reduce(run.cfg.model.num_layers))
+    step_fn = common.make_segment_step(setup, alpha_reduce(run.cfg.model))
     sums = stream_documents(setup, params, docs, step_fn, label=run.name)
     alpha_LM = common.safe_mean(sums["alpha_LM"], sums["count_M"][None, :])
     return {"workdir": run.workdir, "step": run.step, "mem_len": run.cfg.model.mem_len,

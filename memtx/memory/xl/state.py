@@ -32,10 +32,6 @@ def init_for(cfg, batch_size: int) -> dict:
     return init(cfg.num_layers, batch_size, cfg.mem_len, cfg.d_model, jnp.dtype(cfg.dtype))
 
 
-def bytes_for(cfg, batch_size: int) -> int:
-    return cfg.num_layers * batch_size * cfg.mem_len * cfg.d_model * jnp.dtype(cfg.dtype).itemsize
-
-
 def reset_rows(memory: dict, reset_B: jax.Array) -> dict:
     """Empties the memory of the rows whose `reset` flag is set (a document starts there)."""
     return {**memory, "length": jnp.where(reset_B, 0, memory["length"])}

@@ -7,7 +7,7 @@ State, per row `b` (all leaves stop-gradient'ed, carried between segments):
                always float32, whatever the compute dtype
   length_B     how many of the M slots hold real tokens (the newest `length` slots)
 
-Slots are right-aligned exactly as in xl.py: slot `m` of row `b` is valid iff
+Slots are right-aligned exactly as in memory/xl/state.py: slot `m` of row `b` is valid iff
 `m >= M - length[b]`, and resetting a row only sets its length to 0 (O(B)). Invalid slots keep
 finite junk which the attention masks. Padding is never written (`write` keeps the M slots ending
 right after each row's last valid position).
@@ -39,21 +39,9 @@ def init(num_layers: int, batch_size: int, mem_len: int, d_model: int, num_heads
     }
 
 
-def state_bytes(num_layers: int, batch_size: int, mem_len: int, d_model: int, num_heads: int, head_dim: int,
-                dtype) -> int:
-    itemsize = jnp.dtype(dtype).itemsize
-    per_row = mem_len * (d_model * itemsize + num_layers * num_heads * (head_dim * itemsize + 4))
-    return batch_size * per_row
-
-
 def init_for(cfg, batch_size: int) -> dict:
     return init(cfg.num_layers, batch_size, cfg.mem_len, cfg.d_model, cfg.num_heads, cfg.dim_per_head,
                 jnp.dtype(cfg.dtype))
-
-
-def bytes_for(cfg, batch_size: int) -> int:
-    return state_bytes(cfg.num_layers, batch_size, cfg.mem_len, cfg.d_model, cfg.num_heads, cfg.dim_per_head,
-                       cfg.dtype)
 
 
 def reset_rows(memory: dict, reset_B: jax.Array) -> dict:

@@ -3,13 +3,18 @@ read in the layers `model.knn` names and written here, next to the XL cache."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import flax.linen as nn
 import jax.numpy as jnp
 
 from memtx.attention import RelativeAttention
-from memtx.config import ModelConfig
 from memtx.layers import layer_class, layer_parts, layer_runs, run_name, scan_run, stack_trees, unstack_tree
-from memtx.memory import knn, xl
+from memtx.memory import knn
+from memtx.memory.xl import state as xl
+
+if TYPE_CHECKING:  # annotations only: the config imports the memory registry, which loads this
+    from memtx.config import ModelConfig
 
 
 class XLLayer(nn.Module):

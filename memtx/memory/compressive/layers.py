@@ -18,16 +18,21 @@ and reported by the train step as `compression_loss`.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from memtx.attention import dot_product_attention, param_with_axes
-from memtx.config import ModelConfig
 from memtx.layers import layer_norm, layer_tree
-from memtx.memory import compressive, slots
-from memtx import xl_layer
-from memtx.xl_layer import run_layers
+from memtx.memory import slots
+from memtx.memory.compressive import state as compressive
+from memtx.memory.xl import layers as xl_layer
+from memtx.memory.xl.layers import run_layers
+
+if TYPE_CHECKING:  # annotations only: the config imports the memory registry, which loads this
+    from memtx.config import ModelConfig
 
 
 class Compressor(nn.Module):

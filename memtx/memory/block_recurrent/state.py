@@ -4,7 +4,7 @@ Two memories, carried between segments (both stop-gradient'ed there; within a se
 recurrent state's gradient flows from block to block, as the paper's, which truncates at its
 segment boundary too):
 
-  hidden_LBMD, length_B  every layer's last M inputs, exactly as xl.py: the sliding window of the
+  hidden_LBMD, length_B  every layer's last M inputs, exactly as memory/xl/state.py: the sliding window of the
                          first block of the next segment (later blocks attend to the blocks
                          before them in their segment)
   state_BSD              the recurrent layer's S state vectors after the last block written
@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from memtx.memory import xl
+from memtx.memory.xl import state as xl
 
 LOGICAL_AXES = {**xl.LOGICAL_AXES, "state": ("act_batch", None, "act_embed"), "blocks": ("act_batch",)}
 
@@ -35,11 +35,6 @@ def init(num_layers: int, batch_size: int, mem_len: int, state_size: int, d_mode
 def init_for(cfg, batch_size: int) -> dict:
     return init(cfg.num_layers, batch_size, cfg.mem_len, cfg.block_recurrent.state_size, cfg.d_model,
                 jnp.dtype(cfg.dtype))
-
-
-def bytes_for(cfg, batch_size: int) -> int:
-    return xl.bytes_for(cfg, batch_size) + batch_size * cfg.block_recurrent.state_size * cfg.d_model * jnp.dtype(
-        cfg.dtype).itemsize
 
 
 def reset_rows(memory: dict, reset_B: jax.Array) -> dict:

@@ -21,14 +21,18 @@ not stop-gradient'ed.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from memtx.attention import NEG_INF, distance_sinusoid, gather_by_distance, param_with_axes, relative_shift
-from memtx.config import ModelConfig
 from memtx.layers import layer_class, layer_parts, layer_runs, run_name, scan_run
-from memtx.memory import lamemo
+from memtx.memory.lamemo import state as lamemo
+
+if TYPE_CHECKING:  # annotations only: the config imports the memory registry, which loads this
+    from memtx.config import ModelConfig
 
 ALPHA_EPS = 1e-6
 

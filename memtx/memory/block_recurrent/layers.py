@@ -26,15 +26,20 @@ initial state; a block with no valid position leaves the state as it is.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from memtx.attention import RelativeAttention, dot_product_attention, param_with_axes
-from memtx.config import ModelConfig
 from memtx.layers import FeedForward, LayerNorm, layer_class, layer_parts, layer_runs, run_name, scan_run
-from memtx.memory import block_recurrent, xl
-from memtx.xl_layer import XLLayer
+from memtx.memory.block_recurrent import state as block_recurrent
+from memtx.memory.xl import state as xl
+from memtx.memory.xl.layers import XLLayer
+
+if TYPE_CHECKING:  # annotations only: the config imports the memory registry, which loads this
+    from memtx.config import ModelConfig
 
 
 class Gate(nn.Module):

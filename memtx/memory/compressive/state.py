@@ -1,12 +1,12 @@
 """Compressive Transformer memory as explicit state (Rae et al. 2020).
 
-Per layer, a FIFO memory of the last M layer inputs exactly as xl.py, plus a compressed memory of
-Mc slots: the slots the FIFO evicts are compressed `rate` (c) to one (memtx/compressive_layer.py
+Per layer, a FIFO memory of the last M layer inputs exactly as memory/xl/state.py, plus a compressed memory of
+Mc slots: the slots the FIFO evicts are compressed `rate` (c) to one (memtx/memory/compressive/layers.py
 holds the compression functions) and appended to it, oldest dropped. The layer attends over
 [compressed ; memory ; segment].
 
 State, per row `b` (all leaves stop-gradient'ed, carried between segments):
-  hidden_LBMD        the FIFO memory (as xl.py), right-aligned; `length_B` slots valid
+  hidden_LBMD        the FIFO memory (as memory/xl/state.py), right-aligned; `length_B` slots valid
   compressed_LBCD    the compressed memory, right-aligned; `compressed_length_B` slots valid
 
 A segment of N positions, n valid (a prefix), evicts e = max(0, length + n - M) slots, the oldest.
@@ -23,7 +23,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from memtx.memory import slots, xl
+from memtx.memory import slots
+from memtx.memory.xl import state as xl
 
 LOGICAL_AXES = {"hidden": ("layers", "act_batch", "act_mem", "act_embed"), "length": ("act_batch",),
                 "compressed": ("layers", "act_batch", "act_mem", "act_embed"), "compressed_length": ("act_batch",)}
@@ -37,11 +38,6 @@ def init(num_layers: int, batch_size: int, mem_len: int, comp_len: int, d_model:
 
 def init_for(cfg, batch_size: int) -> dict:
     return init(cfg.num_layers, batch_size, cfg.mem_len, cfg.compressive.size, cfg.d_model, jnp.dtype(cfg.dtype))
-
-
-def bytes_for(cfg, batch_size: int) -> int:
-    slots = cfg.mem_len + cfg.compressive.size
-    return cfg.num_layers * batch_size * slots * cfg.d_model * jnp.dtype(cfg.dtype).itemsize
 
 
 def reset_rows(memory: dict, reset_B: jax.Array) -> dict:

@@ -1,0 +1,44 @@
+"""The Block-Recurrent Transformer's options: the config section `model.block_recurrent`, valid
+with `model.memory=block_recurrent` only. No JAX here: the config validates it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from memtx.config_error import ConfigError
+
+if TYPE_CHECKING:
+    from memtx.config import DataConfig, ModelConfig
+
+
+@dataclass
+class BlockRecurrentConfig:
+    """The Block-Recurrent Transformer (Hutchins et al. 2022): the segment is cut into blocks of
+    `block_len`, every layer's block attends over itself and the `model.mem_len` positions before
+    it (the paper's sliding window: mem_len = block_len), and one layer also carries `state_size`
+    state vectors from block to block, updated by gates (memtx/memory/block_recurrent/layers.py)."""
+
+    block_len: int = 32  # W: tokens per block; the state is updated once per block
+    state_size: int = 32  # S: state vectors
+    layer: int = -3  # the recurrent layer, Python-style (meliad's recurrent_layer_indices = (-3,))
+    gate: str = "fixed"  # fixed: c*g + z*(1-g), g = sigmoid(bias) | lstm: input and forget gates
+    skip_ffn: bool = False  # True: the state has no FFN, one gate after the attention (the paper's "skip")
+
+    def check(self, m: ModelConfig, d: DataConfig) -> None:
+        """ConfigError for a bad value (with model.memory "block_recurrent")."""
+        for key in ("block_len", "state_size"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"config key 'model.block_recurrent.{key}' must be > 0, got {getattr(self, key)}")
+        if not -m.num_layers <= self.layer < m.num_layers:
+            raise ConfigError(f"config key 'model.block_recurrent.layer' must index one of the {m.num_layers} "
+                              f"layers (-{m.num_layers}..{m.num_layers - 1}), got {self.layer}")
+        if self.gate not in ("fixed", "lstm"):
+            raise ConfigError(f"config key 'model.block_recurrent.gate' must be fixed or lstm, got '{self.gate}'")
+        if d.seq_len % self.block_len:
+            raise ConfigError(f"config key 'model.block_recurrent.block_len' ({self.block_len}) must divide "
+                              f"data.seq_len ({d.seq_len})")
+
+    def describe(self) -> str:
+        return (f" + {self.state_size} state vectors in layer {self.layer} (blocks of {self.block_len}, "
+                f"{self.gate} gates{', no state FFN' if self.skip_ffn else ''})")

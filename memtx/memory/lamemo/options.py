@@ -1,0 +1,32 @@
+"""LaMemo's options: the config section `model.lamemo`, valid with `model.memory=lamemo` only.
+No JAX here: the config validates it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from memtx.config_error import ConfigError
+
+if TYPE_CHECKING:
+    from memtx.config import DataConfig, ModelConfig
+
+
+@dataclass
+class LaMemoConfig:
+    """LaMemo's parts (spec §2), each switchable off for the paper's Table 3 ablations."""
+
+    interpolation: bool = True  # False: alpha = 0, a slot keeps only its latest look-ahead output
+    look_ahead: bool = True  # False: slots are never refreshed (the Transformer-XL memory, recomputed)
+    encoding: str = "disentangled"  # disentangled (|i-j|, v_minus) | xl: signed distance p-j < 0 and v
+
+    def check(self, m: ModelConfig, d: DataConfig) -> None:
+        """ConfigError for a bad value (with model.memory "lamemo")."""
+        if self.encoding not in ("disentangled", "xl"):
+            raise ConfigError(f"config key 'model.lamemo.encoding' must be disentangled or xl, got '{self.encoding}'")
+        if m.query_block:  # its causal and look-ahead terms score the whole segment at once
+            raise ConfigError(f"config key 'model.query_block' ({m.query_block}) does not apply with model.memory "
+                              "'lamemo' (LaMemo's attention has no query blocks); set it to 0")
+
+    def describe(self) -> str:
+        return ""
