@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from memtx.cli import UsageError
+from memtx.errors import UsageError
 from memtx.config import Config, stable_hash
 from memtx.data import FileSource, load_vocab
 from memtx.data.sources import file_documents

@@ -8,10 +8,7 @@ import sys
 from typing import Callable
 
 from memtx.config import Config, ConfigError, apply_override, load_config_file, load_json, parse_overrides
-
-
-class UsageError(ValueError):
-    """A bad command-line or input problem reported as one line."""
+from memtx.errors import UsageError  # noqa: F401 - re-exported: the tools raise it as memtx.cli.UsageError
 
 
 def resolve_config(config_spec: str | None, workdir: str | None, overrides: list[str]) -> Config:
@@ -30,6 +27,17 @@ def resolve_config(config_spec: str | None, workdir: str | None, overrides: list
         from memtx.config import to_dict
         print(json.dumps(to_dict(cfg), indent=2))
         raise SystemExit(0)
+    return cfg
+
+
+def run_config(workdir: str, config_spec: str | None = None, overrides: list[str] = (), split: str | None = None) -> Config:
+    """A work directory's config (or `config_spec`) with overrides and the evaluation split
+    (memtx.evaluate, memtx.compare)."""
+    if not os.path.isdir(workdir):
+        raise UsageError(f"work directory '{workdir}' does not exist")
+    cfg = resolve_config(config_spec, workdir, list(overrides))
+    if split:
+        cfg.data.eval_split = split
     return cfg
 
 

@@ -39,7 +39,7 @@ import sys
 from dataclasses import dataclass
 
 from memtx import compilation_cache, stats
-from memtx.cli import ArgumentParser, UsageError, resolve_config, run_cli
+from memtx.cli import ArgumentParser, UsageError, resolve_config, run_cli, run_config
 from memtx.config import Config, load_json, parse_overrides, to_dict
 from memtx.data.fingerprint import describe as describe_fingerprint
 from memtx.metrics import read_metrics
@@ -176,7 +176,7 @@ def evaluate_all(specs: list[ConfigSpec], cfgs: dict[str, list[Config]], args: a
         results[s.label], cached[s.label] = [], []
         for seed in range(args.seeds):
             workdir = os.path.join(args.out, s.label, f"seed{seed}")
-            cfg = evaluate_lib.run_config(workdir, split=args.eval_split)
+            cfg = run_config(workdir, split=args.eval_split)
             if args.eval_max_docs is not None:
                 cfg.data.eval_max_docs = args.eval_max_docs
             row, *with_cache = evaluate_lib.evaluate_workdir(workdir, cfg, local_window=window, far_reach=far_reach,

@@ -21,7 +21,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-from memtx.config_error import ConfigError
+from memtx.errors import ConfigError
 from memtx.memory import knn_choices as knn_memory, registry
 
 

@@ -26,13 +26,12 @@ import os
 import sys
 
 from memtx import cache_tuning, compilation_cache
-from memtx.cli import ArgumentParser, UsageError, parse_int_list, run_cli
+from memtx.cli import ArgumentParser, UsageError, parse_int_list, run_cli, run_config
 from memtx.config import stable_hash
 from memtx.data.fingerprint import corpus_fingerprint
 from memtx.data.fingerprint import describe as describe_fingerprint
 from memtx.distributed import initialize_from_env, is_main_process, main_print
-from memtx.evaluation import (cache_paired_rows, default_far_reach, evaluate_workdir, paired_rows, run_config,
-                              run_names)
+from memtx.evaluation import cache_paired_rows, default_far_reach, evaluate_workdir, paired_rows, run_names
 from memtx.loss_breakdown import COPY_BUCKETS, DEFAULT_FAR_REACH, DEFAULT_NGRAM, POSITION_BUCKETS
 from memtx.memory import registry
 from memtx.memory.output_cache import CacheSpec

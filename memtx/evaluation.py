@@ -22,7 +22,7 @@ from memtx import batch as batch_layout
 from memtx import cache_tuning, probes, stats
 from memtx import state as state_lib
 from memtx.checkpoint import run_checkpointer
-from memtx.cli import UsageError, resolve_config
+from memtx.errors import UsageError
 from memtx.config import Config, config_hash, stable_hash, to_dict
 from memtx.data import DocumentStream, check_vocab_fits, open_source
 from memtx.data.fingerprint import corpus_fingerprint
@@ -258,16 +258,6 @@ def cache_paired_rows(rows: list[dict]) -> list[dict]:
         if base is not None:
             out += paired_rows([base, r])
     return out
-
-
-def run_config(workdir: str, config_spec: str | None = None, overrides: list[str] = (), split: str | None = None) -> Config:
-    """A work directory's config (or `config_spec`) with overrides and the evaluation split."""
-    if not os.path.isdir(workdir):
-        raise UsageError(f"work directory '{workdir}' does not exist")
-    cfg = resolve_config(config_spec, workdir, list(overrides))
-    if split:
-        cfg.data.eval_split = split
-    return cfg
 
 
 def default_far_reach(cfgs: list[Config], knn_sizes: list[int] | None) -> int:

@@ -96,3 +96,22 @@ def test_the_config_module_imports_no_jax():
                          cwd=PACKAGE.parent, env={**os.environ, "PYTHONPATH": str(PACKAGE.parent)})
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split()[1:] == ["False", "False"], out.stdout
+
+
+def test_the_libraries_do_not_import_the_command_line():
+    """Evaluation, the steps, the model and the memories are libraries: no import path from them
+    reaches memtx.cli (its --print-config handling exits the process)."""
+    graph = import_graph()
+
+    def reach(start: str) -> set[str]:
+        seen, todo = set(), [start]
+        while todo:
+            for nxt in graph[todo.pop()] - seen:
+                seen.add(nxt)
+                todo.append(nxt)
+        return seen
+
+    libraries = ["memtx.evaluation", "memtx.cache_tuning", "memtx.step", "memtx.state", "memtx.model",
+                 "memtx.checkpoint", "memtx.memory.registry", "memtx.memory.model_memory", "memtx.config"]
+    assert {lib: "memtx.cli" in reach(lib) for lib in libraries} == dict.fromkeys(libraries, False)
+    assert "memtx.cli" in reach("memtx.evaluate")  # the check can fail: a command line reaches it

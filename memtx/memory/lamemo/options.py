@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from memtx.config_error import ConfigError
+from memtx.errors import ConfigError
 
 if TYPE_CHECKING:
     from memtx.config import DataConfig, ModelConfig
