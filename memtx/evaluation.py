@@ -19,7 +19,7 @@ import jax
 import numpy as np
 
 from memtx import batch as batch_layout
-from memtx import cache_tuning, probes, stats
+from memtx import cache_tuning, stats
 from memtx import state as state_lib
 from memtx.checkpoint import run_checkpointer
 from memtx.errors import UsageError
@@ -29,7 +29,7 @@ from memtx.data.fingerprint import corpus_fingerprint
 from memtx.data.sources import SourceFn
 from memtx.distributed import is_main_process, main_print
 from memtx.loss_breakdown import DEFAULT_FAR_REACH, DEFAULT_NGRAM, LossBreakdown, Segment
-from memtx.memory import registry
+from memtx.memory import add_ons, registry
 from memtx.memory.output_cache import CacheSpec
 from memtx.metrics import Progress
 from memtx.step import init_cache_memory, make_cache_eval_step, make_eval_step
@@ -158,11 +158,7 @@ def evaluate(setup: state_lib.Setup, params, source_fn: SourceFn, *, log_every: 
             early = max(float(sums["first64_tokens"]), 1)
             result["first_64_positions"] = {"tokens": int(sums["first64_tokens"]), "nll": float(sums["first64_nll"]) / early,
                                             "model_nll": float(sums["first64_model_nll"]) / early}
-    if cfg.model.knn.enabled and cfg.model.knn.size:
-        result["knn_fill"] = float(sums["fill_sum"]) / max(tokens, 1)
-        result["knn_top1_score"] = float(sums["top1_sum"]) / max(float(sums["top1_count"]), 1)
-        result["knn_gate"] = {str(layer): jax.nn.sigmoid(probes.attention_param(params, int(layer), "gate_bias")).tolist()
-                              for layer in cfg.model.knn.layer_indices(cfg.model.num_layers)}
+    result.update(add_ons.eval_result(cfg.model, params, sums, tokens))  # the kNN memory's fill, top-1, gate
     return result
 
 
@@ -370,7 +366,7 @@ def evaluate_workdir(workdir: str, cfg: Config, *, step: int | None = None, knn_
         if params is None:
             params = ckpt.restore_params(step, setups[0].abstract_state["params"])  # the same for every size
         main_print(f"{workdir}: evaluating step {step} on {probe.num_docs or 'all'} {cfg.data.eval_split} documents of the {where}, "
-                   f"{registry.describe(m, with_knn=False)}, kNN memory {knn_size if knn_size is not None else 'none'}, segment {cfg.data.seq_len}",
+                   f"{registry.describe(m, with_add_ons=False)}, kNN memory {knn_size if knn_size is not None else 'none'}, segment {cfg.data.seq_len}",
                    flush=True)
         if spec is None:
             result = evaluate(setup, params, source_fn, verbose=is_main_process(), local_window=window,

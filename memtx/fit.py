@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from memtx import batch as batch_layout
 from memtx.cli import ArgumentParser, UsageError, resolve_config, run_cli
 from memtx.config import Config, ConfigError, data_parallel_size, validate
-from memtx.memory import knn, registry
+from memtx.memory import add_ons, registry
 
 GIB = 2**30
 # bytes of memory per device, and how many devices a slice name's number counts
@@ -67,24 +67,20 @@ def _per_device_bytes(abstract_tree) -> int:
 
 def activation_bytes(cfg: Config, batch_per_device: int, param_bytes: int) -> int:
     """Estimated temporary bytes of the train step on one device: what the backward pass keeps,
-    the kNN search's scores, and the gradients and updates (twice the parameters, float32)."""
+    the add-ons' (the kNN search's scores), and the gradients and updates (twice the parameters,
+    float32)."""
     m, N = cfg.model, cfg.data.seq_len
     b = batch_per_device
     act = jnp.dtype(m.dtype).itemsize
     heads, dh = m.num_heads, m.dim_per_head
     kind = registry.of(m)
     keys = kind.state.attended_rows(m, N)
-    keys_knn = 0
-    if m.knn.enabled:  # retrieved keys/values and their scores, and the search's scores over every slot
-        backend = knn.resolve_backend(m.knn.backend, m.knn.size, "tpu")  # auto: as on TPU, the larger (whole matrix)
-        search = min(m.knn.chunk_size, m.knn.size) if backend in knn.TILED_BACKENDS else m.knn.size
-        keys_knn = len(m.knn.layer_indices(m.num_layers)) * b * heads * N * (m.knn.k * (2 * dh + 2) + 2 * search) * 4
     per_layer = b * N * (6 * m.d_model + 3 * heads * dh + m.d_ff) * act  # residual, norms, q/k/v/out, FFN
     per_layer += b * keys * m.d_model * act * 2  # keys/values over memory + segment
     per_layer += 2 * b * heads * N * keys * 4  # scores and probabilities (float32)
     per_layer += kind.state.extra_activation_bytes(m, b, N)  # the kind's own (look-ahead, reconstruction, state)
     logits = 2 * b * N * m.padded_vocab_size * 4  # float32 logits and their softmax
-    return m.num_layers * per_layer + logits + keys_knn + 2 * param_bytes
+    return m.num_layers * per_layer + logits + add_ons.activation_bytes(m, b, N) + 2 * param_bytes
 
 
 def estimate(cfg: Config, num_devices: int, setup=None) -> dict:

@@ -10,8 +10,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from memtx import probes, sharding
-from memtx.memory import model_memory, output_cache
+from memtx import sharding
+from memtx.memory import add_ons, model_memory, output_cache
 from memtx.model import segment_nll
 from memtx.optimizer import learning_rate_schedule
 from memtx.state import Setup, batch_shardings, init_memory_sharded, memory_shardings
@@ -94,38 +94,18 @@ def merge_rows(x, axis: int):
 
 
 def make_eval_step(setup: Setup):
-    """(params, memory, batch) -> (memory, sums): NLL, tokens, and kNN retrieval statistics, and
-    `nll_BN`, the segment's per-token NLL (0 at padding), for per-document and per-token breakdowns.
-
-    Retrieval sums (memory layers only): `top1_sum`/`top1_count` over scored tokens whose top
-    entry is valid (its inner product with the query), `fill_sum` of each row's store fill
-    fraction after the segment, weighted by the row's scored tokens.
-    """
-    model = setup.model
-    knn_size = setup.cfg.model.knn.size
+    """(params, memory, batch) -> (memory, sums): NLL, tokens, the add-ons' sums (add_ons.eval_sums:
+    the kNN memory's retrieval statistics), and `nll_BN`, the segment's per-token NLL (0 at
+    padding), for per-document and per-token breakdowns."""
+    model, model_cfg = setup.model, setup.cfg.model
 
     def eval_step(params, memory, batch):
         nll_BN, memory, inter = segment_nll(model, params, memory, batch, with_intermediates=True)
         sums = {"nll_BN": nll_BN, "nll": jnp.sum(nll_BN), "tokens": jnp.sum(batch["weights"]),
-                **retrieval_sums(inter, memory["knn"], batch["weights"] > 0, knn_size)}
+                **add_ons.eval_sums(model_cfg, inter, memory, batch["weights"] > 0)}
         return memory, sums
 
     return jit_segment(setup, eval_step)
-
-
-def retrieval_sums(inter, knn_stores: dict, scored_BN, knn_size: int) -> dict:
-    """The kNN layers' retrieval sums of a segment (make_eval_step's docstring), from the sown
-    intermediates and the stores after the segment."""
-    sums = {"top1_sum": jnp.float32(0), "top1_count": jnp.float32(0), "fill_sum": jnp.float32(0)}
-    for layer, store in knn_stores.items():
-        if knn_size == 0:
-            continue
-        scores_BHN, valid_BHN = probes.attention(inter, int(layer), "knn_top1")
-        counted = valid_BHN & scored_BN[:, None, :]
-        sums["top1_sum"] += jnp.sum(jnp.where(counted, scores_BHN, 0.0))
-        sums["top1_count"] += jnp.sum(counted)
-        sums["fill_sum"] += jnp.sum(store["count"] / knn_size * jnp.sum(scored_BN, -1)) / len(knn_stores)
-    return sums
 
 
 def cache_shardings(setup: Setup) -> dict:
@@ -159,7 +139,7 @@ def make_cache_eval_step(setup: Setup, spec: output_cache.CacheSpec, grid: tuple
         scores, tokens, valid, n_BN = output_cache.candidates(cache, queries_BND, keys_BND, targets_BN, num_valid_B, spec)
         weights_BN = batch["weights"]
         sums = {"tokens": jnp.sum(weights_BN), "model_nll": jnp.sum(nll_BN),
-                **retrieval_sums(inter, model_memory["knn"], weights_BN > 0, setup.cfg.model.knn.size)}
+                **add_ons.eval_sums(setup.cfg.model, inter, model_memory, weights_BN > 0)}
         if grid is not None:
             sums["grid_nll"] = output_cache.grid_nll(nll_BN, scores, tokens, valid, n_BN, targets_BN, weights_BN, *grid)
         else:

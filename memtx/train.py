@@ -16,7 +16,7 @@ import time
 
 import jax
 
-from memtx import compilation_cache, probes
+from memtx import compilation_cache
 from memtx import state as state_lib
 from memtx.checkpoint import CheckpointWriteError, run_checkpointer, writable_directory
 from memtx.cli import ArgumentParser, resolve_config, run_cli
@@ -26,7 +26,7 @@ from memtx.data.fingerprint import corpus_fingerprint
 from memtx.data.fingerprint import describe as describe_fingerprint
 from memtx.data.stream import ShardedStream
 from memtx.distributed import initialize_from_env, is_main_process, main_print
-from memtx.memory import registry
+from memtx.memory import add_ons, registry
 from memtx.fit import SHRINK, check_fits_here, is_out_of_memory
 from memtx.flops import mfu
 from memtx.metrics import MetricsWriter, MetricsWriteError, Progress, format_duration
@@ -97,25 +97,6 @@ def warm_start(state: dict, source: str) -> dict:
     main_print(f"warm start from step {step} of {directory}; initialised afresh: {', '.join(fresh) or 'nothing'}; "
                f"not used from the checkpoint: {', '.join(dropped) or 'nothing'}", flush=True)
     return {**state, "params": params}
-
-
-def memory_metrics(cfg: Config, params, memory) -> dict:
-    """Each kNN layer's gate per head (sigmoid of its bias) and store fill (mean over rows)."""
-    out = {}
-    if not (cfg.model.knn.enabled and cfg.model.knn.size):
-        return out
-    for layer in cfg.model.knn.layer_indices(cfg.model.num_layers):
-        # Reduced under jit: the results are replicated, so every process can read them even when
-        # the store's rows live on other processes' devices.
-        gates, fill = _gate_and_fill(probes.attention_param(params, int(layer), "gate_bias"), memory["knn"][str(layer)]["count"])
-        out.update({f"knn_gate_l{layer}_h{h}": float(g) for h, g in enumerate(jax.device_get(gates))})
-        out[f"knn_fill_l{layer}"] = float(fill) / cfg.model.knn.size
-    return out
-
-
-@jax.jit
-def _gate_and_fill(gate_bias_H, count_B):
-    return jax.nn.sigmoid(gate_bias_H), jax.numpy.mean(count_B.astype(jax.numpy.float32))
 
 
 def make_validation(setup: state_lib.Setup):
@@ -366,7 +347,7 @@ def _train_locked(cfg: Config, workdir: str, setup, stream, num_shards: int) -> 
                 save_now = step % t.checkpoint_every == 0 or step == stop_at or preempted
                 eval_now = validate is not None and (step % t.eval_every == 0 or step == stop_at)
                 if step % t.log_every == 0 or save_now or eval_now:
-                    log.report(step, memory_metrics(cfg, state["params"], memory))
+                    log.report(step, add_ons.train_metrics(cfg.model, state["params"], memory))
                 if eval_now:
                     log.evaluation(step, validate(state["params"]))
                 if save_now:

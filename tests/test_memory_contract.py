@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from memtx.config import KNNConfig, ModelConfig
-from memtx.memory import model_memory, registry
+from memtx.memory import add_ons, model_memory, registry
 from memtx.memory.kind import MemoryLayers, MemoryState
 from memtx.model import init_memory, segment_nll
 from tests.helpers import kind_options, random_batches, segment_batch, small_model, tiny_config
@@ -69,6 +69,15 @@ def test_every_kind_keeps_the_typed_contract():
                 assert leaf.shape[names.index("act_batch")] == 3, (kind.name, path)
         real = init_memory(cfg, 3)  # the bytes fit checks are those of the arrays the steps carry
         assert model_memory.state_bytes(cfg, 3) == sum(leaf.nbytes for leaf in jax.tree.leaves(real)) > 0
+
+
+def test_every_add_on_keeps_its_contract_and_its_state_follows_its_layers():
+    for add_on in add_ons.ADD_ONS:
+        assert isinstance(add_on, add_ons.AddOn), add_on.__name__
+    cfg = ModelConfig(num_layers=3, knn=KNNConfig(enabled=True, layers=(0, 2), size=8, k=2))
+    memory = model_memory.init(cfg, 2)
+    assert set(memory["knn"]) == {"0", "2"} and set(model_memory.logical_axes(cfg)["knn"]) == {"0", "2"}
+    assert model_memory.init(ModelConfig(num_layers=3), 2)["knn"] == {}  # off: no state, the same pytree key
 
 
 def test_a_kind_without_a_function_of_the_contract_fails_it():

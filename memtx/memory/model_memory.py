@@ -1,5 +1,5 @@
-"""The whole model's memory state: its kind's state (`model.memory`, see registry.py) plus a kNN
-store per kNN layer:
+"""The whole model's memory state: its kind's state (`model.memory`, see registry.py) plus each
+add-on's state per layer that carries it (add_ons.py; today the kNN memory):
 
     {"<kind>": the kind's state, "knn": {"<layer>": kNN state, ...}}
 
@@ -12,9 +12,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import jax
-import jax.numpy as jnp
 
-from memtx.memory import knn, registry
+from memtx.memory import add_ons, registry
 
 if TYPE_CHECKING:  # annotations only: the config imports the memory registry, which loads this
     from memtx.config import ModelConfig
@@ -22,28 +21,23 @@ if TYPE_CHECKING:  # annotations only: the config imports the memory registry, w
 
 def init(cfg: ModelConfig, batch_size: int) -> dict:
     kind = registry.of(cfg)
-    return {kind.name: kind.state.init_for(cfg, batch_size),
-            "knn": {str(layer): knn.init(batch_size, cfg.num_heads, cfg.knn.size, cfg.dim_per_head,
-                                         jnp.dtype(cfg.knn.dtype))
-                    for layer in cfg.knn.layer_indices(cfg.num_layers)}}
+    return {kind.name: kind.state.init_for(cfg, batch_size), **add_ons.init(cfg, batch_size)}
 
 
 def kind_name(memory: dict) -> str:
-    """The kind of a memory pytree (its one key besides "knn")."""
-    (name,) = (key for key in memory if key != "knn")
+    """The kind of a memory pytree (its one key besides the add-ons')."""
+    (name,) = (key for key in memory if key not in add_ons.NAMES)
     return name
 
 
 def reset_rows(memory: dict, reset_B: jax.Array) -> dict:
     name = kind_name(memory)
-    return {name: registry.get(name).state.reset_rows(memory[name], reset_B),
-            "knn": {layer: knn.reset_rows(state, reset_B) for layer, state in memory["knn"].items()}}
+    return {name: registry.get(name).state.reset_rows(memory[name], reset_B), **add_ons.reset_rows(memory, reset_B)}
 
 
 def logical_axes(cfg: ModelConfig) -> dict:
     kind = registry.of(cfg)
-    return {kind.name: dict(kind.state.LOGICAL_AXES),
-            "knn": {str(layer): dict(knn.LOGICAL_AXES) for layer in cfg.knn.layer_indices(cfg.num_layers)}}
+    return {kind.name: dict(kind.state.LOGICAL_AXES), **add_ons.logical_axes(cfg)}
 
 
 def state_bytes(cfg: ModelConfig, batch_size: int) -> int:

@@ -32,13 +32,18 @@ for _kind in (xl.KIND, lamemo.KIND, compressive.KIND, block_recurrent.KIND):
     register(_kind)
 
 
-def describe(model_cfg, with_knn: bool = True) -> str:
-    """The memory a model has, in words: "XL memory 128, kNN memory 8192"."""
+def describe(model_cfg, with_add_ons: bool = True) -> str:
+    """The memory a model has, in words: "XL memory 128, kNN memory 8192" (the add-ons' part:
+    memtx/memory/add_ons.py)."""
     kind, m = of(model_cfg), model_cfg
     text = f"{kind.label} memory {m.mem_len}"
     if kind.options:
         text += kind.section(m).describe()
-    return text + (f", kNN memory {m.knn.size}" if with_knn and m.knn.enabled else "")
+    if with_add_ons:
+        from memtx.memory import add_ons  # imports JAX: not when the config validates
+
+        text += add_ons.describe(m)
+    return text
 
 
 def get(name: str) -> MemoryKind:
