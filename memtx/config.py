@@ -19,8 +19,9 @@ import math
 import os
 import typing
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
+from memtx.config_schema import bounded, check_fields, choices
 from memtx.errors import ConfigError
 from memtx.memory import knn_choices as knn_memory, registry
 
@@ -31,16 +32,16 @@ class KNNConfig:
 
     enabled: bool = False
     layers: tuple[int, ...] = ()  # memory layer indices; empty: the 4th layer from the top (L-4), as meliad
-    size: int = 8192  # slots per row and head (not a parameter: any size at evaluation; 0: none)
-    k: int = 32  # retrieved entries per query
+    size: int = bounded(8192, ge=0, note="0: no entries")  # slots per row and head (not a parameter: any size at evaluation; 0: none)
+    k: int = bounded(32, gt=0)  # retrieved entries per query
     # auto (approx on TPU; elsewhere exact up to 8K slots, blocked above) | exact (lax.top_k) |
     # approx (lax.approx_max_k; approximate on TPU only) | blocked (exact, tiled) |
     # bucketed (approximate, tiled) | chunked (exact, tiled): memtx/memory/knn.py
-    backend: str = "auto"
-    recall_target: float = 0.95  # approx and bucketed backends
-    chunk_size: int = 4096  # slots per tile of the tiled backends
-    bucket_size: int = 16  # blocked backend: consecutive slots per bucket
-    dtype: str = "float32"  # storage: float32 | bfloat16 (half the bytes) | int8 (int8 keys, bfloat16 values)
+    backend: Literal[knn_memory.BACKENDS] = "auto"
+    recall_target: float = bounded(0.95, gt=0, le=1)  # approx and bucketed backends
+    chunk_size: int = bounded(4096, gt=0)  # slots per tile of the tiled backends
+    bucket_size: int = bounded(16, gt=0)  # blocked backend: consecutive slots per bucket
+    dtype: Literal[knn_memory.STORE_DTYPES] = "float32"  # storage: bfloat16 half the bytes; int8 keys, bfloat16 values
     gate_bias_init: float = 0.0  # initial b_h of the gate g = sigmoid(b_h) (0: g = 0.5)
     # The memory layer's local attention keeps Transformer-XL's relative-position term; false drops
     # it (and r_proj) as meliad's disable_position_encoding_for_memory_layers does.
@@ -71,17 +72,17 @@ REMAT_POLICIES = ("nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_
 @dataclass
 @registry.sections
 class ModelConfig:
-    vocab_size: int = 259  # byte vocabulary: 256 bytes + PAD, BOS, EOS
-    vocab_pad_multiple: int = 128  # embedding rows padded to this multiple (shardable); pad ids masked
-    num_layers: int = 4
-    d_model: int = 256
-    num_heads: int = 4
-    head_dim: int = 0  # 0: d_model // num_heads (must then divide)
-    d_ff: int = 1024
-    mem_len: int = 128  # memory length M: the kind's slots per layer (0 with xl: Transformer+RPE)
+    vocab_size: int = bounded(259, gt=0)  # byte vocabulary: 256 bytes + PAD, BOS, EOS
+    vocab_pad_multiple: int = bounded(128, gt=0)  # embedding rows padded to this multiple (shardable); pad ids masked
+    num_layers: int = bounded(4, gt=0)
+    d_model: int = bounded(256, gt=0)
+    num_heads: int = bounded(4, gt=0)
+    head_dim: int = bounded(0, ge=0)  # 0: d_model // num_heads (must then divide)
+    d_ff: int = bounded(1024, gt=0)
+    mem_len: int = bounded(128, ge=0)  # memory length M: the kind's slots per layer (0 with xl: Transformer+RPE)
     # Relative distances beyond this are encoded as this (0: never); for evaluating with a longer
     # memory than in training, as Transformer-XL's clamp_len. Not a parameter: any value at evaluation.
-    clamp_len: int = 0
+    clamp_len: int = bounded(0, ge=0, note="0: no clamping")
     # The memory kind: one of memtx/memory/registry.py's (each a package memtx/memory/<kind>/)
     memory: str = "xl"
     pre_norm: bool = False  # False: post-LN as the reference; True: pre-LN (+ final LN)
@@ -99,19 +100,19 @@ class ModelConfig:
     smeared_keys: tuple[int, ...] = ()
     # Initial value of the learned per-head attention scale of layers whose q and k are normalised
     # (kNN layers, model.qk_norm); 0: sqrt(head_dim). meliad starts it at 1.
-    qk_scale_init: float = 0.0
-    dropout: float = 0.0  # embeddings, residual branches, FFN
-    attn_dropout: float = 0.0  # attention probabilities (the papers use none)
-    layer_norm_eps: float = 1e-5
-    init_std: float = 0.02
-    dtype: str = "float32"  # compute dtype: float32 | bfloat16 (parameters stay float32)
+    qk_scale_init: float = bounded(0.0, ge=0, note="0: sqrt(head_dim)")
+    dropout: float = bounded(0.0, ge=0, lt=1)  # embeddings, residual branches, FFN
+    attn_dropout: float = bounded(0.0, ge=0, lt=1)  # attention probabilities (the papers use none)
+    layer_norm_eps: float = bounded(1e-5, gt=0)
+    init_std: float = bounded(0.02, gt=0)
+    dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype (parameters stay float32)
     # Whole-segment attention in blocks of this many queries, each scoring only the keys before
     # its last row (memtx/attention.py): less work under the causal mask; 0: the segment at once.
-    query_block: int = 0
+    query_block: int = bounded(0, ge=0, note="0: the whole segment")
     # Rematerialise every layer in the backward pass, keeping what this jax.checkpoint_policies
     # policy saves (memtx/layers.py REMAT_POLICIES: nothing_saveable, dots_saveable,
     # dots_with_no_batch_dims_saveable, everything_saveable); "": keep all activations.
-    remat: str = ""
+    remat: Literal[("",) + REMAT_POLICIES] = ""
     # Run each run of identical consecutive layers as one jax.lax.scan over parameters stacked on a
     # leading "layers" axis (memtx/layers.py): compile time stays flat in depth. Layers that differ
     # (a kNN layer; each kind's scan_runs says) stay unrolled. Changes the parameter tree ("layers_0_to_10"), so a
@@ -120,7 +121,7 @@ class ModelConfig:
     # Adaptive input/softmax (memtx/adaptive.py): cluster boundaries; empty: one tied embedding.
     # With cutoffs the vocabulary is not padded (vocab_pad_multiple is ignored).
     adaptive_cutoffs: tuple[int, ...] = ()
-    adaptive_div_val: int = 1  # cluster i has embedding width d_model // adaptive_div_val**i
+    adaptive_div_val: int = bounded(1, gt=0)  # cluster i has embedding width d_model // adaptive_div_val**i
     knn: KNNConfig = field(default_factory=KNNConfig)
     # ...then one section per memory kind with options, `model.<kind>`, added by registry.sections
     # (memtx/memory/<kind>/options.py), each valid with its kind only.
@@ -143,46 +144,46 @@ class DataConfig:
     task: str = ""
     data_dir: str = ""  # the task's data: a TFDS data dir (local or gs://) or a directory of files
     text_key: str = "text"  # the text feature of a tfds:NAME task
-    shuffle_buffer: int = 256  # documents held to shuffle a seqio task in training (files: exact)
+    shuffle_buffer: int = bounded(256, gt=0)  # documents held to shuffle a seqio task in training (files: exact)
     vocab: str = "byte"  # "byte" or a SentencePiece .model file (python -m memtx.data.train_sentencepiece)
     # Document shards of a training batch (0: one per process). A fixed count makes the batches
     # independent of how many processes read them, so a run resumes on another process count.
     shards: int = 0
     split_fractions: tuple[int, ...] = (98, 1, 1)  # train / validation / test hash buckets
-    seq_len: int = 128  # segment length N
-    batch_size: int = 8  # global number of rows, each streaming one document
-    seed: int = 0  # document shuffling seed
-    eval_split: str = "validation"
-    eval_batch_size: int = 8
-    eval_max_docs: int = 0  # 0: every document of the split
+    seq_len: int = bounded(128, gt=0)  # segment length N
+    batch_size: int = bounded(8, gt=0)  # global number of rows, each streaming one document
+    seed: int = bounded(0, ge=0, lt=2**32, text="in 0..2**32-1")  # document shuffling seed
+    eval_split: Literal["train", "validation", "test"] = "validation"
+    eval_batch_size: int = bounded(8, gt=0)
+    eval_max_docs: int = bounded(0, ge=0, note="0: no limit")  # 0: every document of the split
     # Evaluation reads each document's first this many tokens (0: all of it): more documents for the
     # same time, a tighter interval. Files only (data.task: whole documents).
-    eval_doc_tokens: int = 0
+    eval_doc_tokens: int = bounded(0, ge=0, note="0: no limit")
     # Training loss on some tokens only (memtx/data/loss_masks.py): "" every token; kv_recall_answers
     # the recall task's answers. Every token is still read and written to memory; evaluation
     # scores every token.
-    loss_mask: str = ""
+    loss_mask: Literal[LOSS_MASKS] = ""
 
 
 @dataclass
 class OptimConfig:
-    learning_rate: float = 1e-3
-    warmup_steps: int = 100
-    final_lr_ratio: float = 0.0  # cosine decays to learning_rate * final_lr_ratio
-    b1: float = 0.9
-    b2: float = 0.999
-    weight_decay: float = 0.0
-    clip_norm: float = 0.25  # global-norm clipping as in the papers; 0 disables
+    learning_rate: float = bounded(1e-3, gt=0)
+    warmup_steps: int = bounded(100, ge=0)
+    final_lr_ratio: float = bounded(0.0, ge=0)  # cosine decays to learning_rate * final_lr_ratio
+    b1: float = bounded(0.9, ge=0, lt=1, note="Adam's moment decay")
+    b2: float = bounded(0.999, ge=0, lt=1, note="Adam's moment decay")
+    weight_decay: float = bounded(0.0, ge=0)
+    clip_norm: float = bounded(0.25, ge=0)  # global-norm clipping as in the papers; 0 disables
 
 
 @dataclass
 class TrainConfig:
-    steps: int = 1000
-    seed: int = 0  # parameter init and dropout
-    log_every: int = 20
-    checkpoint_every: int = 200
-    keep_checkpoints: int = 2
-    stop_after: int = 0  # stop this run after this many steps (resumable); 0: run to `steps`
+    steps: int = bounded(1000, gt=0)
+    seed: int = bounded(0, ge=0, lt=2**32, text="in 0..2**32-1")  # parameter init and dropout
+    log_every: int = bounded(20, gt=0)
+    checkpoint_every: int = bounded(200, gt=0)
+    keep_checkpoints: int = bounded(2, gt=0)
+    stop_after: int = bounded(0, ge=0, note="0: run to train.steps")  # stop this run after this many steps (resumable); 0: run to `steps`
     checkpoint_dir: str = ""  # default WORKDIR/checkpoints; with several hosts a shared path or gs://
     # Warm start: a fresh run takes the parameters this model shares with another run's latest
     # checkpoint (its work directory or checkpoint directory); the rest (e.g. a new kNN layer's
@@ -191,8 +192,8 @@ class TrainConfig:
     # Validation while training: every `eval_every` steps (0: never) and at the last step, the
     # first `eval_max_docs` documents (0: all) of data.eval_split, scored as memtx.evaluate does;
     # into metrics.jsonl (eval_* keys) and TensorBoard (eval/).
-    eval_every: int = 0
-    eval_max_docs: int = 16
+    eval_every: int = bounded(0, ge=0, note="0: never")
+    eval_max_docs: int = bounded(16, ge=0, note="0: every document")
     # Before compiling, compare memtx.fit's per-device estimate (parameters, optimizer, memories,
     # activations) with the devices' memory and stop in one line if it cannot fit.
     check_memory: bool = True
@@ -200,7 +201,7 @@ class TrainConfig:
     # data.batch_size / grad_accum_steps rows (row r in micro-batch r mod grad_accum_steps, so every
     # data-parallel shard takes part in each), each with its own rows of the memory, and the
     # summed gradient makes one update: the same update as the whole batch, in less activation memory.
-    grad_accum_steps: int = 1
+    grad_accum_steps: int = bounded(1, gt=0)
     # The persistent compilation cache (a directory, local or gs://): a rerun or resumed run
     # with the same config and JAX skips compiling. "": off.
     compilation_cache_dir: str = ""
@@ -209,7 +210,7 @@ class TrainConfig:
     profile_steps: tuple[int, ...] = ()
     # Peak FLOP/s of one device for model FLOPs utilisation (MFU) in the progress line and the
     # metrics; 0: the table in memtx/flops.py by device kind (no MFU for a kind it lacks, e.g. CPUs).
-    peak_flops_per_device: float = 0.0
+    peak_flops_per_device: float = bounded(0.0, ge=0)
 
 
 @dataclass
@@ -342,7 +343,7 @@ def _parse_value(key: str, text: str, typ: Any) -> Any:
             return float(text)
         except ValueError:
             raise ConfigError(f"config key '{key}' expects a number, got {text!r}") from None
-    if typ is str:
+    if typ is str or choices(typ):  # a Literal's names are checked with the rest (check_fields)
         return text
     if origin is tuple:
         args = typing.get_args(typ)
@@ -426,12 +427,12 @@ def from_dict(data: dict, where: str = "saved config") -> Config:
         elif typ is float:
             ok = isinstance(value, (int, float)) and not isinstance(value, bool)
             value = float(value) if ok else value
-        elif typ is str:
+        elif typ is str or choices(typ):
             ok = isinstance(value, str)
         else:
             return value
         if not ok:
-            raise ConfigError(f"{where}: key '{key}' must be {typ.__name__}, got {value!r}")
+            raise ConfigError(f"{where}: key '{key}' must be {'str' if choices(typ) else typ.__name__}, got {value!r}")
         return value
 
     def build(cls, values, prefix=""):
@@ -520,43 +521,36 @@ def data_parallel_size(rules, mesh_sizes: dict) -> int:
     return math.prod(mesh_sizes[a] for a in axes if a is not None)
 
 
+def check_declared(cfg: Config) -> None:
+    """Every field against what is declared beside it (config_schema: Literal names, ranges, finite
+    floats), section by section, the memory kinds' option sections included."""
+
+    def walk(section, prefix: str) -> None:
+        check_fields(section, prefix)
+        for f in dataclasses.fields(section):
+            if dataclasses.is_dataclass(getattr(section, f.name)):
+                walk(getattr(section, f.name), f"{prefix}.{f.name}")
+
+    for f in dataclasses.fields(cfg):
+        if dataclasses.is_dataclass(getattr(cfg, f.name)):
+            walk(getattr(cfg, f.name), f.name)
+
+
 def validate(cfg: Config, num_devices: int) -> tuple[int, ...]:
-    """Checks consistency; returns the resolved mesh shape. Raises ConfigError naming the key."""
+    """Checks consistency; returns the resolved mesh shape. Raises ConfigError naming the key:
+    first each field against its declaration, then what depends on several fields."""
     m, d, o, t = cfg.model, cfg.data, cfg.optim, cfg.train
-
-    def positive(key, value):
-        if value <= 0:
-            raise ConfigError(f"config key '{key}' must be > 0, got {value}")
-
-    for key in ("num_layers", "d_model", "num_heads", "d_ff", "vocab_size", "vocab_pad_multiple"):
-        positive(f"model.{key}", getattr(m, key))
-    if m.head_dim < 0:
-        raise ConfigError(f"config key 'model.head_dim' must be >= 0, got {m.head_dim}")
+    check_declared(cfg)
     if m.head_dim == 0 and m.d_model % m.num_heads:
         raise ConfigError(
             f"config key 'model.num_heads' ({m.num_heads}) does not divide model.d_model ({m.d_model}); "
             "change one or set model.head_dim")
-    if m.clamp_len < 0:
-        raise ConfigError(f"config key 'model.clamp_len' must be >= 0 (0: no clamping), got {m.clamp_len}")
-    if m.mem_len < 0:
-        raise ConfigError(f"config key 'model.mem_len' must be >= 0, got {m.mem_len}")
-    for key in ("dropout", "attn_dropout"):
-        if not 0.0 <= getattr(m, key) < 1.0:
-            raise ConfigError(f"config key 'model.{key}' must be in [0, 1), got {getattr(m, key)}")
-    if m.dtype not in ("float32", "bfloat16"):
-        raise ConfigError(f"config key 'model.dtype' must be float32 or bfloat16, got '{m.dtype}'")
-    if m.query_block < 0:
-        raise ConfigError(f"config key 'model.query_block' must be >= 0 (0: the whole segment), got {m.query_block}")
-    if m.remat and m.remat not in REMAT_POLICIES:
-        raise ConfigError(f"config key 'model.remat' must be empty or one of {', '.join(REMAT_POLICIES)}, "
-                          f"got '{m.remat}'")
     if m.d_model % 2:
         raise ConfigError(f"config key 'model.d_model' must be even (sinusoid positions), got {m.d_model}")
     cuts = tuple(m.adaptive_cutoffs)
     if cuts and (cuts[0] <= 0 or any(b <= a for a, b in zip(cuts, cuts[1:])) or cuts[-1] >= m.vocab_size):
         raise ConfigError(f"config key 'model.adaptive_cutoffs' must be strictly increasing in (0, "
                           f"model.vocab_size={m.vocab_size}), got {cuts}")
-    positive("model.adaptive_div_val", m.adaptive_div_val)
     if m.d_model // m.adaptive_div_val ** len(cuts) < 1:
         raise ConfigError(f"config key 'model.adaptive_div_val' ({m.adaptive_div_val}) leaves the last cluster "
                           f"no embedding width (d_model {m.d_model}, {len(cuts)} cutoffs)")
@@ -579,8 +573,6 @@ def validate(cfg: Config, num_devices: int) -> tuple[int, ...]:
     if m.qk_norm and not kind.qk_norm:
         raise ConfigError(f"config key 'model.qk_norm' does not apply with model.memory '{kind.name}' "
                           "(it follows its authors' attention)")
-    if not (math.isfinite(m.qk_scale_init) and m.qk_scale_init >= 0):
-        raise ConfigError(f"config key 'model.qk_scale_init' must be >= 0 (0: sqrt(head_dim)), got {m.qk_scale_init}")
     if m.qk_scale_init and not (m.qk_norm or knn.enabled):
         raise ConfigError("config key 'model.qk_scale_init' applies to layers with normalised q and k: set "
                           "model.qk_norm=true or enable the kNN memory")
@@ -597,85 +589,26 @@ def validate(cfg: Config, num_devices: int) -> tuple[int, ...]:
         for layer in knn.layers:
             if not 0 <= layer < m.num_layers:
                 raise ConfigError(f"config key 'model.knn.layers' has layer {layer}, outside 0..{m.num_layers - 1}")
-        if knn.size < 0:
-            raise ConfigError(f"config key 'model.knn.size' must be >= 0 (0: no entries), got {knn.size}")
-        positive("model.knn.k", knn.k)
         if 0 < knn.size < knn.k:
             raise ConfigError(f"config key 'model.knn.k' ({knn.k}) is larger than model.knn.size ({knn.size})")
-        if knn.backend not in knn_memory.BACKENDS:
-            raise ConfigError(f"config key 'model.knn.backend' must be one of {', '.join(knn_memory.BACKENDS)}, "
-                              f"got '{knn.backend}'")
-        if not 0 < knn.recall_target <= 1:
-            raise ConfigError(f"config key 'model.knn.recall_target' must be in (0, 1], got {knn.recall_target}")
         if knn.query_content_bias and not m.content_bias:
             raise ConfigError("config key 'model.knn.query_content_bias' adds the content bias u, which "
                               "model.content_bias=false removes")
-        positive("model.knn.chunk_size", knn.chunk_size)
-        positive("model.knn.bucket_size", knn.bucket_size)
-        if knn.dtype not in knn_memory.STORE_DTYPES:
-            raise ConfigError(f"config key 'model.knn.dtype' must be one of {', '.join(knn_memory.STORE_DTYPES)}, "
-                              f"got '{knn.dtype}'")
-    positive("data.seq_len", d.seq_len)
-    positive("data.batch_size", d.batch_size)
-    positive("data.eval_batch_size", d.eval_batch_size)
     if len(d.split_fractions) != 3 or min(d.split_fractions) < 0 or d.split_fractions[0] <= 0:
         raise ConfigError(f"config key 'data.split_fractions' must be 3 non-negative ints (train > 0), got {d.split_fractions}")
-    if d.eval_split not in ("train", "validation", "test"):
-        raise ConfigError(f"config key 'data.eval_split' must be train, validation or test, got '{d.eval_split}'")
-    positive("data.shuffle_buffer", d.shuffle_buffer)
-    if d.eval_max_docs < 0 or d.eval_doc_tokens < 0:
-        key = "eval_max_docs" if d.eval_max_docs < 0 else "eval_doc_tokens"
-        raise ConfigError(f"config key 'data.{key}' must be >= 0 (0: no limit), got {getattr(d, key)}")
     if d.eval_doc_tokens and d.task:
         raise ConfigError("config key 'data.eval_doc_tokens' applies to file corpora (data.corpus), not data.task")
     if d.shards < 0 or (d.shards and d.batch_size % d.shards):
         raise ConfigError(f"config key 'data.shards' must be 0 (one per process) or divide data.batch_size "
                           f"({d.batch_size}), got {d.shards}")
-    if d.loss_mask not in LOSS_MASKS:
-        raise ConfigError(f"config key 'data.loss_mask' must be one of {', '.join(repr(n) for n in LOSS_MASKS)}, "
-                          f"got '{d.loss_mask}'")
     if d.vocab != "byte" and not d.vocab.endswith(".model"):
         raise ConfigError(f"config key 'data.vocab' must be byte or a SentencePiece .model file, got '{d.vocab}'")
-    for key, value in (("optim.learning_rate", o.learning_rate), ("optim.final_lr_ratio", o.final_lr_ratio),
-                       ("optim.b1", o.b1), ("optim.b2", o.b2), ("optim.weight_decay", o.weight_decay),
-                       ("optim.clip_norm", o.clip_norm), ("model.init_std", m.init_std),
-                       ("model.layer_norm_eps", m.layer_norm_eps), ("model.knn.gate_bias_init", knn.gate_bias_init)):
-        if not math.isfinite(value):
-            raise ConfigError(f"config key '{key}' must be a finite number, got {value}")
-    positive("optim.learning_rate", o.learning_rate)
-    positive("model.init_std", m.init_std)
-    positive("model.layer_norm_eps", m.layer_norm_eps)
-    for key in ("b1", "b2"):
-        if not 0.0 <= getattr(o, key) < 1.0:
-            raise ConfigError(f"config key 'optim.{key}' must be in [0, 1) (Adam's moment decay), got {getattr(o, key)}")
-    if o.final_lr_ratio < 0 or o.weight_decay < 0:
-        key = "final_lr_ratio" if o.final_lr_ratio < 0 else "weight_decay"
-        raise ConfigError(f"config key 'optim.{key}' must be >= 0, got {getattr(o, key)}")
-    for key, value in (("data.seed", d.seed), ("train.seed", t.seed)):
-        if not 0 <= value < 2**32:
-            raise ConfigError(f"config key '{key}' must be in 0..2**32-1, got {value}")
-    if t.stop_after < 0:
-        raise ConfigError(f"config key 'train.stop_after' must be >= 0 (0: run to train.steps), got {t.stop_after}")
-    if o.warmup_steps < 0:
-        raise ConfigError(f"config key 'optim.warmup_steps' must be >= 0, got {o.warmup_steps}")
-    if o.clip_norm < 0:
-        raise ConfigError(f"config key 'optim.clip_norm' must be >= 0, got {o.clip_norm}")
-    positive("train.steps", t.steps)
-    positive("train.log_every", t.log_every)
-    positive("train.checkpoint_every", t.checkpoint_every)
-    positive("train.keep_checkpoints", t.keep_checkpoints)
-    positive("train.grad_accum_steps", t.grad_accum_steps)
     if d.batch_size % t.grad_accum_steps:
         raise ConfigError(f"config key 'train.grad_accum_steps' ({t.grad_accum_steps}) must divide data.batch_size "
                           f"({d.batch_size})")
     if t.profile_steps and (len(t.profile_steps) != 2 or not 0 < t.profile_steps[0] <= t.profile_steps[1]):
         raise ConfigError(f"config key 'train.profile_steps' must be (first, last) with 0 < first <= last, "
                           f"got {t.profile_steps}")
-    if t.peak_flops_per_device < 0:
-        raise ConfigError(f"config key 'train.peak_flops_per_device' must be >= 0, got {t.peak_flops_per_device}")
-    for key in ("eval_every", "eval_max_docs"):
-        if getattr(t, key) < 0:
-            raise ConfigError(f"config key 'train.{key}' must be >= 0 (0: {'never' if key == 'eval_every' else 'every document'}), got {getattr(t, key)}")
     if o.warmup_steps >= t.steps:
         raise ConfigError(f"config key 'optim.warmup_steps' ({o.warmup_steps}) must be < train.steps ({t.steps})")
 

@@ -21,6 +21,7 @@ import pytest
 
 from memtx import config as config_lib
 from memtx import state as state_lib
+from memtx.config_schema import choices
 from memtx.config import (Config, ConfigError, MeshConfig, apply_override, from_dict, load_config_file, load_json,
                           parse_overrides, save_json, to_dict, validate)
 
@@ -112,7 +113,8 @@ def test_every_field_can_be_set_from_its_repr():
     source.mesh.axes, source.mesh.rules = ("d", "f", "m"), (("act_batch", ("d", "f")), ("heads", "m"), ("kv", None))
     source.model.pre_norm = not target.model.pre_norm
     for key, typ, value in leaf_fields(source):
-        text = ("true" if value else "false") if typ is bool else str(value) if typ in (int, float, str) else repr(value)
+        plain = typ in (int, float, str) or choices(typ) is not None  # a Literal's names are plain words too
+        text = ("true" if value else "false") if typ is bool else str(value) if plain else repr(value)
         apply_override(target, key, text)
     assert target == source
 
@@ -583,3 +585,47 @@ def test_compressive_presets_are_the_txl_models_with_a_compressed_memory(preset)
     assert validate(cfg, NUM_DEVICES) == validate(base, NUM_DEVICES)
     cfg.model.memory, cfg.name, cfg.model.compressive = "xl", base.name, type(cfg.model.compressive)()
     assert to_dict(cfg) == to_dict(base)  # everything else is the compared Transformer-XL's
+
+
+def declared_fields(section, prefix: str = ""):
+    """(key, type, Range or None, section, name) of every field that declares what it may hold."""
+    hints = typing.get_type_hints(type(section))
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from declared_fields(value, f"{prefix}{f.name}.")
+        elif "range" in f.metadata or choices(hints[f.name]) is not None or hints[f.name] is float:
+            yield prefix + f.name, hints[f.name], f.metadata.get("range"), section, f.name
+
+
+def violations(typ, bounds) -> list:
+    """Values the declaration forbids: an unknown name, nan and inf for floats, each bound crossed."""
+    out = ["no_such_choice"] if choices(typ) is not None else []
+    if typ is float:
+        out += [math.nan, math.inf, -math.inf]
+    if bounds is not None:
+        step = 1 if typ is int else 0.5
+        out += [v for v in (None if bounds.ge is None else bounds.ge - step, bounds.gt,
+                            bounds.lt, None if bounds.le is None else bounds.le + step) if v is not None]
+        out = [typ(v) if typ is int else v for v in out]
+    return out
+
+
+def test_every_declared_field_refuses_each_value_its_declaration_forbids_in_one_line():
+    """Generated from the declarations (memtx/config_schema.py): every field with a Literal, a
+    range or a float type, in every section and every kind's options, given each value it forbids,
+    is a one-line ConfigError naming it; the valid preset itself passes."""
+    validate(txl("cpu"), NUM_DEVICES)
+    cases = 0
+    for key, typ, bounds, _, _ in declared_fields(txl("cpu")):
+        for bad in violations(typ, bounds):
+            cfg = txl("cpu")
+            *path, name = key.split(".")
+            section = cfg
+            for part in path:
+                section = getattr(section, part)
+            setattr(section, name, bad)
+            message = config_error(validate, cfg, NUM_DEVICES)
+            assert f"'{key}'" in message, (key, bad, message)
+            cases += 1
+    assert cases > 100, cases

@@ -4,8 +4,9 @@ with `model.memory=block_recurrent` only. No JAX here: the config validates it."
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
+from memtx.config_schema import bounded
 from memtx.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -19,22 +20,17 @@ class BlockRecurrentConfig:
     it (the paper's sliding window: mem_len = block_len), and one layer also carries `state_size`
     state vectors from block to block, updated by gates (memtx/memory/block_recurrent/layers.py)."""
 
-    block_len: int = 32  # W: tokens per block; the state is updated once per block
-    state_size: int = 32  # S: state vectors
+    block_len: int = bounded(32, gt=0)  # W: tokens per block; the state is updated once per block
+    state_size: int = bounded(32, gt=0)  # S: state vectors
     layer: int = -3  # the recurrent layer, Python-style (meliad's recurrent_layer_indices = (-3,))
-    gate: str = "fixed"  # fixed: c*g + z*(1-g), g = sigmoid(bias) | lstm: input and forget gates
+    gate: Literal["fixed", "lstm"] = "fixed"  # fixed: c*g + z*(1-g), g = sigmoid(bias) | lstm: input and forget gates
     skip_ffn: bool = False  # True: the state has no FFN, one gate after the attention (the paper's "skip")
 
     def check(self, m: ModelConfig, d: DataConfig) -> None:
-        """ConfigError for a bad value (with model.memory "block_recurrent")."""
-        for key in ("block_len", "state_size"):
-            if getattr(self, key) <= 0:
-                raise ConfigError(f"config key 'model.block_recurrent.{key}' must be > 0, got {getattr(self, key)}")
+        """ConfigError for what its fields' declarations cannot say (with model.memory "block_recurrent")."""
         if not -m.num_layers <= self.layer < m.num_layers:
             raise ConfigError(f"config key 'model.block_recurrent.layer' must index one of the {m.num_layers} "
                               f"layers (-{m.num_layers}..{m.num_layers - 1}), got {self.layer}")
-        if self.gate not in ("fixed", "lstm"):
-            raise ConfigError(f"config key 'model.block_recurrent.gate' must be fixed or lstm, got '{self.gate}'")
         if d.seq_len % self.block_len:
             raise ConfigError(f"config key 'model.block_recurrent.block_len' ({self.block_len}) must divide "
                               f"data.seq_len ({d.seq_len})")

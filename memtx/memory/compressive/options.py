@@ -3,10 +3,10 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
+from memtx.config_schema import bounded
 from memtx.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -19,24 +19,15 @@ class CompressiveConfig:
     its FIFO memory (`model.mem_len`) evicts are compressed `rate` to one into `size` more slots,
     attended to like the memory, [compressed ; memory ; segment]."""
 
-    size: int = 64  # compressed slots per layer (n_cm; 0: evicted slots are dropped, as Transformer-XL)
-    rate: int = 2  # compression rate c (data.seq_len must be a multiple of it)
-    function: str = "conv"  # conv: 1-D convolution, kernel = stride = rate | mean: mean-pool
+    size: int = bounded(64, ge=0)  # compressed slots per layer (n_cm; 0: evicted slots are dropped, as Transformer-XL)
+    rate: int = bounded(2, gt=0)  # compression rate c (data.seq_len must be a multiple of it)
+    function: Literal["conv", "mean"] = "conv"  # conv: 1-D convolution, kernel = stride = rate | mean: mean-pool
     # Weight of the attention-reconstruction loss, which alone trains the compression network
     # (its inputs and the attention weights are stop-gradient'ed, as in the paper).
-    loss_weight: float = 1.0
+    loss_weight: float = bounded(1.0, ge=0)
 
     def check(self, m: ModelConfig, d: DataConfig) -> None:
-        """ConfigError for a bad value (with model.memory "compressive")."""
-        if self.size < 0:
-            raise ConfigError(f"config key 'model.compressive.size' must be >= 0, got {self.size}")
-        if self.rate <= 0:
-            raise ConfigError(f"config key 'model.compressive.rate' must be > 0, got {self.rate}")
-        if self.function not in ("conv", "mean"):
-            raise ConfigError(f"config key 'model.compressive.function' must be conv or mean, got '{self.function}'")
-        if not (self.loss_weight >= 0 and math.isfinite(self.loss_weight)):
-            raise ConfigError(f"config key 'model.compressive.loss_weight' must be a finite number >= 0, "
-                              f"got {self.loss_weight}")
+        """ConfigError for what its fields' declarations cannot say (with model.memory "compressive")."""
         if d.seq_len % self.rate:
             raise ConfigError(f"config key 'model.compressive.rate' ({self.rate}) must divide data.seq_len ({d.seq_len})")
 

@@ -4,7 +4,7 @@ No JAX here: the config validates it."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from memtx.errors import ConfigError
 
@@ -18,12 +18,11 @@ class LaMemoConfig:
 
     interpolation: bool = True  # False: alpha = 0, a slot keeps only its latest look-ahead output
     look_ahead: bool = True  # False: slots are never refreshed (the Transformer-XL memory, recomputed)
-    encoding: str = "disentangled"  # disentangled (|i-j|, v_minus) | xl: signed distance p-j < 0 and v
+    # disentangled: |i-j| and v_minus; xl: the signed distance p-j < 0 and v
+    encoding: Literal["disentangled", "xl"] = "disentangled"
 
     def check(self, m: ModelConfig, d: DataConfig) -> None:
-        """ConfigError for a bad value (with model.memory "lamemo")."""
-        if self.encoding not in ("disentangled", "xl"):
-            raise ConfigError(f"config key 'model.lamemo.encoding' must be disentangled or xl, got '{self.encoding}'")
+        """ConfigError for what its fields' declarations cannot say (with model.memory "lamemo")."""
         if m.query_block:  # its causal and look-ahead terms score the whole segment at once
             raise ConfigError(f"config key 'model.query_block' ({m.query_block}) does not apply with model.memory "
                               "'lamemo' (LaMemo's attention has no query blocks); set it to 0")
