@@ -60,6 +60,29 @@ def relative_shift(by_reversed_distance_BHNK: jax.Array, M: int) -> jax.Array:
     return padded.reshape(B, H, K + 1, N)[:, :, 1:].reshape(B, H, N, K)
 
 
+def xl_scores(qu_BNHD, qv_BNHD, k_BKHD, r_KHD, batched_positions: bool = True):
+    """Transformer-XL's score of N queries, the last N of K rows [memory ; segment], over all K
+    keys: [B, H, N, K] = (q+u)·k_j + (q+v)·r at distance d = K-N+i-j (the module docstring),
+    with `qu`, `qv` the biased queries (scaled or not: the caller's choice) and `r_KHD` the
+    projected position vectors of distances 0..K-1 (None: no position term). Entries of keys after
+    a query (d < 0) hold other rows' values: mask them. RelativeAttention (per query block) and
+    LaMemo's causal attention both score with it. `batched_positions=False` scores the position
+    term as an unbatched matmul, as LaMemo always has: the same numbers up to the last bit, which
+    keeps its losses and checkpoints bit for bit as they were."""
+    B, N, H, Dh = qu_BNHD.shape
+    K = k_BKHD.shape[1]
+    ac_BHNK = jnp.einsum("bnhd,bkhd->bhnk", qu_BNHD, k_BKHD, preferred_element_type=jnp.float32)
+    if r_KHD is None:  # no position term (model.knn.position_terms=false)
+        return ac_BHNK
+    if batched_positions:  # r broadcast over the batch: the same batched matmul as the content term (the
+        # unbatched "bnhd,khd" form is laid out with a transpose that costs as much again on CPU)
+        bd_BHNK = jnp.einsum("bnhd,bkhd->bhnk", qv_BNHD, jnp.broadcast_to(r_KHD[:K][::-1][None], (B, K, H, Dh)),
+                             preferred_element_type=jnp.float32)
+    else:
+        bd_BHNK = jnp.einsum("bnhd,khd->bhnk", qv_BNHD, r_KHD[:K][::-1], preferred_element_type=jnp.float32)
+    return ac_BHNK + relative_shift(bd_BHNK, K - N)
+
+
 def dot_product_attention(q_BNHD, k_BKHD, v_BKHD, valid_BK=None):
     """Softmax(q.k / sqrt(Dh)) v without position terms: [B, N, H, Dh]; keys outside `valid_BK`
     are masked, and a query with no valid key reads zeros."""
@@ -227,19 +250,10 @@ class RelativeAttention(nn.Module):
         for start in range(0, N, Q):
             stop = min(start + Q, N)
             Kb, Nb = M + stop, stop - start
-            ac_BHNK = jnp.einsum("bnhd,bkhd->bhnk", qu_BNHD[:, start:stop], k_BKHD[:, :Kb],
-                                 preferred_element_type=jnp.float32)
-            # r broadcast over the batch: the same batched matmul as the content term (the unbatched
-            # "bnhd,khd" form is laid out with a transpose that costs as much again on CPU)
-            if r_KHD is None:  # no position term (model.knn.position_terms=false)
-                bd_BHNK = 0.0
-            else:
-                r_BKHD = jnp.broadcast_to(r_KHD[:Kb][::-1][None], (B, Kb, H, Dh))
-                bd_BHNK = relative_shift(jnp.einsum("bnhd,bkhd->bhnk", qv_BNHD[:, start:stop], r_BKHD,
-                                                    preferred_element_type=jnp.float32), Kb - Nb)
+            scores_BHNK = xl_scores(qu_BNHD[:, start:stop], qv_BNHD[:, start:stop], k_BKHD[:, :Kb], r_KHD)
             distance_NK = (M + start) + jnp.arange(Nb)[:, None] - jnp.arange(Kb)[None, :]
             mask_BHNK = (distance_NK >= 0)[None, None] & key_valid_BK[:, None, None, :Kb]
-            p_BHNK, out_BNHD = softmax_attend(jnp.where(mask_BHNK, ac_BHNK + bd_BHNK, NEG_INF), v_BKHD[:, :Kb],
+            p_BHNK, out_BNHD = softmax_attend(jnp.where(mask_BHNK, scores_BHNK, NEG_INF), v_BKHD[:, :Kb],
                                               cfg.attn_dropout, rng if rng is None else jax.random.fold_in(rng, start))
             outs.append(out_BNHD)
             probs.append(jnp.pad(p_BHNK, ((0, 0), (0, 0), (0, 0), (0, K - Kb))))

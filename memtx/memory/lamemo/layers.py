@@ -27,7 +27,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from memtx.attention import NEG_INF, distance_sinusoid, gather_by_distance, param_with_axes, relative_shift
+from memtx.attention import NEG_INF, distance_sinusoid, gather_by_distance, param_with_axes, xl_scores
 from memtx.layers import layer_class, layer_parts, layer_runs, run_name, scan_run
 from memtx.memory.lamemo import state as lamemo
 
@@ -72,12 +72,10 @@ class LaMemoAttention(nn.Module):
         q_BNHD = q_BKHD[:, M:]
         r_KHD = jnp.einsum("kd,dhe->khe", distance_sinusoid(jnp.arange(K), D, cfg.clamp_len).astype(dtype),
                            w_r)  # distance 0..K-1
-        ac_BHNK = jnp.einsum("bnhd,bkhd->bhnk", q_BNHD + u_HD, k_BKHD, preferred_element_type=jnp.float32)
-        bd_BHNK = relative_shift(jnp.einsum("bnhd,khd->bhnk", q_BNHD + v_HD, r_KHD[::-1],
-                                            preferred_element_type=jnp.float32), M)
         distance_NK = M + jnp.arange(N)[:, None] - jnp.arange(K)[None, :]
         mask_BHNK = (distance_NK >= 0)[None, None] & key_valid_BK[:, None, None, :]
-        scores_BHNK = jnp.where(mask_BHNK, (ac_BHNK + bd_BHNK) * scale, NEG_INF)
+        scores_BHNK = jnp.where(mask_BHNK, xl_scores(q_BNHD + u_HD, q_BNHD + v_HD, k_BKHD, r_KHD,
+                                                          batched_positions=False) * scale, NEG_INF)
         logZ_BHN = jax.nn.logsumexp(scores_BHNK, axis=-1)  # float32
         probs_BHNK = jnp.exp(scores_BHNK - logZ_BHN[..., None])
         self.sow("intermediates", "attn_prob", probs_BHNK)
