@@ -21,6 +21,7 @@ from memtx.adaptive import AdaptiveIO
 from memtx.attention import param_with_axes
 from memtx.layers import LayerNorm
 from memtx.memory import model_memory, registry
+from memtx.memory.kind import Segment
 
 if TYPE_CHECKING:  # annotations only: the config imports the memory registry, which loads this
     from memtx.config import ModelConfig
@@ -64,10 +65,14 @@ class TransformerLM(nn.Module):
         h_BND = nn.with_logical_constraint(h_BND, ("act_batch", "act_seq", "act_embed"))
         emb_BND = h_BND
         h_BND = nn.Dropout(cfg.dropout)(h_BND, deterministic=deterministic)
-        h_BND, state, knn_stores, new_cache = kind.layers.stack(
-            self, h_BND, emb_BND, memory[kind.name], memory["knn"], num_valid_B, u_HD, v_HD, deterministic, cache,
-            position)
-        new_memory = memory if cache is not None else {kind.name: state, "knn": knn_stores}
+        # The registry says what the kind's stack carries: the kNN add-on's stores, an attention cache.
+        segment = Segment(h_BND, emb_BND, num_valid_B, u_HD, v_HD, deterministic,
+                          knn_stores=memory["knn"] if kind.knn else None,
+                          cache=cache if kind.kv_cache else None, position=position if kind.kv_cache else None)
+        out = kind.layers.stack(self, segment, memory[kind.name])
+        h_BND, new_cache = out.h_BND, out.cache
+        new_memory = memory if cache is not None else \
+            {kind.name: out.state, "knn": out.knn_stores if kind.knn else memory["knn"]}
         if cfg.pre_norm:
             h_BND = LayerNorm(cfg.layer_norm_eps, name="final_norm")(h_BND)
         self.sow("intermediates", "output_hidden", h_BND)  # the output layer's input: the output cache's keys

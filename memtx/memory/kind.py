@@ -50,20 +50,40 @@ class MemoryState(Protocol):
         """Per layer, what the train step keeps beyond an XL layer's (memtx.fit's estimate)."""
 
 
+@dataclass(frozen=True)
+class Segment:
+    """What the model gives a kind's stack besides its state: one segment, embedded. The add-on
+    and decoding fields are set only for the kinds whose registry entry says they carry them
+    (`knn`, `kv_cache`); a stack of another kind never sees them."""
+
+    h_BND: jax.Array  # the embedded tokens (after dropout)
+    emb_BND: jax.Array  # the scaled embeddings (LaMemo stores them)
+    num_valid_B: jax.Array  # real positions of each row, a prefix: padding is never written
+    u_HD: jax.Array  # Transformer-XL's shared content bias
+    v_HD: jax.Array  # ... and position bias
+    deterministic: bool  # no dropout
+    knn_stores: dict | None = None  # kinds with `knn`: the kNN add-on's stores (memtx/memory/knn_add_on.py)
+    cache: Any = None  # kinds with `kv_cache`, in generation: each layer's attention cache
+    position: Any = None  # ... and the segment position of the new rows (h_BND) in it
+
+
+@dataclass(frozen=True)
+class StackOutput:
+    h_BND: jax.Array  # the last layer's output
+    state: dict  # the new state (unchanged with a cache: generation writes whole segments)
+    knn_stores: dict | None = None  # kinds with `knn`: the stores after the segment
+    cache: Any = None  # kinds with `kv_cache`: each layer's attention cache of [memory ; segment]
+
+
 @runtime_checkable
 class MemoryLayers(Protocol):
     """A kind's layer module."""
 
-    def stack(self, model: Any, h_BND: jax.Array, emb_BND: jax.Array, state: dict, knn_stores: dict,
-              num_valid_B: jax.Array, u_HD: jax.Array, v_HD: jax.Array, deterministic: bool, cache=None,
-              position=None) -> tuple[jax.Array, dict, dict, Any]:
+    def stack(self, model: Any, segment: Segment, state: dict) -> StackOutput:
         """Runs every layer of `model` (the Flax LM, whose parameters the layers create) on the
-        segment's embedded tokens and returns (output h_BND, new state, new kNN stores, new
-        attention cache). `emb_BND` is the scaled embedding (LaMemo stores it); `num_valid_B` how
-        many positions of each row are real (padding is never written); `u_HD`, `v_HD` the shared
-        Transformer-XL biases. With `cache` (generation, kinds with `kv_cache` only), the inputs
-        are the tokens at segment positions `position`.. and the state is returned unchanged.
-        A kind's own loss is sown as ("losses", name) and added by the train step."""
+        segment and writes the state. With `segment.cache` (generation) the inputs are the
+        tokens at segment positions `segment.position`.. and the state is returned unchanged. A
+        kind's own loss is sown as ("losses", name) and added by the train step."""
 
     def scan_runs(self, cfg: ModelConfig) -> list[tuple[int, int]]:
         """Its layers as consecutive ranges [a, b) covering 0..L; with `model.scan_layers` a range

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 from memtx.attention import RelativeAttention, dot_product_attention, param_with_axes
 from memtx.layers import FeedForward, LayerNorm, layer_class, layer_parts, layer_runs, run_name, scan_run
 from memtx.memory.block_recurrent import state as block_recurrent
+from memtx.memory.kind import Segment, StackOutput
 from memtx.memory.xl import state as xl
 from memtx.memory.xl.layers import XLLayer
 
@@ -168,11 +169,12 @@ def scan_runs(cfg: ModelConfig) -> list[tuple[int, int]]:
     return layer_runs(cfg, (recurrent_layer(cfg),))
 
 
-def stack(model, h_BND, emb_BND, state, knn_stores, num_valid_B, u_HD, v_HD, deterministic, cache=None,
-          position=None):
+def stack(model, segment: Segment, state: dict) -> StackOutput:
     """Every layer over the segment's blocks (the recurrent one also over its state); then the XL
     memory and the state are written."""
     cfg = model.cfg
+    h_BND, num_valid_B, u_HD, v_HD = segment.h_BND, segment.num_valid_B, segment.u_HD, segment.v_HD
+    deterministic = segment.deterministic
     br = cfg.block_recurrent
     B, N, D = h_BND.shape
     W = br.block_len
@@ -205,4 +207,4 @@ def stack(model, h_BND, emb_BND, state, knn_stores, num_valid_B, u_HD, v_HD, det
         h_BPD = from_blocks(blocks, B)
     num_blocks_B = -(-num_valid_B // W)
     state = block_recurrent.write(state, jnp.concatenate(inputs)[:, :, :N], final_BSD, num_blocks_B, num_valid_B)
-    return h_BPD[:, :N], state, knn_stores, None
+    return StackOutput(h_BPD[:, :N], state)

@@ -28,6 +28,7 @@ from memtx.attention import dot_product_attention, param_with_axes
 from memtx.layers import layer_norm, layer_tree
 from memtx.memory import slots
 from memtx.memory.compressive import state as compressive
+from memtx.memory.kind import Segment, StackOutput
 from memtx.memory.xl import layers as xl_layer
 from memtx.memory.xl.layers import run_layers
 
@@ -99,18 +100,18 @@ def scan_runs(cfg: ModelConfig) -> list[tuple[int, int]]:
     return xl_layer.scan_runs(cfg)
 
 
-def stack(model, h_BND, emb_BND, state, knn_stores, num_valid_B, u_HD, v_HD, deterministic, cache=None,
-          position=None):
+def stack(model, segment: Segment, state: dict) -> StackOutput:
     """XL layers over [compressed ; memory]; then the evicted slots are compressed and both memories
     written. The attention-reconstruction loss is sown as ("losses", "compression")."""
     cfg = model.cfg
-    h_BND, inputs_LBND, knn_stores, new_cache = run_layers(
-        model, h_BND, compressive.rows(state), compressive.valid_mask(state), knn_stores, num_valid_B, u_HD, v_HD,
-        deterministic, cache, position)
-    if cache is not None:  # generation inside a segment: memories are written by whole segments
-        return h_BND, state, knn_stores, new_cache
+    num_valid_B = segment.num_valid_B
+    h_BND, inputs_LBND, knn_stores, new_cache = run_layers(model, segment, compressive.rows(state),
+                                                           compressive.valid_mask(state))
+    if segment.cache is not None:  # generation inside a segment: memories are written by whole segments
+        return StackOutput(h_BND, state, knn_stores, new_cache)
     if cfg.compressive.size == 0:  # nothing kept: the evicted slots are dropped, as Transformer-XL
-        return h_BND, compressive.write(state, inputs_LBND, None, None, num_valid_B), knn_stores, new_cache
+        return StackOutput(h_BND, compressive.write(state, inputs_LBND, None, None, num_valid_B), knn_stores,
+                           new_cache)
     block_LBND, valid_BN = compressive.evicted(state, inputs_LBND, num_valid_B)  # stop-gradient'ed
     groups_LBGD, num_groups_B = Compressor(cfg, name="compressor")(block_LBND, valid_BN)
     if cfg.compressive.loss_weight > 0:
@@ -118,4 +119,4 @@ def stack(model, h_BND, emb_BND, state, knn_stores, num_valid_B, u_HD, v_HD, det
                                    valid_BN, groups_LBGD, num_groups_B)
         model.sow("losses", "compression", cfg.compressive.loss_weight * loss)
     state = compressive.write(state, inputs_LBND, groups_LBGD, num_groups_B, num_valid_B)
-    return h_BND, state, knn_stores, new_cache
+    return StackOutput(h_BND, state, knn_stores, new_cache)

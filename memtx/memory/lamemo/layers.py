@@ -29,6 +29,7 @@ import jax.numpy as jnp
 
 from memtx.attention import NEG_INF, distance_sinusoid, gather_by_distance, param_with_axes, xl_scores
 from memtx.layers import layer_class, layer_parts, layer_runs, run_name, scan_run
+from memtx.memory.kind import Segment, StackOutput
 from memtx.memory.lamemo import state as lamemo
 
 if TYPE_CHECKING:  # annotations only: the config imports the memory registry, which loads this
@@ -188,13 +189,12 @@ def scan_runs(cfg: ModelConfig) -> list[tuple[int, int]]:
     return layer_runs(cfg, (cfg.num_layers - 1,))
 
 
-def stack(model, h_BND, emb_BND, state, knn_stores, num_valid_B, u_HD, v_HD, deterministic, cache=None,
-          position=None):
+def stack(model, segment: Segment, state: dict) -> StackOutput:
     """Layer l reads memory rows m (E_mem for l = 0, else layer l-1's refreshed o_mem) and x;
     then the state keeps the refreshed slots and this segment's outputs (spec §2 step 5)."""
-    if cache is not None:
-        raise ValueError("LaMemo has no attention cache: its memory is refreshed by the whole segment")
     cfg = model.cfg
+    h_BND, emb_BND, num_valid_B = segment.h_BND, segment.emb_BND, segment.num_valid_B
+    u_HD, v_HD, deterministic = segment.u_HD, segment.v_HD, segment.deterministic
     H, Dh = cfg.num_heads, cfg.dim_per_head
     v_minus_HD = None  # the look-ahead bias: only the disentangled encoding has one
     if cfg.lamemo.look_ahead and cfg.lamemo.encoding == "disentangled":
@@ -223,4 +223,4 @@ def stack(model, h_BND, emb_BND, state, knn_stores, num_valid_B, u_HD, v_HD, det
             out.append(y)
     refreshed_C, refreshed_logS, cur_C, cur_logZ = (jnp.concatenate(out) for out in outputs)
     state = lamemo.write(state, emb_BND, refreshed_C, refreshed_logS, cur_C, cur_logZ, num_valid_B)
-    return h_BND, state, knn_stores, None
+    return StackOutput(h_BND, state)

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from memtx.attention import RelativeAttention
 from memtx.layers import layer_class, layer_parts, layer_runs, run_name, scan_run, stack_trees, unstack_tree
 from memtx.memory import knn
+from memtx.memory.kind import Segment, StackOutput
 from memtx.memory.xl import state as xl
 
 if TYPE_CHECKING:  # annotations only: the config imports the memory registry, which loads this
@@ -54,13 +55,14 @@ def scan_runs(cfg: ModelConfig) -> list[tuple[int, int]]:
     return layer_runs(cfg, (*knn_layers, *cfg.smeared_keys))
 
 
-def run_layers(model, h_BND, mem_LBMD, mem_valid_BM, knn_stores, num_valid_B, u_HD, v_HD, deterministic,
-               cache=None, position=None):
+def run_layers(model, segment: Segment, mem_LBMD, mem_valid_BM):
     """Every XLLayer over its memory rows `mem_LBMD[layer]`; writes each kNN layer's store with
     its segment keys and values (not with a cache: generation writes whole segments).
     Returns (output, each layer's input [L, B, N, D], kNN stores, attention caches)."""
     cfg = model.cfg
-    knn_stores, layer_inputs, new_cache = dict(knn_stores), [], []
+    h_BND, cache, position, deterministic = segment.h_BND, segment.cache, segment.position, segment.deterministic
+    u_HD, v_HD = segment.u_HD, segment.v_HD
+    knn_stores, layer_inputs, new_cache = dict(segment.knn_stores or {}), [], []
     for a, b in scan_runs(cfg):
         if b - a > 1:  # identical layers as one scan; each also returns its input and its cache
             def body(layer, h_BND, xs, shared):
@@ -84,16 +86,13 @@ def run_layers(model, h_BND, mem_LBMD, mem_valid_BM, knn_stores, num_valid_B, u_
         # size 0: nothing is ever stored (every read is empty)
         if store is not None and store["keys"].shape[2] > 0 and cache is None:
             M = mem_LBMD.shape[2]
-            knn_stores[str(a)] = knn.write(store, layer_cache["k"][:, M:], layer_cache["v"][:, M:], num_valid_B)
+            knn_stores[str(a)] = knn.write(store, layer_cache["k"][:, M:], layer_cache["v"][:, M:], segment.num_valid_B)
     return h_BND, jnp.concatenate(layer_inputs), knn_stores, new_cache
 
 
-def stack(model, h_BND, emb_BND, state, knn_stores, num_valid_B, u_HD, v_HD, deterministic, cache=None,
-          position=None):
+def stack(model, segment: Segment, state: dict) -> StackOutput:
     """The XL stack: layer l attends over the last M inputs of layer l, then they are appended."""
-    h_BND, inputs_LBND, knn_stores, new_cache = run_layers(
-        model, h_BND, state["hidden"], xl.valid_mask(state), knn_stores, num_valid_B, u_HD, v_HD, deterministic,
-        cache, position)
-    if cache is None:
-        state = xl.write(state, inputs_LBND, num_valid_B)
-    return h_BND, state, knn_stores, new_cache
+    h_BND, inputs_LBND, knn_stores, new_cache = run_layers(model, segment, state["hidden"], xl.valid_mask(state))
+    if segment.cache is None:
+        state = xl.write(state, inputs_LBND, segment.num_valid_B)
+    return StackOutput(h_BND, state, knn_stores, new_cache)
