@@ -16,7 +16,7 @@ import time
 
 import jax
 
-from memtx import compilation_cache
+from memtx import checkpoint_owner, compilation_cache
 from memtx import state as state_lib
 from memtx.checkpoint import CheckpointWriteError, run_checkpointer, writable_directory
 from memtx.cli import ArgumentParser, resolve_config, run_cli
@@ -125,13 +125,14 @@ def make_validation(setup: state_lib.Setup):
     return validate
 
 
-def train(cfg: Config, workdir: str) -> dict:
+def train(cfg: Config, workdir: str, adopt_checkpoints: bool = False) -> dict:
     """Runs (or continues) training; returns a summary. Checkpoints and metrics go to `workdir`.
 
     With several processes each runs this same function: every process streams its shards of
     the documents and takes part in every step and checkpoint; process 0 alone prints, writes
     metrics and config.json. Checkpoints go to `train.checkpoint_dir` (default
-    WORKDIR/checkpoints), which every process must reach: a shared file system or gs://."""
+    WORKDIR/checkpoints), which every process must reach: a shared file system or gs://. One that
+    holds another run's checkpoints is refused unless `adopt_checkpoints` (checkpoint_owner.py)."""
     setup = state_lib.build(cfg)  # validates the config and the mesh before any compilation
     compilation_cache.use(cfg.train.compilation_cache_dir)
     check_fits_here(cfg, setup)  # the whole step's memory, estimated, against the devices'
@@ -148,8 +149,8 @@ def train(cfg: Config, workdir: str) -> dict:
         loss_mask=loss_masks.get(cfg.data.loss_mask))
     check_vocab_fits(stream.source.vocab, cfg.model.vocab_size)
     writable_directory(workdir, "work directory")
-    with WorkdirLock(workdir) if main else contextlib.nullcontext():  # one training per work directory
-        return _train_locked(cfg, workdir, setup, stream, num_shards)
+    with WorkdirLock(workdir) if main else contextlib.nullcontext(), contextlib.ExitStack() as hold:
+        return _train_locked(cfg, workdir, setup, stream, num_shards, adopt_checkpoints, hold)
 
 
 class Preemption:
@@ -311,13 +312,19 @@ def _describe_run(cfg: Config, setup, source, num_shards: int) -> None:
                   if setup.mesh.devices.size < jax.device_count() else ""), flush=True)
 
 
-def _train_locked(cfg: Config, workdir: str, setup, stream, num_shards: int) -> dict:
+def _train_locked(cfg: Config, workdir: str, setup, stream, num_shards: int, adopt_checkpoints: bool,
+                  hold: contextlib.ExitStack) -> dict:
     config_path = os.path.join(workdir, "config.json")
-    if os.path.exists(config_path):
-        check_resumable(load_json(config_path), cfg, workdir)
+    saved = load_json(config_path) if os.path.exists(config_path) else None
+    if saved is not None:
+        check_resumable(saved, cfg, workdir)
+    checkpoint_owner.check(cfg, saved, workdir, adopt_checkpoints)  # never into another run's checkpoints
     if cfg.train.checkpoint_dir and "://" not in cfg.train.checkpoint_dir:  # a bad one: one line, nothing written
         writable_directory(cfg.train.checkpoint_dir, "checkpoint directory")
     if is_main_process():
+        lock = checkpoint_owner.claim(cfg, workdir)  # a separate checkpoint directory: locked, owner recorded
+        if lock is not None:
+            hold.callback(lock.release)
         save_json(cfg, config_path)
         record_corpus(cfg, workdir)
     ckpt = run_checkpointer(cfg, workdir, keep=cfg.train.keep_checkpoints)
@@ -379,7 +386,7 @@ def main(args: argparse.Namespace, rest: list[str]) -> int:
     initialize_from_env()  # several processes (TPU pod, GPU cluster): before JAX touches a device
     cfg = resolve_config(args.config, args.workdir, rest)
     try:
-        train(cfg, args.workdir)
+        train(cfg, args.workdir, adopt_checkpoints=args.adopt_checkpoints)
     except NonFiniteLoss as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -390,6 +397,9 @@ def parser() -> argparse.ArgumentParser:
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="configs/NAME.py[:preset]; default: WORKDIR/config.json when resuming")
     p.add_argument("--workdir", required=True, help="checkpoints, config.json and metrics go here")
+    p.add_argument("--adopt-checkpoints", action="store_true",
+                   help="continue from the checkpoints in train.checkpoint_dir although another work directory wrote "
+                        "them, or the saved run named another checkpoint directory (a moved run, copied checkpoints)")
     return p
 
 

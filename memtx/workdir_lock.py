@@ -1,5 +1,5 @@
-"""An exclusive lock on a work directory, so that two trainings never interleave one run's
-metrics and checkpoints.
+"""An exclusive lock on a work directory (or a checkpoint directory outside it:
+checkpoint_owner.py), so that two trainings never interleave one run's metrics and checkpoints.
 
 `WORKDIR/.lock` is held with `fcntl.flock` (released by the kernel when the process ends, even
 by kill -9: no stale locks) and names its holder (pid and host) for the second run's message.
@@ -18,23 +18,25 @@ from memtx.config import ConfigError
 
 
 class WorkdirLock:
-    def __init__(self, workdir: str):
+    def __init__(self, workdir: str, what: str = "work directory"):
         self.path = os.path.join(workdir, ".lock")
+        self.what = what  # how messages name it (a checkpoint directory is locked the same way)
         self._file = None
 
     def acquire(self) -> "WorkdirLock":
         try:
             f = open(self.path, "a+")
         except OSError as e:
-            raise ConfigError(f"cannot write to the work directory: {self.path}: {e.strerror}") from None
+            raise ConfigError(f"cannot write to the {self.what}: {self.path}: {e.strerror}") from None
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             f.seek(0)
             holder = f.read().strip() or "another process"
             f.close()
-            raise ConfigError(f"work directory {os.path.dirname(self.path) or '.'} is in use by {holder}: "
-                              "wait for that run to end, or use another --workdir") from None
+            other = "--workdir" if self.what == "work directory" else "train.checkpoint_dir"
+            raise ConfigError(f"{self.what} {os.path.dirname(self.path) or '.'} is in use by {holder}: "
+                              f"wait for that run to end, or use another {other}") from None
         except OSError as e:  # no flock on this file system
             print(f"note: cannot lock {self.path} ({e.strerror}); two runs on this work directory would "
                   "interleave", file=sys.stderr)

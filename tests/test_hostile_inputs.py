@@ -191,6 +191,12 @@ CASES = [
     ("workdir_is_a_file", T(workdir="a_file"), "a_file"),
     ("workdir_under_a_file", T(workdir="a_file/sub"), "a_file"),
     ("checkpoint_dir_is_a_file", T("--config.train.checkpoint_dir=@tmp/a_file", workdir="fresh"), "a_file"),
+    # another run's checkpoints: never written into without --adopt-checkpoints (checkpoint_owner.py)
+    ("checkpoint_dir_of_another_run", T("--config.train.checkpoint_dir=@run/checkpoints", workdir="fresh"),
+     "--adopt-checkpoints"),
+    ("resume_with_checkpoint_dir_moved", T("--config.train.checkpoint_dir=@tmp/elsewhere"), "saved its checkpoints in"),
+    ("checkpoint_dir_of_another_run_new_workdir", T("--config.train.checkpoint_dir=@run/checkpoints",
+                                                    workdir="another_fresh"), "already holds checkpoints"),
     ("resume_with_another_model", T("--config.model.d_model=64"), "different config"),
     # evaluation flags
     ("eval_knn_sizes_empty", ("evaluate", ["--workdir", "@run", "--knn-sizes", ""]), "--knn-sizes"),
