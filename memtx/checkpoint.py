@@ -40,6 +40,7 @@ from memtx import checkpoint_integrity as integrity
 from memtx import orbax_logs, param_surgery
 from memtx.checkpoint_integrity import INTEGRITY_FILE
 from memtx.config import ConfigError
+from memtx.errors import UsageError
 from memtx.orbax_logs import WRITE_FAILURES
 from memtx.param_surgery import CheckpointDamaged
 
@@ -129,6 +130,23 @@ class Checkpointer:
         """What is wrong with a step's files (checkpoint_integrity.verify), or None; remote stores
         are not checked."""
         return integrity.verify(self.step_dir(step)) if self.local else None
+
+    def step_to_read(self, step: int | None) -> int:
+        """The step evaluation, generation and the studies read: `step` when named (it must exist
+        and match its integrity record), else the newest good one; otherwise one line."""
+        if step is None:
+            step = self.latest_good_step()
+            if step is None:
+                damaged = bool(self.manager.all_steps())
+                raise UsageError(f"no {'undamaged ' if damaged else ''}checkpoint in {self.directory}")
+            return step
+        if step not in self.all_steps():
+            raise UsageError(f"no checkpoint at step {step} in {self.directory}")
+        problem = self.verify(step)
+        if problem is not None:
+            raise CheckpointDamaged(f"checkpoint step {step} in {self.directory} is damaged ({problem}): name another "
+                                    "--step, or none for the newest good one")
+        return step
 
     def latest_good_step(self, verbose: bool = True) -> int | None:
         """The newest step whose files match their integrity record (or that has none); each
@@ -230,8 +248,16 @@ class Checkpointer:
     # Parameter surgery (memtx/param_surgery.py) on this run's steps.
 
     def restore_params(self, step: int, abstract_params: dict) -> dict:
-        """The parameters `abstract_params` names (param_surgery.restore_params)."""
-        return param_surgery.restore_params(self.manager, self.directory, step, abstract_params)
+        """The parameters `abstract_params` names (param_surgery.restore_params). A local step
+        without an integrity record (saved before records, or killed before its record) cannot be
+        compared with what was written: its parameters must at least all be finite."""
+        params = param_surgery.restore_params(self.manager, self.directory, step, abstract_params)
+        if self.local and not integrity.has_record(self.step_dir(step)):
+            bad = param_surgery.first_non_finite(params)
+            if bad is not None:
+                raise CheckpointDamaged(f"checkpoint step {step} in {self.directory} has no integrity record and its "
+                                        f"parameter {bad} is not finite: it is damaged; name another --step")
+        return params
 
     def restore_shared_params(self, step: int, fresh_params: dict) -> tuple[dict, list[str]]:
         """Warm start (param_surgery.warm_start): (params, the names kept fresh)."""

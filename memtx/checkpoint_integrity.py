@@ -58,6 +58,10 @@ def verify(step_dir: str) -> str | None:
         return None
     except (OSError, ValueError, KeyError, TypeError):
         return f"its {INTEGRITY_FILE} is damaged"
+    if not (isinstance(recorded, dict) and all(
+            isinstance(v, list) and len(v) == 2 and all(isinstance(x, int) and not isinstance(x, bool) for x in v)
+            for v in recorded.values())):  # valid JSON of the wrong shape: as damaged as garbled bytes
+        return f"its {INTEGRITY_FILE} is damaged (not a map of files to [size, crc32])"
     actual = file_digests(step_dir)
     for rel, (size, crc) in sorted(recorded.items()):
         if rel not in actual:

@@ -315,9 +315,7 @@ def evaluate_workdir(workdir: str, cfg: Config, *, step: int | None = None, knn_
             c.model.knn.size = size
         setups.append(state_lib.build(c))  # validates every size (k <= size, bytes that fit) first
     ckpt = run_checkpointer(cfg, workdir, async_save=False)
-    step = step if step is not None else ckpt.latest_good_step()
-    if step is None or step not in ckpt.all_steps():
-        raise UsageError(f"no checkpoint{'' if step is None else f' at step {step}'} in {ckpt.directory}")
+    step = ckpt.step_to_read(step)  # a named step: it must exist and be undamaged
     source_fn = lambda shard_index, num_shards: open_source(  # noqa: E731
         cfg.data, cfg.data.eval_split, train=False, max_docs=cfg.data.eval_max_docs, shard_index=shard_index,
         num_shards=num_shards)

@@ -255,9 +255,7 @@ def load(workdir: str, config_spec: str | None, overrides: list[str], step: int 
     compilation_cache.use(cfg.train.compilation_cache_dir)  # the run's, if it has one
     setup = state_lib.build(cfg)
     ckpt = run_checkpointer(cfg, workdir, async_save=False)
-    step = ckpt.latest_good_step() if step is None else step
-    if step is None or step not in ckpt.all_steps():
-        raise UsageError(f"no checkpoint{'' if step is None else f' at step {step}'} in {ckpt.directory}")
+    step = ckpt.step_to_read(step)  # a named step: it must exist and be undamaged
     params = jax.device_get(ckpt.restore_params(step, setup.abstract_state["params"]))
     return cfg, params, step
 

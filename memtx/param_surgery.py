@@ -16,6 +16,7 @@ import logging
 import os
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from memtx.config import ConfigError
@@ -85,6 +86,13 @@ def restore_params(manager: ocp.CheckpointManager, directory: str, step: int, ab
                           f"{', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}: the config does not "
                           "describe the model it was trained with")
     return params
+
+
+def first_non_finite(params: dict) -> str | None:
+    """The path of the first parameter holding a nan or an inf, or None."""
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    finite = jax.device_get([jnp.all(jnp.isfinite(leaf)) for _, leaf in flat])
+    return next((jax.tree_util.keystr(path) for (path, _), ok in zip(flat, finite) if not ok), None)
 
 
 def warm_start(manager: ocp.CheckpointManager, directory: str, step: int, fresh_params: dict) -> tuple[dict, list[str]]:

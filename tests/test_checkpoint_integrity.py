@@ -109,6 +109,66 @@ def test_damage_without_a_record_falls_back_when_the_step_cannot_be_read(runs, t
     assert losses(run) == pytest.approx(losses(full), abs=1e-6)
 
 
+def _one_error(code, err) -> str:
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(errors) == 1 and "Traceback" not in err, err
+    return errors[0]
+
+
+def test_a_damaged_step_named_with_step_is_refused_by_every_reader(runs, tmp_path, capsys):
+    """--step N on a step whose files do not match their record: one line naming the damage, from
+    evaluation, generation and a study, instead of results computed from it."""
+    from memtx import generate as generate_lib
+    from memtx.studies import extrapolation
+
+    _, _, partial = runs
+    run = tmp_path / "run"
+    shutil.copytree(partial, run)
+    garble(biggest_file(run / "checkpoints" / "6", "params"))
+    for module, argv in ((evaluate_lib, ["--workdir", str(run), "--split", "train", "--step", "6"]),
+                         (generate_lib, ["--workdir", str(run), "--prompt", "x", "--step", "6"]),
+                         (extrapolation, ["--workdir", str(run), "--step", "6", "--out", str(tmp_path / "x")])):
+        line = _one_error(run_cli(module.main, module.parser(), argv), capsys.readouterr().err)
+        assert "checkpoint step 6" in line and "is damaged" in line and "checksum" in line, line
+    assert not list(run.glob("eval_*.json")) and not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("record", [{"files": [1, 2]}, {"files": {"a": "b"}}, {"files": {"a": [1]}}, ["files"], 7])
+def test_an_integrity_record_of_the_wrong_shape_is_damage_not_a_traceback(runs, tmp_path, record):
+    _, _, partial = runs
+    step3 = tmp_path / "3"
+    shutil.copytree(partial / "checkpoints" / "3", step3)
+    (step3 / INTEGRITY_FILE).write_text(json.dumps(record))
+    from memtx.checkpoint_integrity import verify
+    assert INTEGRITY_FILE in verify(str(step3))
+
+
+def test_a_step_without_a_record_must_hold_finite_parameters(runs, tmp_path, capsys):
+    """A step with no record cannot be compared with what was written: one whose parameters hold
+    a nan is refused in one line when named; the newest good step is still found without --step."""
+    import jax
+    import jax.numpy as jnp
+
+    from memtx import state as state_lib
+    from memtx.config import load_json
+
+    _, _, partial = runs
+    run = tmp_path / "run"
+    shutil.copytree(partial, run)
+    cfg = load_json(str(run / "config.json"))
+    setup = state_lib.build(cfg)
+    ckpt = Checkpointer(str(run / "checkpoints"), keep=5, async_save=False)
+    state, memory, data = ckpt.restore(6, setup.abstract_state, state_lib.abstract_memory(setup, cfg.data.batch_size))
+    leaves, tree = jax.tree.flatten(state["params"])
+    leaves[0] = leaves[0].at[(0,) * leaves[0].ndim].set(jnp.nan)
+    ckpt.save(7, {**state, "params": jax.tree.unflatten(tree, leaves)}, memory, data)
+    ckpt.close()
+    (run / "checkpoints" / "7" / INTEGRITY_FILE).unlink()  # as if killed before its record
+    line = _one_error(run_cli(evaluate_lib.main, evaluate_lib.parser(),
+                              ["--workdir", str(run), "--split", "train", "--step", "7"]), capsys.readouterr().err)
+    assert "step 7" in line and "no integrity record" in line and "not finite" in line
+
+
 def test_nothing_restorable_is_one_line_and_moves_nothing(runs, tmp_path, capsys):
     _, _, partial = runs
     run = tmp_path / "run"

@@ -67,9 +67,7 @@ def find_runs(args: argparse.Namespace, rest: list[str]) -> list[Run]:
             raise UsageError(f"work directory '{workdir}' does not exist")
         cfg = resolve_config(None, workdir, rest)
         ckpt = run_checkpointer(cfg, workdir, async_save=False)
-        step = args.step if args.step is not None else ckpt.latest_good_step()
-        if step is None or step not in ckpt.all_steps():
-            raise UsageError(f"no checkpoint{'' if step is None else f' at step {step}'} in {ckpt.directory}")
+        step = ckpt.step_to_read(args.step)  # a named step: it must exist and be undamaged
         runs.append(Run(os.path.basename(os.path.normpath(workdir)), workdir, cfg, step,
                         args.split or cfg.data.eval_split))
     names = [r.name for r in runs]
