@@ -293,6 +293,8 @@ def load_config_file(spec: str) -> Config:
     module = importlib.util.module_from_spec(module_spec)
     try:
         module_spec.loader.exec_module(module)
+    except SystemExit as e:  # sys.exit() in the file: it would end the run without a word
+        raise ConfigError(f"config file '{path}' called sys.exit({e.code!r}) while loading") from None
     except SyntaxError as e:
         raise ConfigError(f"config file '{path}' has a syntax error at line {e.lineno}: {e.msg}") from None
     except Exception as e:  # noqa: BLE001 - the user's file: report it in one line
@@ -302,6 +304,8 @@ def load_config_file(spec: str) -> Config:
     presets = getattr(module, "PRESETS", None)
     try:
         cfg = module.get_config(preset) if preset else module.get_config()
+    except SystemExit as e:
+        raise ConfigError(f"get_config({preset!r}) of '{path}' called sys.exit({e.code!r})") from None
     except KeyError as e:
         missing = e.args[0] if e.args else None
         if preset and isinstance(missing, str) and missing in preset:  # the preset (or its base) is unknown
@@ -531,9 +535,18 @@ def check_declared(cfg: Config) -> None:
             if dataclasses.is_dataclass(getattr(section, f.name)):
                 walk(getattr(section, f.name), f"{prefix}.{f.name}")
 
+    if not isinstance(cfg, Config):
+        raise ConfigError(f"the config must be a memtx.config.Config, got {type(cfg).__name__}")
+    hints = typing.get_type_hints(Config)
     for f in dataclasses.fields(cfg):
-        if dataclasses.is_dataclass(getattr(cfg, f.name)):
-            walk(getattr(cfg, f.name), f.name)
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(hints[f.name]) and not isinstance(value, hints[f.name]):
+            raise ConfigError(f"config key '{f.name}' must be a {hints[f.name].__name__} section, "
+                              f"got {value!r:.60} ({type(value).__name__})")
+        if f.name == "name" and not isinstance(value, str):
+            raise ConfigError(f"config key 'name' must be a string, got {value!r:.60}")
+        if dataclasses.is_dataclass(value):
+            walk(value, f.name)
 
 
 def validate(cfg: Config, num_devices: int) -> tuple[int, ...]:
@@ -585,6 +598,11 @@ def validate(cfg: Config, num_devices: int) -> tuple[int, ...]:
             raise ConfigError(f"config key 'model.smeared_keys' has layer {layer}, outside 0..{m.num_layers - 1}")
     if kind.options:  # other kinds' sections hold their defaults (above)
         kind.section(m).check(m, d)
+    if not knn.enabled:  # options of a memory that is off would be ignored without a word
+        for f in dataclasses.fields(KNNConfig):
+            if f.name != "enabled" and getattr(knn, f.name) != getattr(KNNConfig(), f.name):
+                raise ConfigError(f"config key 'model.knn.{f.name}' applies only with the kNN memory on: set "
+                                  "model.knn.enabled=true, or leave it at its default")
     if knn.enabled:
         for layer in knn.layers:
             if not 0 <= layer < m.num_layers:
@@ -596,6 +614,9 @@ def validate(cfg: Config, num_devices: int) -> tuple[int, ...]:
                               "model.content_bias=false removes")
     if len(d.split_fractions) != 3 or min(d.split_fractions) < 0 or d.split_fractions[0] <= 0:
         raise ConfigError(f"config key 'data.split_fractions' must be 3 non-negative ints (train > 0), got {d.split_fractions}")
+    if d.data_dir and not d.task:
+        raise ConfigError("config key 'data.data_dir' is the data of a seqio task: set data.task too, or read files "
+                          "with data.corpus")
     if d.eval_doc_tokens and d.task:
         raise ConfigError("config key 'data.eval_doc_tokens' applies to file corpora (data.corpus), not data.task")
     if d.shards < 0 or (d.shards and d.batch_size % d.shards):
@@ -617,6 +638,13 @@ def validate(cfg: Config, num_devices: int) -> tuple[int, ...]:
         raise ConfigError(f"config key 'mesh.shape' {mesh.shape} must have one size per axis in mesh.axes {mesh.axes}")
     shape = resolve_mesh_shape(mesh.shape, num_devices)
     sizes = dict(zip(mesh.axes, shape))
+    for rule in mesh.rules:
+        targets = rule[1] if isinstance(rule, (tuple, list)) and len(rule) == 2 else None
+        targets = targets if isinstance(targets, (tuple, list)) else (targets,)
+        if not (isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[0], str)
+                and all(t is None or isinstance(t, str) for t in targets)):
+            raise ConfigError(f"config key 'mesh.rules' must be (logical axis, mesh axes) pairs like "
+                              f"('act_batch', ('data', 'fsdp')), got {rule!r:.60}")
     for name, target in mesh.rules:
         for axis in (target if isinstance(target, (tuple, list)) else (target,)):
             if axis is not None and axis not in sizes:

@@ -69,12 +69,41 @@ def describe_choices(values: tuple) -> str:
     return f"empty or {listed}" if "" in values else listed
 
 
+def type_problem(value, typ) -> str | None:
+    """What is wrong with the type of `value` for a field of type `typ` (a config file sets fields
+    directly: nothing parsed them), or None."""
+    allowed = choices(typ)
+    if allowed is not None:
+        typ = type(allowed[0])
+    if isinstance(typ, type) and dataclasses.is_dataclass(typ):
+        return None if isinstance(value, typ) else f"a {typ.__name__} section"
+    if typ is bool:
+        return None if isinstance(value, bool) else "true or false"
+    if typ is int:
+        return None if isinstance(value, int) and not isinstance(value, bool) else "an integer"
+    if typ is float:
+        return None if isinstance(value, (int, float)) and not isinstance(value, bool) else "a number"
+    if typ is str:
+        return None if isinstance(value, str) else "a string"
+    if typing.get_origin(typ) is tuple:
+        if not isinstance(value, (tuple, list)):
+            return "a tuple"
+        args = typing.get_args(typ)
+        if len(args) == 2 and args[1] is Ellipsis and args[0] in (int, str):
+            bad = [v for v in value if type_problem(v, args[0])]
+            return f"a tuple of {args[0].__name__}" if bad else None
+    return None
+
+
 def check_fields(section: Any, prefix: str) -> None:
-    """Every scalar field of the dataclass `section` (not its sub-sections) against its Literal
-    or range; `prefix` names it ("model.knn")."""
+    """Every scalar field of the dataclass `section` (not its sub-sections) against its type (as
+    a config file may set anything), its Literal and its range; `prefix` names it ("model.knn")."""
     hints = typing.get_type_hints(type(section))
     for f in dataclasses.fields(section):
         value, typ, key = getattr(section, f.name), hints[f.name], f"{prefix}.{f.name}"
+        wanted = type_problem(value, typ)
+        if wanted is not None:
+            raise ConfigError(f"config key '{key}' must be {wanted}, got {value!r:.60} ({type(value).__name__})")
         allowed = choices(typ)
         if allowed is not None and value not in allowed:
             raise ConfigError(f"config key '{key}' must be {describe_choices(allowed)}, got {value!r}")

@@ -629,3 +629,49 @@ def test_every_declared_field_refuses_each_value_its_declaration_forbids_in_one_
             assert f"'{key}'" in message, (key, bad, message)
             cases += 1
     assert cases > 100, cases
+
+
+def wrong_types(typ) -> list:
+    """Values of another type than a field's (as a config file may set): None always, a string for
+    numbers and flags, a number for strings, a float for integers, a bare value for tuples."""
+    if typ is bool:
+        return [None, "yes", 1]
+    if typ is int:
+        return [None, "4", 2.5, True]
+    if typ is float:
+        return [None, "0.1", False]
+    if typ is str or choices(typ) is not None:
+        return [None, 3]
+    if typing.get_origin(typ) is tuple:
+        return [None, 3] + (["ab"] if typing.get_args(typ)[:1] == (int,) else [])
+    return [None, 3]  # a section
+
+
+def test_a_config_file_field_of_the_wrong_type_is_one_line_naming_it():
+    """Overrides are parsed by type; a config file sets fields directly. Every field of every
+    section (sections themselves included), given values of other types, is a one-line error
+    naming the key, before anything else looks at the config."""
+    cases = 0
+    for key, typ, _, _, _ in list(all_fields(txl("cpu"))):
+        for bad in wrong_types(typ):
+            cfg = txl("cpu")
+            *path, name = key.split(".")
+            section = cfg
+            for part in path:
+                section = getattr(section, part)
+            setattr(section, name, bad)
+            message = config_error(validate, cfg, NUM_DEVICES)
+            assert f"'{key}'" in message, (key, bad, message)
+            cases += 1
+    assert cases > 200, cases
+
+
+def all_fields(section, prefix: str = ""):
+    """(key, type, None, section, name) of every field, sections included, in every section."""
+    hints = typing.get_type_hints(type(section))
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        yield prefix + f.name, hints[f.name], None, section, f.name
+        if dataclasses.is_dataclass(value):
+            yield from all_fields(value, f"{prefix}{f.name}.")
+

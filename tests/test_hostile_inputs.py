@@ -54,6 +54,9 @@ def world(tmp_path_factory):
         "raises.py": "raise RuntimeError('no GPU quota')\n",
         "keyerror.py": "def get_config(preset=None):\n    return {}['missing']\n",
         "noget.py": "X = 1\n",
+        "exits.py": "import sys\nsys.exit(3)\n",
+        "badname.py": "from memtx.config import Config\n\ndef get_config(preset=None):\n    c = Config()\n"
+                      "    c.name = 3\n    return c\n",
         "notconfig.py": "def get_config(preset=None):\n    return 42\n",
     }
     for name, text in files.items():
@@ -190,6 +193,12 @@ CASES = [
     # work directories
     ("workdir_is_a_file", T(workdir="a_file"), "a_file"),
     ("workdir_under_a_file", T(workdir="a_file/sub"), "a_file"),
+    ("knn_option_while_off", T("--config.model.knn.size=64"), "model.knn.enabled=true"),
+    ("data_dir_without_task", T("--config.data.data_dir=@tmp"), "data.task"),
+    ("config_file_exits", T(config="exits.py"), "sys.exit(3)"),
+    ("config_file_name_not_a_string", T(config="badname.py"), "config key 'name'"),
+    ("mesh_rules_not_pairs", T("--config.mesh.rules=1"), "mesh.rules"),
+    ("mesh_rules_bad_target", T("--config.mesh.rules=(('act_batch', 3),)"), "mesh.rules"),
     ("checkpoint_dir_is_a_file", T("--config.train.checkpoint_dir=@tmp/a_file", workdir="fresh"), "a_file"),
     # another run's checkpoints: never written into without --adopt-checkpoints (checkpoint_owner.py)
     ("checkpoint_dir_of_another_run", T("--config.train.checkpoint_dir=@run/checkpoints", workdir="fresh"),
@@ -299,6 +308,8 @@ def test_every_key_the_config_checks_has_a_case():
     # A field's own Literal or range: tests/test_config.py gives every one its violating values.
     tried = {key for _, command, _ in CASES if command[0] == "train"
              for override in command[3] for key in re.findall(r"^--config\.([a-z_.]+)=", override)}
+    tried |= {key for _, command, expected in CASES if command[0] == "train" and command[1] != "config"
+              for key in re.findall(r"config key '([a-z_.]+)'", expected)}  # set by a config file
     assert sorted(checked - tried) == []
 
 
