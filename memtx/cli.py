@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import re
 import sys
 from typing import Callable
 
 from memtx.config import Config, ConfigError, apply_override, load_config_file, load_json, parse_overrides
+from memtx.config_schema import Range
 from memtx.errors import UsageError  # noqa: F401 - re-exported: the tools raise it as memtx.cli.UsageError
 
 
@@ -44,15 +47,49 @@ def run_config(workdir: str, config_spec: str | None = None, overrides: list[str
 PRINT_CONFIG = False  # set by run_cli for --print-config: resolve_config prints the config and exits
 
 
-def parse_int_list(option: str, text: str) -> list[int]:
-    """'0,256,1024' -> [0, 256, 1024]; anything but non-negative integers is a one-line error."""
+def parse_int_list(option: str, text: str, minimum: int = 0) -> list[int]:
+    """'0,256,1024' -> [0, 256, 1024]; anything but integers >= `minimum` is a one-line error."""
     try:
         values = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise UsageError(f"{option} must be comma-separated integers, got '{text}'") from None
-    if not values or min(values) < 0:
-        raise UsageError(f"{option} must be non-negative integers, got '{text}'")
+    if not values or min(values) < minimum:
+        what = "non-negative integers" if minimum == 0 else f"integers >= {minimum}"
+        raise UsageError(f"{option} must be {what}, got '{text}'")
     return values
+
+
+def check_output_dir(path: str, option: str) -> None:
+    """Before any work: `path` (an output directory, created later) is or can become a writable
+    directory; a file in the way or a read-only parent is one line naming `option`."""
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise UsageError(f"{option} {path}: {probe} is a file, not a directory")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UsageError(f"{option} {path}: {probe} is not writable")
+
+
+class Number:
+    """An argparse `type` for a numeric flag with its allowed range declared beside it:
+    `type=Number(int, ge=1)`. nan and inf are never allowed; a value outside is a one-line error
+    ("--seeds must be >= 1, got 0"). Every numeric flag of every tool is one (tested)."""
+
+    def __init__(self, kind: type, *, ge=None, gt=None, lt=None, le=None, note: str = ""):
+        self.kind, self.range = kind, Range(ge, gt, lt, le, note)
+        self.__name__ = kind.__name__  # argparse names the type in its messages
+
+    def __call__(self, text: str):
+        try:
+            value = self.kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expects {'an integer' if self.kind is int else 'a number'}, "
+                                             f"got {text!r}") from None
+        if not math.isfinite(value) or not self.range.holds(value):
+            raise argparse.ArgumentTypeError(f"must be {'a finite number ' if not math.isfinite(value) else ''}"
+                                             f"{self.range.describe()}, got {text}")
+        return value
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -65,6 +102,7 @@ class ArgumentParser(argparse.ArgumentParser):
                               help="print the resolved config (file or work directory, with overrides) as JSON and exit")
 
     def error(self, message: str):
+        message = re.sub(r"^argument ([^:]+): (must be|expects)", r"\1 \2", message)  # "--seeds must be >= 1, ..."
         print(f"error: {message} (see --help)", file=sys.stderr)
         sys.exit(2)
 
@@ -75,7 +113,10 @@ def run_cli(main: Callable[[argparse.Namespace, list[str]], int], parser: argpar
     from memtx.data.corpus import CorpusError
 
     global PRINT_CONFIG
-    args, rest = parser.parse_known_args(argv)
+    try:
+        args, rest = parser.parse_known_args(argv)
+    except SystemExit as e:  # --help, or a bad flag already reported in one line (ArgumentParser.error)
+        return e.code if isinstance(e.code, int) else 2
     PRINT_CONFIG = bool(getattr(args, "print_config", False))
     from memtx.metrics import MetricsWriteError
 

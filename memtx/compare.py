@@ -39,7 +39,7 @@ import sys
 from dataclasses import dataclass
 
 from memtx import compilation_cache, stats
-from memtx.cli import ArgumentParser, UsageError, resolve_config, run_cli, run_config
+from memtx.cli import ArgumentParser, Number, UsageError, check_output_dir, resolve_config, run_cli, run_config
 from memtx.config import Config, load_json, parse_overrides, to_dict
 from memtx.data.fingerprint import describe as describe_fingerprint
 from memtx.metrics import read_metrics
@@ -100,17 +100,10 @@ def last_steps_loss(workdir: str, steps: int, k: int) -> float:
 
 
 def check_args(args: argparse.Namespace, rest: list[str]) -> tuple[list[ConfigSpec], list[str]]:
-    if args.seeds < 1:
-        raise UsageError(f"--seeds must be >= 1, got {args.seeds}")
-    if args.last_steps is not None and args.last_steps < 1:
-        raise UsageError(f"--last-steps must be >= 1, got {args.last_steps}")
-    if args.cache_size < 0 or args.cache_tune_docs < 1:
-        raise UsageError(f"--cache-size must be >= 0 and --cache-tune-docs >= 1, got {args.cache_size} and "
-                         f"{args.cache_tune_docs}")
+    # --seeds, --last-steps, --cache-size, --cache-tune-docs, --eval-max-docs: their ranges are their types (Number)
+    check_output_dir(args.out, "--out")
     from memtx.cache_tuning import parse_mixtures
     args.cache_mixtures = parse_mixtures(args.cache_mixtures)
-    if args.eval_max_docs is not None and args.eval_max_docs < 0:
-        raise UsageError(f"--eval-max-docs must be >= 0, got {args.eval_max_docs}")
     for arg in rest:
         if not (arg.startswith("--config.") and "=" in arg):
             raise UsageError(f"unrecognised argument '{arg}' (overrides for every run look like "
@@ -403,19 +396,19 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("configs", nargs="+", metavar="CONFIG",
                    help="[LABEL=]FILE.py[:PRESET][@KEY=VALUE...]; the first is the baseline of the paired differences")
     p.add_argument("--out", required=True, help="OUT/LABEL/seed<S>/ work directories, OUT/compare.json and .png")
-    p.add_argument("--seeds", type=int, default=3, help="train.seed 0..SEEDS-1 for every config (default 3)")
-    p.add_argument("--last-steps", type=int, help="training loss averaged over the last K steps (default: the last "
+    p.add_argument("--seeds", type=Number(int, ge=1), default=3, help="train.seed 0..SEEDS-1 for every config (default 3)")
+    p.add_argument("--last-steps", type=Number(int, ge=1), help="training loss averaged over the last K steps (default: the last "
                                                    "fifth of train.steps)")
-    p.add_argument("--eval-max-docs", type=int, help="evaluate on the first N documents (0: all; default: "
+    p.add_argument("--eval-max-docs", type=Number(int, ge=0), help="evaluate on the first N documents (0: all; default: "
                                                       "data.eval_max_docs)")
     p.add_argument("--eval-split", choices=["validation", "test", "train"], help="default: data.eval_split")
-    p.add_argument("--cache-size", type=int, default=0,
+    p.add_argument("--cache-size", type=Number(int, ge=0), default=0,
                    help="also evaluate every checkpoint with the output cache of this many entries (e.g. 3072), "
                         "fitted on --cache-tune-docs other documents: a table with and without it")
     p.add_argument("--cache-mixtures", default="fill",
                    help="the cache's weight, a row each (comma-separated: fill, fixed, gate; see memtx.evaluate), "
                         "each later one paired with the first over seeds")
-    p.add_argument("--cache-tune-docs", type=int, default=32,
+    p.add_argument("--cache-tune-docs", type=Number(int, ge=1), default=32,
                    help="documents after the reported ones to fit the cache's settings on (default 32)")
     p.add_argument("--compilation-cache", help="JAX's persistent compilation cache for the seeds and evaluations to "
                                                "share compiled steps (default OUT/compilation_cache; 'off': none)")

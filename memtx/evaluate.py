@@ -26,7 +26,7 @@ import os
 import sys
 
 from memtx import cache_tuning, compilation_cache
-from memtx.cli import ArgumentParser, UsageError, parse_int_list, run_cli, run_config
+from memtx.cli import ArgumentParser, Number, UsageError, parse_int_list, run_cli, run_config
 from memtx.config import stable_hash
 from memtx.data.fingerprint import corpus_fingerprint
 from memtx.data.fingerprint import describe as describe_fingerprint
@@ -219,8 +219,6 @@ def main(args: argparse.Namespace, rest: list[str]) -> int:
     mixtures = cache_tuning.parse_mixtures(args.cache_mixtures)
     cache = None
     if cache_sizes:
-        if args.cache_tune_docs < 1:
-            raise UsageError(f"--cache-tune-docs must be >= 1, got {args.cache_tune_docs}")
         try:
             cache = CacheSpec(size=1, scorer=args.cache_scorer, k=args.cache_k if args.cache_k is not None else
                               (32 if args.cache_scorer == "knn_lm" else 0), normalize=not args.cache_raw,
@@ -229,10 +227,6 @@ def main(args: argparse.Namespace, rest: list[str]) -> int:
             raise UsageError(f"--cache-*: {e}")
     elif args.cache_fit:
         raise UsageError("--cache-fit needs --cache-sizes")
-    if args.copy_ngram < 1:
-        raise UsageError(f"--copy-ngram must be >= 1, got {args.copy_ngram}")
-    if args.far_reach is not None and args.far_reach < 1:
-        raise UsageError(f"--far-reach must be >= 1, got {args.far_reach}")
     cfgs = [run_config(workdir, args.config, rest, args.split) for workdir in args.workdir]
     for cfg in cfgs:  # the runs' own caches (the last one configured wins: JAX keeps one)
         compilation_cache.use(cfg.train.compilation_cache_dir)
@@ -297,7 +291,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--split", choices=["validation", "test", "train"], help="default: data.eval_split")
     p.add_argument("--corpus", help="evaluate every document of this directory, glob or file instead of the run's "
                                     "split (reported as split 'train' of that corpus, with its fingerprint)")
-    p.add_argument("--step", type=int, help="checkpoint step; default: the latest")
+    p.add_argument("--step", type=Number(int, ge=0), help="checkpoint step; default: the latest")
     p.add_argument("--knn-sizes", help="comma-separated kNN memory sizes, e.g. 0,1536,8192,65536: one checkpoint "
                                        "evaluated at each, a table and a PNG plot of perplexity against size")
     p.add_argument("--cache-sizes", help="comma-separated output-cache sizes, e.g. 0,256,1024,3072: a row each "
@@ -306,11 +300,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-scorer", choices=["continuous", "knn_lm"], default="continuous",
                    help="continuous: exp(theta h_t.h_i) over the whole cache (Grave et al. 2017); knn_lm: the k "
                         "nearest, softmax of -distance/T (Khandelwal et al. 2020)")
-    p.add_argument("--cache-k", type=int, help="entries each position reads: 0 = all (continuous default); "
+    p.add_argument("--cache-k", type=Number(int, ge=0), help="entries each position reads: 0 = all (continuous default); "
                                                "knn_lm default 32")
     p.add_argument("--cache-raw", action="store_true", help="h as it is, not scaled to unit length")
     p.add_argument("--cache-backend", default="auto", help="the kNN store's search backend for k > 0")
-    p.add_argument("--cache-tune-docs", type=int, default=32,
+    p.add_argument("--cache-tune-docs", type=Number(int, ge=1), default=32,
                    help="fit theta, lambda and fill on this many documents of the split after the reported "
                         "data.eval_max_docs (default 32); the fit is saved as WORKDIR/cache_fit_*.json")
     p.add_argument("--cache-fit", help="a saved cache_fit_*.json to use instead of fitting")
@@ -318,9 +312,9 @@ def parser() -> argparse.ArgumentParser:
                    help="how the cache's weight is set, a row each (comma-separated): fill (lambda * n / (n + fill), "
                         "the grid's best), fixed (the best fixed lambda), gate (a logistic gate from h, the fill and "
                         "the best match, fitted on the tuning documents)")
-    p.add_argument("--copy-ngram", type=int, default=DEFAULT_NGRAM,
+    p.add_argument("--copy-ngram", type=Number(int, ge=1), default=DEFAULT_NGRAM,
                    help=f"tokens before a target that make its copyability n-gram (default {DEFAULT_NGRAM})")
-    p.add_argument("--far-reach", type=int, help="a target whose n-gram last occurred further back than the local "
+    p.add_argument("--far-reach", type=Number(int, ge=1), help="a target whose n-gram last occurred further back than the local "
                                                  "window but at most this many tokens back is `far`; default: the "
                                                  f"largest kNN memory size evaluated, or {DEFAULT_FAR_REACH}")
     return p

@@ -42,7 +42,7 @@ import numpy as np
 from memtx import cache_tuning, compilation_cache
 from memtx import state as state_lib
 from memtx.checkpoint import run_checkpointer
-from memtx.cli import ArgumentParser, UsageError, resolve_config, run_cli
+from memtx.cli import ArgumentParser, Number, UsageError, resolve_config, run_cli
 from memtx.config import Config
 from memtx.data import tokenizer
 from memtx.data.vocab import load_vocab
@@ -214,7 +214,10 @@ def sample(logits: np.ndarray, rng: np.random.Generator, *, temperature: float =
         logits[t] = -np.inf
     if greedy or temperature == 0:
         return int(np.argmax(logits))
-    z = logits / temperature
+    with np.errstate(over="ignore"):
+        z = logits / temperature
+    if not np.isfinite(z.max()):  # a temperature so small that the scores overflow: its limit, the argmax
+        return int(np.argmax(logits))
     p = np.exp(z - z.max())
     order = np.argsort(-p, kind="stable")
     keep = np.zeros_like(p, bool)
@@ -265,27 +268,17 @@ def main(args: argparse.Namespace, rest: list[str]) -> int:
         resolve_config(args.config, args.workdir, rest)  # prints it and exits
     if (args.prompt is None) == (args.prompt_file is None):
         raise UsageError("give exactly one of --prompt TEXT and --prompt-file PATH")
-    if args.max_tokens < 0:
-        raise UsageError(f"--max-tokens must be >= 0, got {args.max_tokens}")
-    if args.temperature < 0:
-        raise UsageError(f"--temperature must be >= 0, got {args.temperature}")
-    if args.top_k < 0:
-        raise UsageError(f"--top-k must be >= 0, got {args.top_k}")
-    if not 0 < args.top_p <= 1:
-        raise UsageError(f"--top-p must be in (0, 1], got {args.top_p}")
     if args.prompt_file is not None:
         if not os.path.isfile(args.prompt_file):
             raise UsageError(f"prompt file '{args.prompt_file}' does not exist")
         with open(args.prompt_file, "rb") as f:
             prompt = f.read()
     else:
-        prompt = args.prompt.encode()
+        prompt = args.prompt.encode("utf-8", "surrogateescape")  # bytes that are not UTF-8 come back as they were
     cache = cache_tuning.load_spec(args.cache_fit) if args.cache_fit else None
     if args.cache_size is not None:
         if cache is None:
             raise UsageError("--cache-size needs --cache-fit (the cache's fitted settings)")
-        if args.cache_size < 1:
-            raise UsageError(f"--cache-size must be >= 1, got {args.cache_size}")
         cache = dataclasses.replace(cache, size=args.cache_size)
     cfg, params, step = load(args.workdir, args.config, rest, args.step)
     vocab = load_vocab(cfg.data.vocab)
@@ -327,18 +320,18 @@ def parser() -> argparse.ArgumentParser:
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", required=True, help="a training work directory (config.json, checkpoints/)")
     p.add_argument("--config", help="a config file instead of WORKDIR/config.json")
-    p.add_argument("--step", type=int, help="checkpoint step; default: the latest")
+    p.add_argument("--step", type=Number(int, ge=0), help="checkpoint step; default: the latest")
     p.add_argument("--prompt", help="the start of the document (text)")
     p.add_argument("--prompt-file", help="the start of the document (a file, read as bytes)")
-    p.add_argument("--max-tokens", type=int, default=200, help="tokens to generate (default 200)")
-    p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature; 0 is greedy")
-    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus: the smallest set with this probability")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--max-tokens", type=Number(int, ge=0), default=200, help="tokens to generate (default 200)")
+    p.add_argument("--temperature", type=Number(float, ge=0), default=1.0, help="softmax temperature; 0 is greedy")
+    p.add_argument("--top-k", type=Number(int, ge=0), default=0, help="sample among the k most likely tokens (0: all)")
+    p.add_argument("--top-p", type=Number(float, gt=0, le=1), default=1.0, help="nucleus: the smallest set with this probability")
+    p.add_argument("--seed", type=Number(int, ge=0), default=0, help="sampling seed")
     p.add_argument("--greedy", action="store_true", help="always the most likely token")
     p.add_argument("--cache-fit", help="mix in the output cache with the settings `memtx.evaluate --cache-sizes` "
                                        "fitted and saved (WORKDIR/cache_fit_*.json)")
-    p.add_argument("--cache-size", type=int, help="the output cache's entries (default: the fit's)")
+    p.add_argument("--cache-size", type=Number(int, ge=1), help="the output cache's entries (default: the fit's)")
     p.add_argument("--echo", action="store_true", help="print the prompt before the continuation")
     return p
 

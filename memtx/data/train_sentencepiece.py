@@ -19,7 +19,7 @@ import sys
 import time
 from typing import Iterator
 
-from memtx.cli import ArgumentParser, UsageError, run_cli
+from memtx.cli import ArgumentParser, Number, UsageError, check_output_dir, run_cli
 from memtx.data.corpus import DEFAULT_FRACTIONS, list_documents, read_document, split_documents
 
 
@@ -58,9 +58,7 @@ def train(corpus: str, out: str, vocab_size: int, model_type: str = "unigram", m
 def main(args: argparse.Namespace, rest: list[str]) -> int:
     if rest:
         raise UsageError(f"unknown arguments: {' '.join(rest)}")
-    if args.vocab_size < 300:
-        raise UsageError(f"--vocab-size must be at least 300 (4 special ids, 256 byte fallbacks and pieces), "
-                         f"got {args.vocab_size}")
+    check_output_dir(os.path.dirname(args.out) or ".", "--out")  # before reading any text
     t0 = time.perf_counter()
     try:
         path = train(args.corpus, args.out, args.vocab_size, args.model_type, args.max_mb)
@@ -75,9 +73,10 @@ def parser() -> argparse.ArgumentParser:
     p = ArgumentParser(print_config=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--corpus", default="stdlib", help="a directory, glob, file or 'stdlib' (default)")
     p.add_argument("--out", required=True, help="output prefix: writes OUT.model and OUT.vocab")
-    p.add_argument("--vocab-size", type=int, default=8000)
+    p.add_argument("--vocab-size", type=Number(int, ge=300, note="4 special ids, 256 byte fallbacks and pieces"),
+                   default=8000)
     p.add_argument("--model-type", choices=["unigram", "bpe"], default="unigram")
-    p.add_argument("--max-mb", type=float, default=100.0, help="read at most this many MiB of text (default 100)")
+    p.add_argument("--max-mb", type=Number(float, gt=0), default=100.0, help="read at most this many MiB of text (default 100)")
     return p
 
 

@@ -15,7 +15,7 @@ from typing import Callable
 import numpy as np
 
 from memtx.checkpoint import run_checkpointer
-from memtx.cli import ArgumentParser, UsageError, resolve_config
+from memtx.cli import ArgumentParser, Number, UsageError, check_output_dir, resolve_config
 from memtx.config import Config, config_hash, stable_hash
 from memtx.data import open_source
 from memtx.data.fingerprint import corpus_fingerprint
@@ -33,7 +33,7 @@ def parser(doc: str) -> argparse.ArgumentParser:
     p.add_argument("--workdir", required=True, nargs="+", help="training work directories (config.json, checkpoints/)")
     p.add_argument("--out", default=DEFAULT_OUT, help=f"where the JSON and PNG go (default: {DEFAULT_OUT})")
     p.add_argument("--split", choices=["validation", "test", "train"], help="default: data.eval_split")
-    p.add_argument("--step", type=int, help="checkpoint step; default: the latest")
+    p.add_argument("--step", type=Number(int, ge=0), help="checkpoint step; default: the latest")
     p.epilog = ("Documents as memtx.evaluate reads them: --config.data.eval_max_docs=N (0: all), "
                 "--config.data.eval_doc_tokens=T, and any other --config.KEY=VALUE override.")
     return p
@@ -61,6 +61,7 @@ class Run:
 def find_runs(args: argparse.Namespace, rest: list[str]) -> list[Run]:
     """Each work directory's config (+ `--config.X=V` overrides) and checkpoint step, checked
     before anything is compiled."""
+    check_output_dir(args.out, "--out")  # before anything is computed
     runs = []
     for workdir in args.workdir:
         if not os.path.isdir(workdir):

@@ -110,7 +110,7 @@ def format_table(result: dict) -> str:
 
 
 def main(args: argparse.Namespace, rest: list[str]) -> int:
-    multiples = sorted(set(parse_int_list("--multiples", args.multiples)))
+    multiples = sorted(set(parse_int_list("--multiples", args.multiples, minimum=1)))
     cache = load_spec(args.cache_fit) if args.cache_fit else None
     runs = common.find_runs(args, rest)
     prov = common.provenance(runs, rest, multiples=multiples,
