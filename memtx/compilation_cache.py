@@ -7,15 +7,32 @@ JAX is imported inside the functions: `memtx.compare` imports this module withou
 from __future__ import annotations
 
 import contextlib
+import os
 
 
 def use(directory: str) -> None:
-    """The cache in `directory` (local or gs://) from the next compilation on; "": no change."""
+    """The cache in `directory` (local or gs://) from the next compilation on; "": no change. A
+    local one that cannot be a writable directory (a file in the way, read-only) is one line:
+    JAX would only warn, and the run would silently compile everything again."""
     if directory:
+        check_local(directory)
         import jax
         from jax.experimental.compilation_cache import compilation_cache
         jax.config.update("jax_compilation_cache_dir", directory)
         compilation_cache.reset_cache()  # a process that compiled before reads the setting again
+
+
+def check_local(directory: str) -> None:
+    if "://" in directory:
+        return
+    from memtx.errors import ConfigError
+
+    probe = os.path.abspath(directory)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe) or not os.access(probe, os.W_OK | os.X_OK):
+        why = "is a file, not a directory" if not os.path.isdir(probe) else "is not writable"
+        raise ConfigError(f"config key 'train.compilation_cache_dir' ({directory}): {probe} {why}")
 
 
 @contextlib.contextmanager

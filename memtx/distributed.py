@@ -167,6 +167,9 @@ def _roll_call_join(host: str, port: int, pid: int, count: int, timeout: int) ->
 
 def initialize_from_env() -> bool:
     """Joins the distributed runtime if the environment asks for it; returns whether it did."""
+    mode = os.environ.get("MEMTX_DISTRIBUTED")
+    if mode not in (None, "", "auto", "off"):  # anything else would be ignored without a word
+        raise DistributedError(f"MEMTX_DISTRIBUTED must be auto or off (or unset), got {mode!r}")
     num = _int_env("MEMTX_NUM_PROCESSES")
     timeout = _int_env("MEMTX_INIT_TIMEOUT")
     if timeout is not None and timeout < 1:

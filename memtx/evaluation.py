@@ -139,6 +139,9 @@ def evaluate(setup: state_lib.Setup, params, source_fn: SourceFn, *, log_every: 
                             breakdown=breakdown, init_memory=init_memory)
     seconds = time.perf_counter() - t0
     nll_sum, tokens = float(sums.get("nll", 0.0)), float(sums.get("tokens", 0.0))
+    if not sums.get("bytes"):  # a perplexity of nothing would read as a result
+        raise UsageError(f"nothing to evaluate: the {int(sums['documents'])} document(s) read hold no text "
+                         "(empty files?)")
     result = {"nll_sum": nll_sum, "tokens": int(tokens), "documents": int(sums["documents"]),
               "skipped_documents": int(sums["skipped_documents"]),
               "perplexity": math.exp(nll_sum / max(tokens, 1)),

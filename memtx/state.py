@@ -59,6 +59,7 @@ def build(cfg: Config, mesh=None, check_fit: bool = True) -> Setup:
     """`mesh` may be abstract (jax.sharding.AbstractMesh) for sizes without devices (memtx.fit)."""
     mesh = sharding.make_mesh(cfg) if mesh is None else mesh
     if check_fit:
+        check_parameters_fit(cfg, mesh)  # counted, not traced: tracing a million layers would take hours
         check_memory_fits(cfg, mesh, max(cfg.data.batch_size, cfg.data.eval_batch_size))
     model = TransformerLM(cfg.model)
     tx = make_optimizer(cfg.optim, cfg.train.steps)
@@ -107,6 +108,20 @@ def device_memory_bytes() -> int:
     device = jax.local_devices()[0]  # memory_stats() answers only for this process's devices
     stats = device.memory_stats() if hasattr(device, "memory_stats") else None
     return int((stats or {}).get("bytes_limit") or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+def check_parameters_fit(cfg: Config, mesh) -> None:
+    """One-line error, before the parameters are traced, when the transformer weights with Adam's
+    two moments (12 bytes per float32 parameter; the layers' and embedding's matrices, counted from
+    the config: a lower bound) cannot fit on the devices."""
+    m = cfg.model
+    per_layer = 4 * m.d_model * m.num_heads * m.dim_per_head + 2 * m.d_model * m.d_ff
+    total = 12 * (m.num_layers * per_layer + m.padded_vocab_size * m.d_model)
+    limit = device_memory_bytes() * (mesh.size if jax.local_devices()[0].platform != "cpu" else 1)
+    if total > 0.9 * limit:
+        raise ConfigError(f"the parameters and their optimizer state alone need at least {total / 2**30:,.1f} GiB "
+                          f"({m.num_layers:,} layers of d_model {m.d_model}, d_ff {m.d_ff}) but the devices have "
+                          f"{limit / 2**30:,.1f} GiB; lower model.num_layers, model.d_model or model.d_ff")
 
 
 def check_memory_fits(cfg: Config, mesh, batch_size: int) -> None:

@@ -62,6 +62,9 @@ def world(tmp_path_factory):
     for name, text in files.items():
         (tmp / name).write_text(text)
     (tmp / "a_file").write_text("not a directory\n")
+    (tmp / "empty_docs").mkdir()
+    for i in range(3):
+        (tmp / "empty_docs" / f"doc{i}.txt").write_text("")
     return {"tmp": tmp, "corpus": corpus, "config": config, "run": run}
 
 
@@ -167,7 +170,7 @@ CASES = [
     ("profile_steps_reversed", T("--config.train.profile_steps=3,2"), "train.profile_steps"),
     ("peak_flops_negative", T("--config.train.peak_flops_per_device=-1"), "train.peak_flops_per_device"),
     # too big for this machine: the full estimate, before compiling
-    ("model_too_big", T("--config.model.d_model=32768", "--config.model.d_ff=131072"), "training needs about"),
+    ("model_too_big", T("--config.model.d_model=32768", "--config.model.d_ff=131072"), "GiB"),
     ("segment_too_long", T("--config.data.seq_len=131072", "--config.model.mem_len=131072"), "training needs about"),
     ("knn_store_too_big", T("--config.model.knn.enabled=true", "--config.model.knn.size=400000000"), "needs"),
     # overrides and flags
@@ -197,6 +200,9 @@ CASES = [
     ("data_dir_without_task", T("--config.data.data_dir=@tmp"), "data.task"),
     ("config_file_exits", T(config="exits.py"), "sys.exit(3)"),
     ("config_file_name_not_a_string", T(config="badname.py"), "config key 'name'"),
+    # sizes that would take hours to trace, refused from a count first
+    ("million_layers_no_memory", T("--config.model.num_layers=1000000", "--config.model.mem_len=0"), "num_layers"),
+    ("compilation_cache_under_a_file", T("--config.train.compilation_cache_dir=@tmp/a_file/cache"), "a_file"),
     ("mesh_rules_not_pairs", T("--config.mesh.rules=1"), "mesh.rules"),
     ("mesh_rules_bad_target", T("--config.mesh.rules=(('act_batch', 3),)"), "mesh.rules"),
     ("checkpoint_dir_is_a_file", T("--config.train.checkpoint_dir=@tmp/a_file", workdir="fresh"), "a_file"),
@@ -212,6 +218,7 @@ CASES = [
     ("eval_knn_sizes_negative", ("evaluate", ["--workdir", "@run", "--knn-sizes", "-4"]), "--knn-sizes"),
     ("eval_far_reach_zero", ("evaluate", ["--workdir", "@run", "--far-reach", "0"]), "--far-reach"),
     ("eval_copy_ngram_zero", ("evaluate", ["--workdir", "@run", "--copy-ngram", "0"]), "--copy-ngram"),
+    ("eval_corpus_of_empty_files", ("evaluate", ["--workdir", "@run", "--corpus", "@tmp/empty_docs"]), "no text"),
     ("eval_workdir_missing", ("evaluate", ["--workdir", "@tmp/nope"]), "does not exist"),
     ("eval_no_such_step", ("evaluate", ["--workdir", "@run", "--step", "999"]), "no checkpoint at step 999"),
     ("eval_corpus_missing", ("evaluate", ["--workdir", "@run", "--corpus", "/no/such/dir"]), "/no/such/dir"),
@@ -230,6 +237,7 @@ CASES = [
 
 # (case id, environment, text the one error line must contain): the distributed start-up's checks
 ENV_CASES = [
+    ("distributed_not_auto", {"MEMTX_DISTRIBUTED": "yes"}, "MEMTX_DISTRIBUTED"),
     ("num_processes_zero", {"MEMTX_NUM_PROCESSES": "0"}, "MEMTX_NUM_PROCESSES"),
     ("num_processes_negative", {"MEMTX_NUM_PROCESSES": "-3"}, "MEMTX_NUM_PROCESSES"),
     ("num_processes_text", {"MEMTX_NUM_PROCESSES": "two"}, "MEMTX_NUM_PROCESSES"),
