@@ -31,6 +31,7 @@ from memtx.distributed import is_main_process, main_print
 from memtx.loss_breakdown import DEFAULT_FAR_REACH, DEFAULT_NGRAM, LossBreakdown, Segment
 from memtx.memory import add_ons, registry
 from memtx.memory.output_cache import CacheSpec
+from memtx.workdir_files import read_result
 from memtx.metrics import Progress
 from memtx.step import init_cache_memory, make_cache_eval_step, make_eval_step
 
@@ -357,10 +358,9 @@ def evaluate_workdir(workdir: str, cfg: Config, *, step: int | None = None, knn_
             # (no "gate" key without one: the results of caches fitted before gates existed still match)
             identity["cache"] = _json_ready({k: v for k, v in dataclasses.asdict(spec).items() if k != "gate" or v})
         path = result_path(workdir, identity)
-        if reuse and os.path.exists(path):
-            with open(path) as f:
-                result = json.load(f)
-            if result.get("copyability") == copyability and "documents_nll" in result:
+        result = read_result(path) if reuse and os.path.lexists(path) else None  # a damaged one: evaluated again
+        if result is not None:
+            if result.get("copyability") == copyability:
                 main_print(f"{workdir}: step {step} already evaluated in {path}", flush=True)
                 rows.append({**result, "json_path": path})
                 continue

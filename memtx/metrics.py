@@ -9,6 +9,8 @@ import os
 import sys
 import time
 
+from memtx.workdir_files import DamagedFile, metrics_record, read_metrics  # noqa: F401 - read_metrics: re-exported (compare, tests)
+
 
 def format_duration(seconds: float) -> str:
     if not math.isfinite(seconds):
@@ -43,10 +45,12 @@ class MetricsWriter:
         JSON) is dropped with a note, never fatal."""
         if not os.path.exists(self.path):
             return
+        if os.path.isdir(self.path):
+            raise DamagedFile(f"{self.path} is a directory, not the file memtx wrote; move it away")
         kept, damaged = [], 0
         with open(self.path, errors="replace") as f:
             for line in f:
-                record = _parse_line(line)
+                record = metrics_record(line)
                 if record is None:
                     damaged += bool(line.strip())
                 elif record.get("step", 0) <= step:
@@ -92,23 +96,6 @@ class MetricsWriter:
         except OSError as e:
             raise MetricsWriteError(f"cannot write the metrics in {os.path.dirname(self.path)}: "
                                     f"{e.strerror or e}") from None
-
-
-def _parse_line(line: str) -> dict | None:
-    """One metrics.jsonl line as a dict, or None (blank, cut short, not JSON)."""
-    if not line.endswith("\n") or not line.strip():
-        return None
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError:
-        return None
-    return record if isinstance(record, dict) else None
-
-
-def read_metrics(workdir: str) -> list[dict]:
-    """The lines of WORKDIR/metrics.jsonl (damaged ones skipped)."""
-    with open(os.path.join(workdir, "metrics.jsonl"), errors="replace") as f:
-        return [r for r in map(_parse_line, f) if r is not None]
 
 
 class Progress:

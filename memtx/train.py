@@ -31,6 +31,7 @@ from memtx.fit import SHRINK, check_fits_here, is_out_of_memory
 from memtx.flops import mfu
 from memtx.metrics import MetricsWriter, MetricsWriteError, Progress, format_duration
 from memtx.step import make_train_step
+from memtx.workdir_files import read_run_info
 from memtx.workdir_lock import WorkdirLock
 
 
@@ -62,10 +63,7 @@ def record_corpus(cfg: Config, workdir: str) -> dict:
     it differs from the one recorded when the run started)."""
     fp = corpus_fingerprint(cfg.data)
     path = os.path.join(workdir, "run_info.json")
-    info = {}
-    if os.path.exists(path):
-        with open(path) as f:
-            info = json.load(f)
+    info = read_run_info(workdir)  # one line if damaged
     before = info.get("corpus")
     if before and before.get("sha256") != fp["sha256"]:
         print(f"note: the training data changed since this run recorded it (was {describe_fingerprint(before)})",
