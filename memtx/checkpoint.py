@@ -95,7 +95,13 @@ class Checkpointer:
             writable_directory(self.directory, "checkpoint directory")
         self._options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                                      enable_async_checkpointing=async_save)
-        self.manager = ocp.CheckpointManager(self.directory, options=self._options)
+        try:
+            self.manager = ocp.CheckpointManager(self.directory, options=self._options)
+        except Exception as e:  # noqa: BLE001 - an unreachable store (gs:// offline, no credentials): many kinds
+            if self.local:
+                raise
+            first = " ".join(str(e).split())[:200]
+            raise CheckpointWriteError(f"cannot reach the checkpoint directory {self.directory}: {first}") from None
         self._unrecorded: list[int] = []  # saved steps whose integrity record is not written yet
 
     def step_dir(self, step: int) -> str:

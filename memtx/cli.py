@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import math
 import os
 import re
@@ -133,6 +134,18 @@ def run_cli(main: Callable[[argparse.Namespace, list[str]], int], parser: argpar
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(2)
+        return 2
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
+            raise
+        where = f" {e.filename}" if e.filename else ""
+        print(f"error: cannot write{where}: {e.strerror}; free space or choose another directory", file=sys.stderr)
+        return 2
+    except RuntimeError as e:
+        if "Unable to initialize backend" not in str(e):  # JAX_PLATFORMS names a platform this machine lacks
+            raise
+        first = " ".join(str(e).split())
+        print(f"error: JAX cannot start its devices: {first[:300]}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -319,13 +319,13 @@ def _train_locked(cfg: Config, workdir: str, setup, stream, num_shards: int, ado
     checkpoint_owner.check(cfg, saved, workdir, adopt_checkpoints)  # never into another run's checkpoints
     if cfg.train.checkpoint_dir and "://" not in cfg.train.checkpoint_dir:  # a bad one: one line, nothing written
         writable_directory(cfg.train.checkpoint_dir, "checkpoint directory")
+    ckpt = run_checkpointer(cfg, workdir, keep=cfg.train.keep_checkpoints)  # an unreachable store: one line, first
     if is_main_process():
         lock = checkpoint_owner.claim(cfg, workdir)  # a separate checkpoint directory: locked, owner recorded
         if lock is not None:
             hold.callback(lock.release)
         save_json(cfg, config_path)
         record_corpus(cfg, workdir)
-    ckpt = run_checkpointer(cfg, workdir, keep=cfg.train.keep_checkpoints)
     start, state, memory = _restore_or_init(cfg, setup, ckpt, stream)
     _describe_run(cfg, setup, stream.source, num_shards)
 

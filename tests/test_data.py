@@ -522,3 +522,25 @@ def test_stdlib_stream_smoke():
     assert len(batches) == 50
     assert batches[0]["reset"].all() and batches[0]["inputs"][:, 0].tolist() == [BOS_ID] * 8
     check_and_collect(batches)
+
+
+def test_file_names_that_are_not_utf8_are_read_split_and_fingerprinted(tmp_path):
+    """A corpus file named with bytes that are not UTF-8 (Python holds them as surrogates) was a
+    traceback in the split; names that are UTF-8 hash to the same split as before (their bytes)."""
+    import hashlib
+    import os
+
+    from memtx.data.corpus import list_documents, split_of
+    from memtx.data.fingerprint import corpus_fingerprint
+    from memtx.config import DataConfig
+
+    (tmp_path / os.fsdecode(b"\xff\xfe.txt")).write_bytes(b"bytes " * 50)
+    (tmp_path / "caf\u00e9.txt").write_bytes(b"text " * 50)
+    docs = list_documents(str(tmp_path))
+    assert len(docs) == 2
+    for doc in docs:
+        assert split_of(doc.relpath) in ("train", "validation", "test")
+    name = "caf\u00e9.txt"
+    bucket = int(hashlib.sha1(name.encode("utf-8")).hexdigest(), 16) % 100
+    assert split_of(name) == ("train" if bucket < 98 else "validation" if bucket < 99 else "test")
+    assert corpus_fingerprint(DataConfig(corpus=str(tmp_path)))["documents"] == 2

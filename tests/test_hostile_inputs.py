@@ -425,3 +425,37 @@ def test_a_read_only_file_system_is_one_line(world, tmp_path, capsys, monkeypatc
         assert snapshot(ro / "run") == before
     finally:
         subprocess.run(["umount", str(ro)], capture_output=True)
+
+
+def test_a_disk_full_before_the_first_write_is_one_line(world, tmp_path, capsys):
+    """A new run on a file system with no space left: one line naming what could not be written."""
+    full = tmp_path / "full"
+    full.mkdir()
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(full)], capture_output=True, text=True)
+    if mount.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs (needs root): {mount.stderr.strip()[:120]}")
+    try:
+        with open(full / "filler", "wb", buffering=0) as f:
+            try:
+                while True:
+                    f.write(b"\0" * 4096)
+            except OSError:
+                pass
+        code = run_cli(train_lib.main, train_lib.parser(), ["--config", str(world["config"]),
+                                                            "--workdir", str(full / "run")])
+        assert_one_error_line(code, capsys.readouterr().err, "No space left")
+    finally:
+        subprocess.run(["umount", str(full)], capture_output=True)
+
+
+def test_a_platform_this_machine_lacks_is_one_line(world, tmp_path):
+    """JAX_PLATFORMS=tpu without libtpu (a subprocess: this one's JAX has started on CPUs)."""
+    env = {k: v for k, v in os.environ.items() if k not in DISTRIBUTED_ENV}
+    env.update(JAX_PLATFORMS="tpu", XLA_FLAGS="")
+    out = subprocess.run([sys.executable, "-m", "memtx.train", "--config", str(world["config"]),
+                          "--workdir", str(tmp_path / "run")], capture_output=True, text=True, env=env,
+                         cwd=str(ROOT), timeout=120)
+    if "libtpu" not in out.stderr and out.returncode == 0:
+        pytest.skip("this machine has a TPU backend")
+    assert_one_error_line(out.returncode, out.stderr, "cannot start its devices")
+    assert not (tmp_path / "run").exists()

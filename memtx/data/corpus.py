@@ -154,7 +154,7 @@ def _check_fractions(fractions: Sequence[int]) -> None:
 def split_of(relpath: str, fractions: Sequence[int] = DEFAULT_FRACTIONS) -> str:
     """The split ("train", "validation" or "test") of a document, by a hash of its relpath."""
     _check_fractions(fractions)
-    bucket = int(hashlib.sha1(relpath.encode("utf-8")).hexdigest(), 16) % int(sum(fractions))
+    bucket = int(hashlib.sha1(os.fsencode(relpath)).hexdigest(), 16) % int(sum(fractions))  # any file name
     if bucket < fractions[0]:
         return "train"
     if bucket < fractions[0] + fractions[1]:
