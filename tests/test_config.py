@@ -495,9 +495,9 @@ def test_train_writes_the_resolved_config_before_compiling(tmp_path, monkeypatch
         pass
 
     def stop(*args, **kwargs):
-        raise Stop  # the checkpointer is made right after the config is saved, before initialisation
+        raise Stop  # the state is restored or initialised right after the config is saved
 
-    monkeypatch.setattr(train_lib, "run_checkpointer", stop)
+    monkeypatch.setattr(train_lib, "_restore_or_init", stop)
     monkeypatch.setattr(jax, "jit", lambda *a, **k: pytest.fail("jax.jit called before config.json was written"))
     with pytest.raises(Stop):
         train_lib.train(cfg, str(workdir))
