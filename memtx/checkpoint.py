@@ -37,7 +37,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from memtx import checkpoint_integrity as integrity
-from memtx import orbax_logs, param_surgery
+from memtx import checkpoint_owner, orbax_logs, param_surgery
 from memtx.checkpoint_integrity import INTEGRITY_FILE
 from memtx.config import ConfigError
 from memtx.errors import UsageError
@@ -303,4 +303,4 @@ def writable_directory(path: str, what: str) -> None:
 
 def run_checkpointer(cfg, workdir: str, **kwargs) -> Checkpointer:
     """The checkpoints of a run: `train.checkpoint_dir` (shared or gs://) or WORKDIR/checkpoints."""
-    return Checkpointer(cfg.train.checkpoint_dir or os.path.join(workdir, "checkpoints"), **kwargs)
+    return Checkpointer(checkpoint_owner.checkpoint_dir(cfg, workdir), **kwargs)

@@ -29,6 +29,7 @@ ADOPT = "--adopt-checkpoints"
 
 
 def checkpoint_dir(cfg: Config, workdir: str) -> str:
+    """Where a run's checkpoints are: `train.checkpoint_dir`, or WORKDIR/checkpoints."""
     return cfg.train.checkpoint_dir or os.path.join(workdir, "checkpoints")
 
 
@@ -38,8 +39,7 @@ def _separate(cfg: Config, workdir: str) -> bool:
     path = cfg.train.checkpoint_dir
     if not path or "://" in path:
         return False
-    inside = os.path.realpath(path) + os.sep
-    return not inside.startswith(os.path.realpath(workdir) + os.sep)
+    return not (os.path.realpath(path) + os.sep).startswith(os.path.realpath(workdir) + os.sep)
 
 
 def _steps(path: str) -> list[int]:

@@ -13,6 +13,7 @@ from typing import Callable
 from memtx.config import Config, ConfigError, apply_override, load_config_file, load_json, parse_overrides
 from memtx.config_schema import Range
 from memtx.errors import UsageError  # noqa: F401 - re-exported: the tools raise it as memtx.cli.UsageError
+from memtx.workdir_files import output_dir_problem
 
 
 def resolve_config(config_spec: str | None, workdir: str | None, overrides: list[str]) -> Config:
@@ -63,13 +64,9 @@ def parse_int_list(option: str, text: str, minimum: int = 0) -> list[int]:
 def check_output_dir(path: str, option: str) -> None:
     """Before any work: `path` (an output directory, created later) is or can become a writable
     directory; a file in the way or a read-only parent is one line naming `option`."""
-    probe = os.path.abspath(path)
-    while not os.path.exists(probe):
-        probe = os.path.dirname(probe)
-    if not os.path.isdir(probe):
-        raise UsageError(f"{option} {path}: {probe} is a file, not a directory")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise UsageError(f"{option} {path}: {probe} is not writable")
+    problem = output_dir_problem(path)
+    if problem:
+        raise UsageError(f"{option} {path}: {problem}")
 
 
 class Number:

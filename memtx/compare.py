@@ -42,7 +42,7 @@ from memtx import compilation_cache, stats
 from memtx.cli import ArgumentParser, Number, UsageError, check_output_dir, resolve_config, run_cli, run_config
 from memtx.config import Config, load_json, parse_overrides, to_dict
 from memtx.data.fingerprint import describe as describe_fingerprint
-from memtx.metrics import read_metrics
+from memtx.workdir_files import read_metrics
 
 
 @dataclass

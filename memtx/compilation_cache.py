@@ -7,7 +7,6 @@ JAX is imported inside the functions: `memtx.compare` imports this module withou
 from __future__ import annotations
 
 import contextlib
-import os
 
 
 def use(directory: str) -> None:
@@ -23,16 +22,12 @@ def use(directory: str) -> None:
 
 
 def check_local(directory: str) -> None:
-    if "://" in directory:
-        return
     from memtx.errors import ConfigError
+    from memtx.workdir_files import output_dir_problem
 
-    probe = os.path.abspath(directory)
-    while not os.path.exists(probe):
-        probe = os.path.dirname(probe)
-    if not os.path.isdir(probe) or not os.access(probe, os.W_OK | os.X_OK):
-        why = "is a file, not a directory" if not os.path.isdir(probe) else "is not writable"
-        raise ConfigError(f"config key 'train.compilation_cache_dir' ({directory}): {probe} {why}")
+    problem = None if "://" in directory else output_dir_problem(directory)
+    if problem:
+        raise ConfigError(f"config key 'train.compilation_cache_dir' ({directory}): {problem}")
 
 
 @contextlib.contextmanager

@@ -96,11 +96,12 @@ def type_problem(value, typ) -> str | None:
 
 
 def check_fields(section: Any, prefix: str) -> None:
-    """Every scalar field of the dataclass `section` (not its sub-sections) against its type (as
-    a config file may set anything), its Literal and its range; `prefix` names it ("model.knn")."""
+    """Every field of the dataclass `section` against its type (as a config file may set anything;
+    a sub-section must be one, its fields are not looked into), its Literal and its range;
+    `prefix` names the section ("model.knn.", "" for the config)."""
     hints = typing.get_type_hints(type(section))
     for f in dataclasses.fields(section):
-        value, typ, key = getattr(section, f.name), hints[f.name], f"{prefix}.{f.name}"
+        value, typ, key = getattr(section, f.name), hints[f.name], f"{prefix}{f.name}"
         wanted = type_problem(value, typ)
         if wanted is not None:
             raise ConfigError(f"config key '{key}' must be {wanted}, got {value!r:.60} ({type(value).__name__})")

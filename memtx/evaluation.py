@@ -359,11 +359,10 @@ def evaluate_workdir(workdir: str, cfg: Config, *, step: int | None = None, knn_
             identity["cache"] = _json_ready({k: v for k, v in dataclasses.asdict(spec).items() if k != "gate" or v})
         path = result_path(workdir, identity)
         result = read_result(path) if reuse and os.path.lexists(path) else None  # a damaged one: evaluated again
-        if result is not None:
-            if result.get("copyability") == copyability:
-                main_print(f"{workdir}: step {step} already evaluated in {path}", flush=True)
-                rows.append({**result, "json_path": path})
-                continue
+        if result is not None and result.get("copyability") == copyability:
+            main_print(f"{workdir}: step {step} already evaluated in {path}", flush=True)
+            rows.append({**result, "json_path": path})
+            continue
         if params is None:
             params = ckpt.restore_params(step, setups[0].abstract_state["params"])  # the same for every size
         main_print(f"{workdir}: evaluating step {step} on {probe.num_docs or 'all'} {cfg.data.eval_split} documents of the {where}, "

@@ -9,7 +9,7 @@ import os
 import sys
 import time
 
-from memtx.workdir_files import DamagedFile, metrics_record, read_metrics  # noqa: F401 - read_metrics: re-exported (compare, tests)
+from memtx.workdir_files import DamagedFile, metrics_record
 
 
 def format_duration(seconds: float) -> str:

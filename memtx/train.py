@@ -317,9 +317,8 @@ def _train_locked(cfg: Config, workdir: str, setup, stream, num_shards: int, ado
     if saved is not None:
         check_resumable(saved, cfg, workdir)
     checkpoint_owner.check(cfg, saved, workdir, adopt_checkpoints)  # never into another run's checkpoints
-    if cfg.train.checkpoint_dir and "://" not in cfg.train.checkpoint_dir:  # a bad one: one line, nothing written
-        writable_directory(cfg.train.checkpoint_dir, "checkpoint directory")
-    ckpt = run_checkpointer(cfg, workdir, keep=cfg.train.keep_checkpoints)  # an unreachable store: one line, first
+    # A checkpoint directory that cannot be written, or a store that cannot be reached: one line, first.
+    ckpt = run_checkpointer(cfg, workdir, keep=cfg.train.keep_checkpoints)
     if is_main_process():
         lock = checkpoint_owner.claim(cfg, workdir)  # a separate checkpoint directory: locked, owner recorded
         if lock is not None:

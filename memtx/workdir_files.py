@@ -41,6 +41,19 @@ def read_json(path: str, expect: type = dict):
     return value
 
 
+def output_dir_problem(path: str) -> str | None:
+    """Why `path`, a directory written later, could not be (its nearest existing ancestor is a
+    file, or not writable), or None; checked before any work."""
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        return f"{probe} is a file, not a directory"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return f"{probe} is not writable"
+    return None
+
+
 def _fingerprint_problem(value) -> str | None:
     if not isinstance(value, dict):
         return f"must be an object, got {type(value).__name__}"

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import subprocess
 import sysconfig
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from memtx.config import Config, DataConfig, MeshConfig, ModelConfig, OptimConfig, TrainConfig
 from memtx.memory import registry
@@ -82,3 +85,17 @@ def random_batches(cfg, n, seed=0):
         yield {"inputs": rng.integers(0, 256, (B, N), dtype=np.int32),
                "targets": rng.integers(0, 256, (B, N), dtype=np.int32),
                "weights": weights, "reset": np.array([i == 0, i in (0, 2), i == 0, i == 0])}
+
+
+@contextlib.contextmanager
+def tmpfs(path: Path, options: str):
+    """A tmpfs mounted at `path` (made if needed) with mount `options` ("size=2M", "size=1M,ro")
+    for the block, unmounted after; the test is skipped where mounting needs a root it lacks."""
+    path.mkdir(exist_ok=True)
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True, text=True)
+    if mount.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs ({options}; needs root): {mount.stderr.strip()[:120]}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], capture_output=True)

@@ -16,7 +16,7 @@ from memtx import evaluate as evaluate_lib
 from memtx import train as train_lib
 from memtx.checkpoint import INTEGRITY_FILE, Checkpointer
 from memtx.cli import run_cli
-from tests.helpers import make_corpus, tiny_config
+from tests.helpers import make_corpus, tiny_config, tmpfs
 
 
 @pytest.fixture(scope="module")
@@ -194,13 +194,7 @@ def test_a_full_disk_is_one_line_and_the_run_resumes_exactly(tmp_path):
 
     from memtx.config import save_json
 
-    small = tmp_path / "small"
-    small.mkdir()
-    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2M", "tmpfs", str(small)], capture_output=True,
-                           text=True)
-    if mount.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs to fill (needs root): {mount.stderr.strip()[:120]}")
-    try:
+    with tmpfs(tmp_path / "small", "size=2M") as small:
         corpus = str(make_corpus(tmp_path / "corpus", num_docs=3))
         cfg = tiny_config(corpus, mesh_shape=(1, 1, 1), steps=60, checkpoint_every=3, keep_checkpoints=50)
         env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
@@ -226,8 +220,6 @@ def test_a_full_disk_is_one_line_and_the_run_resumes_exactly(tmp_path):
         assert not raised, raised
         moved = tmp_path / "moved"
         shutil.copytree(run_full, moved)
-    finally:
-        subprocess.run(["umount", str(small)], capture_output=True)
     resumed = subprocess.run(command(moved), env=env, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0 and "resumed from step" in resumed.stdout, resumed.stderr[-2000:]
     subprocess.run(command(run_straight), env=env, capture_output=True, text=True, timeout=600, check=True)

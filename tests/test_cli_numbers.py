@@ -9,7 +9,6 @@ line before any work, and nothing is created."""
 from __future__ import annotations
 
 import argparse
-import subprocess
 
 import pytest
 
@@ -17,6 +16,7 @@ from memtx import compare, evaluate, fit, generate, train
 from memtx.cli import Number, run_cli
 from memtx.data import train_sentencepiece
 from memtx.studies import alpha, attention_distance, extrapolation
+from tests.helpers import tmpfs
 
 TOOLS = {"train": train, "evaluate": evaluate, "generate": generate, "compare": compare, "fit": fit,
          "extrapolation": extrapolation, "alpha": alpha, "attention_distance": attention_distance,
@@ -81,19 +81,11 @@ def test_an_output_directory_under_a_file_is_one_line_before_any_work(tool, modu
 
 
 def test_an_output_directory_on_a_read_only_file_system_is_one_line(tmp_path, capsys):
-    ro = tmp_path / "ro"
-    ro.mkdir()
-    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1M,ro", "tmpfs", str(ro)], capture_output=True,
-                           text=True)
-    if mount.returncode != 0:
-        pytest.skip(f"cannot mount a read-only tmpfs (needs root): {mount.stderr.strip()[:120]}")
-    try:
+    with tmpfs(tmp_path / "ro", "size=1M,ro") as ro:
         for tool, module, argv in OUTPUTS:
             code = run_cli(module.main, module.parser(), argv(str(ro / "out")))
             errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
             assert code == 2 and len(errors) == 1 and "is not writable" in errors[0], (tool, errors)
-    finally:
-        subprocess.run(["umount", str(ro)], capture_output=True)
 
 
 def test_the_parsers_argument_errors_stay_one_line(capsys):

@@ -6,7 +6,7 @@ import pytest
 
 from memtx import compare
 from memtx.cli import run_cli
-from memtx.metrics import read_metrics
+from memtx.workdir_files import read_metrics
 from tests.helpers import make_corpus
 
 CONFIG = """

@@ -587,15 +587,30 @@ def test_compressive_presets_are_the_txl_models_with_a_compressed_memory(preset)
     assert to_dict(cfg) == to_dict(base)  # everything else is the compared Transformer-XL's
 
 
-def declared_fields(section, prefix: str = ""):
-    """(key, type, Range or None, section, name) of every field that declares what it may hold."""
+def config_fields(section, prefix: str = ""):
+    """(dotted key, type, dataclasses.Field) of every field, sections included, in every section."""
     hints = typing.get_type_hints(type(section))
     for f in dataclasses.fields(section):
-        value = getattr(section, f.name)
-        if dataclasses.is_dataclass(value):
-            yield from declared_fields(value, f"{prefix}{f.name}.")
-        elif "range" in f.metadata or choices(hints[f.name]) is not None or hints[f.name] is float:
-            yield prefix + f.name, hints[f.name], f.metadata.get("range"), section, f.name
+        yield prefix + f.name, hints[f.name], f
+        if dataclasses.is_dataclass(getattr(section, f.name)):
+            yield from config_fields(getattr(section, f.name), f"{prefix}{f.name}.")
+
+
+def declared_fields(cfg):
+    """(key, type, Range or None) of every field that declares what it may hold (a float must be finite)."""
+    return [(key, typ, f.metadata.get("range")) for key, typ, f in config_fields(cfg)
+            if "range" in f.metadata or choices(typ) is not None or typ is float]
+
+
+def preset_with(key: str, value):
+    """txl:cpu with the field `key` (dotted) set to `value` directly, as a config file would."""
+    cfg = txl("cpu")
+    *path, name = key.split(".")
+    section = cfg
+    for part in path:
+        section = getattr(section, part)
+    setattr(section, name, value)
+    return cfg
 
 
 def violations(typ, bounds) -> list:
@@ -617,15 +632,9 @@ def test_every_declared_field_refuses_each_value_its_declaration_forbids_in_one_
     is a one-line ConfigError naming it; the valid preset itself passes."""
     validate(txl("cpu"), NUM_DEVICES)
     cases = 0
-    for key, typ, bounds, _, _ in declared_fields(txl("cpu")):
+    for key, typ, bounds in declared_fields(txl("cpu")):
         for bad in violations(typ, bounds):
-            cfg = txl("cpu")
-            *path, name = key.split(".")
-            section = cfg
-            for part in path:
-                section = getattr(section, part)
-            setattr(section, name, bad)
-            message = config_error(validate, cfg, NUM_DEVICES)
+            message = config_error(validate, preset_with(key, bad), NUM_DEVICES)
             assert f"'{key}'" in message, (key, bad, message)
             cases += 1
     assert cases > 100, cases
@@ -652,26 +661,9 @@ def test_a_config_file_field_of_the_wrong_type_is_one_line_naming_it():
     section (sections themselves included), given values of other types, is a one-line error
     naming the key, before anything else looks at the config."""
     cases = 0
-    for key, typ, _, _, _ in list(all_fields(txl("cpu"))):
+    for key, typ, _ in config_fields(txl("cpu")):
         for bad in wrong_types(typ):
-            cfg = txl("cpu")
-            *path, name = key.split(".")
-            section = cfg
-            for part in path:
-                section = getattr(section, part)
-            setattr(section, name, bad)
-            message = config_error(validate, cfg, NUM_DEVICES)
+            message = config_error(validate, preset_with(key, bad), NUM_DEVICES)
             assert f"'{key}'" in message, (key, bad, message)
             cases += 1
     assert cases > 200, cases
-
-
-def all_fields(section, prefix: str = ""):
-    """(key, type, None, section, name) of every field, sections included, in every section."""
-    hints = typing.get_type_hints(type(section))
-    for f in dataclasses.fields(section):
-        value = getattr(section, f.name)
-        yield prefix + f.name, hints[f.name], None, section, f.name
-        if dataclasses.is_dataclass(value):
-            yield from all_fields(value, f"{prefix}{f.name}.")
-

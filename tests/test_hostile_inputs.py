@@ -21,7 +21,7 @@ from memtx import generate as generate_lib
 from memtx import train as train_lib
 from memtx.cli import run_cli
 from memtx.workdir_lock import WorkdirLock
-from tests.helpers import make_corpus, tiny_config
+from tests.helpers import make_corpus, tiny_config, tmpfs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -406,12 +406,7 @@ def test_a_read_only_file_system_is_one_line(world, tmp_path, capsys, monkeypatc
     one line naming the path; the run's files are untouched."""
     import shutil
 
-    ro = tmp_path / "ro"
-    ro.mkdir()
-    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8M", "tmpfs", str(ro)], capture_output=True, text=True)
-    if mount.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs to make read-only (needs root): {mount.stderr.strip()[:120]}")
-    try:
+    with tmpfs(tmp_path / "ro", "size=8M") as ro:
         shutil.copytree(world["run"], ro / "run")
         subprocess.run(["mount", "-o", "remount,ro", str(ro)], check=True, capture_output=True)
         before = snapshot(ro / "run")
@@ -423,18 +418,11 @@ def test_a_read_only_file_system_is_one_line(world, tmp_path, capsys, monkeypatc
             code = run_cli(train_lib.main, train_lib.parser(), argv)
             assert_one_error_line(code, capsys.readouterr().err, expected)
         assert snapshot(ro / "run") == before
-    finally:
-        subprocess.run(["umount", str(ro)], capture_output=True)
 
 
 def test_a_disk_full_before_the_first_write_is_one_line(world, tmp_path, capsys):
     """A new run on a file system with no space left: one line naming what could not be written."""
-    full = tmp_path / "full"
-    full.mkdir()
-    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(full)], capture_output=True, text=True)
-    if mount.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs (needs root): {mount.stderr.strip()[:120]}")
-    try:
+    with tmpfs(tmp_path / "full", "size=64k") as full:
         with open(full / "filler", "wb", buffering=0) as f:
             try:
                 while True:
@@ -444,8 +432,6 @@ def test_a_disk_full_before_the_first_write_is_one_line(world, tmp_path, capsys)
         code = run_cli(train_lib.main, train_lib.parser(), ["--config", str(world["config"]),
                                                             "--workdir", str(full / "run")])
         assert_one_error_line(code, capsys.readouterr().err, "No space left")
-    finally:
-        subprocess.run(["umount", str(full)], capture_output=True)
 
 
 def test_a_platform_this_machine_lacks_is_one_line(world, tmp_path):

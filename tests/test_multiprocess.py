@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from memtx.config import save_json
-from memtx.metrics import read_metrics
+from memtx.workdir_files import read_metrics
 from tests.helpers import make_corpus, tiny_config
 
 REPO = Path(__file__).resolve().parents[1]

@@ -19,7 +19,7 @@ from memtx import checkpoint as checkpoint_lib
 from memtx import train as train_lib
 from memtx.checkpoint import INTEGRITY_FILE
 from memtx.config import load_json, save_json
-from memtx.metrics import read_metrics
+from memtx.workdir_files import read_metrics
 from memtx.train import train
 from tests.helpers import make_corpus, tiny_config
 

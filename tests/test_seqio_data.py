@@ -252,7 +252,7 @@ def test_files_task_streams_like_the_tensorflow_free_loader(tmp_path):
 def test_training_on_a_seqio_task_resumes_exactly(prepared, tmp_path):
     """The stream's position goes into the orbax checkpoint beside the model: a run stopped
     mid-document and resumed has the per-step losses of a run straight through."""
-    from memtx.metrics import read_metrics
+    from memtx.workdir_files import read_metrics
     from tests.test_resume import stop_resume_and_compare
 
     data_dir, _ = prepared

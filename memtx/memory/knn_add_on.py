@@ -64,9 +64,9 @@ def eval_sums(cfg, intermediates, states: dict, scored_BN) -> dict:
     valid (its inner product with the query), `fill_sum` of each row's store fill fraction after
     the segment, weighted by the row's scored tokens."""
     sums = {"top1_sum": jnp.float32(0), "top1_count": jnp.float32(0), "fill_sum": jnp.float32(0)}
+    if cfg.knn.size == 0:  # nothing is ever stored
+        return sums
     for layer, store in states.items():
-        if cfg.knn.size == 0:
-            continue
         scores_BHN, valid_BHN = probes.attention(intermediates, int(layer), "knn_top1")
         counted = valid_BHN & scored_BN[:, None, :]
         sums["top1_sum"] += jnp.sum(jnp.where(counted, scores_BHN, 0.0))
