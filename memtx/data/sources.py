@@ -141,6 +141,19 @@ class FileSource:
         return epochs(self._epoch, epoch, index, self.repeat,
                       f"shard {self.shard_index} of {self.num_shards} ({self.num_docs} documents)")
 
+    # Random access, for resuming a stream without reading the documents before its position (a
+    # source without these methods is read again from the rows' earliest document).
+
+    def has_position(self, epoch: int, index: int, *, end: bool = False) -> bool:
+        """Whether (epoch, index) is a document of the draw order (or, with `end`, the end of an epoch)."""
+        return 0 <= index < self.num_docs + end and (epoch == 0 or self.repeat)
+
+    def document(self, epoch: int, index: int) -> np.ndarray | None:
+        """The ids of the document at (epoch, index) of the draw order (None: unreadable)."""
+        if not self.has_position(epoch, index):
+            raise IndexError(f"no document at position {[epoch, index]}")
+        return self._ids(self.docs[epoch_order(self.num_docs, self.seed, epoch, self.shuffle)[index]])
+
 
 SourceFn = Callable[[int, int], "DocumentSource"]  # (shard_index, num_shards) -> this process's source
 

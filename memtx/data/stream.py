@@ -185,6 +185,9 @@ class DocumentStream:
         (documents, order settings, sharding, vocabulary) or with another batch size.
         `seq_len` may differ (offsets are in tokens).
         """
+        problem = state_problem(state)
+        if problem is not None:
+            raise ValueError(problem)
         if state.get("version") != _STATE_VERSION:
             raise ValueError(f"unsupported stream state version {state.get('version')!r} (this memtx writes "
                              f"{_STATE_VERSION}); start the run in a new work directory")
@@ -206,20 +209,7 @@ class DocumentStream:
             raise ValueError("stream state has inconsistent next/row_doc/row_pos values")
 
         wanted = {p: row for row, p in enumerate(row_doc) if p is not None}
-        tokens: dict[int, np.ndarray] = {}
-        start = min([next_pos, *wanted])
-        it = self.source.documents(*start)
-        at = start
-        while at != next_pos:
-            try:
-                epoch, index, ids = next(it)
-            except StopIteration:
-                raise ValueError(f"stream state position {list(next_pos)} lies beyond the end of the source") from None
-            if (epoch, index) in wanted and ids is not None and len(ids):
-                tokens[wanted[(epoch, index)]] = self._with_bos(ids)
-            at = (epoch, index + 1)
-            if at > next_pos:
-                raise ValueError(f"stream state position {list(next_pos)} does not exist in the source")
+        tokens, it = self._read_rows(wanted, next_pos)
 
         self._next, self._iter, self._ended = next_pos, it, False
         self.skipped, self.documents_started = int(state.get("skipped", 0)), int(state.get("documents_started", 0))
@@ -233,6 +223,72 @@ class DocumentStream:
                                  "source no longer yields")
             self._row_doc[row], self._row_tokens[row], self._row_mask[row] = row_doc[row], t, None
             self._row_pos[row] = row_pos[row] if t is not None else 0
+
+
+    def _read_rows(self, wanted: dict[Position, int], next_pos: Position) -> tuple[dict[int, np.ndarray], Iterator]:
+        """({row: [BOS, ids...]} of the documents at the `wanted` positions, the source's documents
+        from `next_pos` on). A source with random access (files) reads just those; another is read
+        again from the earliest of them up to `next_pos` (a damaged position far ahead is slow)."""
+        source = self.source
+        if hasattr(source, "document"):
+            missing = next((p for p in wanted if not source.has_position(*p)), None)
+            if missing is None and not source.has_position(*next_pos, end=True):
+                missing = next_pos
+            if missing is not None:
+                raise ValueError(f"stream state position {list(missing)} does not exist in the source "
+                                 f"({source.num_docs} documents per epoch)")
+            return ({row: self._with_bos(ids) for p, row in wanted.items()
+                     if (ids := source.document(*p)) is not None and len(ids)}, source.documents(*next_pos))
+        tokens: dict[int, np.ndarray] = {}
+        start = min([next_pos, *wanted])
+        it = source.documents(*start)
+        at = start
+        while at != next_pos:
+            try:
+                epoch, index, ids = next(it)
+            except StopIteration:
+                raise ValueError(f"stream state position {list(next_pos)} lies beyond the end of the source") from None
+            if (epoch, index) in wanted and ids is not None and len(ids):
+                tokens[wanted[(epoch, index)]] = self._with_bos(ids)
+            at = (epoch, index + 1)
+            if at > next_pos:
+                raise ValueError(f"stream state position {list(next_pos)} does not exist in the source")
+        return tokens, it
+
+
+def _count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _is_position(value) -> bool:
+    return isinstance(value, list) and len(value) == 2 and all(_count(v) for v in value)
+
+
+def state_problem(state) -> str | None:
+    """What is wrong with one shard's saved stream state (read back from a checkpoint's `data`
+    item), field by field (type, range, shape), or None. Whether it fits this stream (batch size,
+    source, positions that exist) is `DocumentStream.restore`'s check."""
+    if not isinstance(state, dict):
+        return f"the stream state must be a JSON object, got {type(state).__name__}"
+    for key in ("version", "batch_size", "seq_len", "skipped", "documents_started"):
+        if key in state and not _count(state[key]):
+            return f"field '{key}' must be a non-negative integer, got {state[key]!r}"[:160]
+    missing = [k for k in ("version", "batch_size", "next", "row_doc", "row_pos") if k not in state]
+    if missing:
+        return f"field '{missing[0]}' is missing"
+    if "source" in state and not isinstance(state["source"], dict):
+        return f"field 'source' must be an object, got {type(state['source']).__name__}"
+    if not _is_position(state["next"]):
+        return f"field 'next' must be [epoch, index] (non-negative integers), got {state['next']!r}"[:160]
+    for key, ok, what in (("row_doc", lambda p: p is None or _is_position(p), "null or [epoch, index]"),
+                          ("row_pos", _count, "a non-negative integer")):
+        value = state[key]
+        if not isinstance(value, list) or len(value) != state["batch_size"]:
+            return f"field '{key}' must be a list of batch_size={state['batch_size']} entries"
+        bad = next((v for v in value if not ok(v)), ...)
+        if bad is not ...:
+            return f"field '{key}' must hold {what} per row, got {bad!r}"[:160]
+    return None
 
 
 def _position(value) -> Position:
@@ -280,8 +336,16 @@ class ShardedStream:
 
     def restore(self, states: dict[str, Any]) -> None:
         """Resume from the states of all shards (every process's `state()`, merged)."""
+        if not isinstance(states, dict) or not all(isinstance(k, str) for k in states):
+            raise ValueError("it must be an object {\"shards\": {shard: stream state}}, got "
+                             + ("no shards" if states is None else type(states).__name__))
         if len(states) != self.num_shards:
             raise ValueError(f"the saved data stream has {len(states)} shards and this run {self.num_shards}: set "
                              f"data.shards={len(states)} to resume it on a different number of processes")
         for s, stream in zip(self.shards, self.streams):
-            stream.restore(states[str(s)])
+            if str(s) not in states:
+                raise ValueError(f"the saved data stream has no shard {s} (it has {sorted(states)[:4]})")
+            try:
+                stream.restore(states[str(s)])
+            except ValueError as e:
+                raise ValueError(f"shard {s}: {e}") from None
