@@ -109,10 +109,23 @@ def _read_fit(path: str) -> tuple[dict, CacheSpec]:
             saved = json.load(f)
         record = saved["fit"]
         for key in ("theta", "lam", "fill"):
-            float(record[key])
-        return record, CacheSpec(**saved["spec"])
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise UsageError(f"--cache-fit {path}: not a cache fit written by memtx.evaluate ({type(e).__name__}: {e})")
+            if not math.isfinite(float(record[key])):
+                raise ValueError(f"fit field '{key}' is {record[key]}")
+        fixed, gate = record.get("fixed_lambda", {"theta": 1.0, "lam": 0.0}), record.get("gate", {"weights": []})
+        for key, value in (("fixed_lambda.theta", fixed["theta"]), ("fixed_lambda.lam", fixed["lam"]),
+                           *((f"gate.weights[{i}]", w) for i, w in enumerate(gate["weights"]))):
+            if isinstance(value, bool) or not math.isfinite(float(value)):
+                raise ValueError(f"fit field '{key}' is {value!r:.40}")
+        spec = saved["spec"]
+        for field in dataclasses.fields(CacheSpec):  # JSON types of the fields given (bool is not an int here)
+            kinds = {"int": (int,), "str": (str,), "bool": (bool,), "float": (int, float), "tuple": (list,)}[field.type]
+            value = spec.get(field.name, field.default)
+            if field.name in spec and (not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds)):
+                raise TypeError(f"spec field '{field.name}' is {value!r:.40}")
+        return record, CacheSpec(**{**spec, **({"gate": tuple(spec["gate"])} if "gate" in spec else {})})
+    except (OSError, ValueError, KeyError, TypeError, OverflowError, AttributeError) as e:
+        raise UsageError(f"--cache-fit {path}: not a cache fit written by memtx.evaluate "
+                         f"({type(e).__name__}: {' '.join(str(e).split())[:120]})") from None
 
 
 def load_fit(path: str, spec: CacheSpec) -> dict:
@@ -145,6 +158,9 @@ def parse_mixtures(text: str) -> tuple[str, ...]:
 def mixture_spec(spec: CacheSpec, record: dict, mixture: str) -> CacheSpec:
     """The fitted cache of one mixture: `fill` the grid's best setting (fitted_spec), `fixed` its
     best fixed lambda, `gate` the grid's theta with the learned gate (record["gate"])."""
+    if mixture in ("fixed", "gate") and {"fixed": "fixed_lambda", "gate": "gate"}[mixture] not in record:
+        raise UsageError(f"the cache fit {record.get('loaded_from', '')} has no '{mixture}' mixture: fit it again "
+                         "(without --cache-fit)")
     if mixture == "fixed":
         fixed = record["fixed_lambda"]
         return dataclasses.replace(spec, theta=float(fixed["theta"]), lam=float(fixed["lam"]), fill=0.0)
