@@ -45,6 +45,10 @@ from memtx.orbax_logs import WRITE_FAILURES
 from memtx.param_surgery import CheckpointDamaged
 
 
+class DataStateUnreadable(Exception):
+    """A step's data-stream item is not readable JSON (one line)."""
+
+
 def _non_empty(tree) -> dict:
     """{path: leaf} for the leaves of `tree` that hold at least one element."""
     flat, _ = jax.tree_util.tree_flatten_with_path(tree)
@@ -143,8 +147,11 @@ class Checkpointer:
         if step is None:
             step = self.latest_good_step()
             if step is None:
-                damaged = bool(self.manager.all_steps())
-                raise UsageError(f"no {'undamaged ' if damaged else ''}checkpoint in {self.directory}")
+                steps = self.all_steps()
+                if not steps:
+                    raise UsageError(f"no checkpoint in {self.directory}")
+                raise CheckpointDamaged(f"no undamaged checkpoint in {self.directory} (newest: step {steps[-1]}, "
+                                        f"{self.verify(steps[-1])})")
             return step
         if step not in self.all_steps():
             raise UsageError(f"no checkpoint at step {step} in {self.directory}")
@@ -181,6 +188,10 @@ class Checkpointer:
                                             "the config does not describe the model it was trained with")
                 try:
                     restored = self.restore(step, abstract_state, abstract_memory)
+                except DataStateUnreadable as e:
+                    if recorded:  # its files match their record: refused, not resumed silently from an earlier step
+                        raise CheckpointDamaged(f"checkpoint step {step} in {self.directory}: {e}") from None
+                    problem = str(e)
                 except Exception as e:  # noqa: BLE001 - see below
                     first = " ".join(str(e).split())[:200]
                     if recorded:  # the files are as written: not damage, but another model's checkpoint
@@ -242,14 +253,19 @@ class Checkpointer:
 
     def restore(self, step: int, abstract_state: dict, abstract_memory: dict) -> tuple[dict, dict, dict]:
         """-> (state, memory, every shard's data-stream state {shard: state})."""
+        try:  # the stream's JSON first, on its own: its damage is named as such, not as another model's
+            data = self.manager.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore())).data
+        except Exception as e:  # noqa: BLE001 - whatever orbax raises for bytes that are not JSON
+            raise DataStateUnreadable(f"its data stream state {self.step_dir(step)}/data cannot be read "
+                                      f"({type(e).__name__}: {' '.join(str(e).split())[:100]})") from None
         train_target = {"step": abstract_state["step"], "opt_state": abstract_state["opt_state"]}
         out = self.manager.restore(step, args=ocp.args.Composite(
             params=ocp.args.StandardRestore(abstract_state["params"]),
             train=ocp.args.StandardRestore(train_target),
-            memory=ocp.args.StandardRestore(_non_empty(abstract_memory)),
-            data=ocp.args.JsonRestore()))
+            memory=ocp.args.StandardRestore(_non_empty(abstract_memory))))
         state = {"step": out.train["step"], "params": out.params, "opt_state": out.train["opt_state"]}
-        return state, _fill_empty(out.memory, abstract_memory), out.data.get("shards", {})
+        data = data if isinstance(data, dict) else {}  # its shards are checked by the stream's restore
+        return state, _fill_empty(out.memory, abstract_memory), data.get("shards")
 
     # Parameter surgery (memtx/param_surgery.py) on this run's steps.
 

@@ -293,7 +293,7 @@ def _restore_or_init(cfg: Config, setup, ckpt, stream) -> tuple[int, dict, dict]
     try:
         stream.restore(data_state)
     except ValueError as e:
-        raise ConfigError(f"cannot resume the data stream of step {start} in {ckpt.directory}: {e}") from None
+        raise ConfigError(f"cannot resume the data stream saved in {ckpt.step_dir(start)}/data: {e}") from None
     main_print(f"resumed from step {start} in {ckpt.directory}", flush=True)
     return start, state, memory
 
