@@ -33,7 +33,18 @@ os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "-1"
 # and the cost-analysis tests pass either way). Tests that train long (the recall task) drop it.
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
+# hypothesis keeps a cache of constants it found in the code: outside the checkout.
+os.environ.setdefault("HYPOTHESIS_STORAGE_DIRECTORY", os.path.join(tempfile.gettempdir(), "memtx-test-hypothesis"))
+
 import pytest  # noqa: E402
+from hypothesis import settings  # noqa: E402
+
+# Property tests (hypothesis): the same examples on every run (a suite that passes here passes in CI),
+# no example database written into the checkout, and no per-example deadline (2 busy cores are slow;
+# speed is not what they test). MEMTX_PROPERTY_EXPLORE=1: fresh random examples, ten times as many.
+settings.register_profile("memtx", derandomize=True, database=None, deadline=None, print_blob=True)
+settings.register_profile("explore", database=None, deadline=None, max_examples=1000, print_blob=True)
+settings.load_profile("explore" if os.environ.get("MEMTX_PROPERTY_EXPLORE") else "memtx")
 
 
 def pytest_collection_modifyitems(items):
