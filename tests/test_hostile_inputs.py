@@ -445,3 +445,28 @@ def test_a_platform_this_machine_lacks_is_one_line(world, tmp_path):
         pytest.skip("this machine has a TPU backend")
     assert_one_error_line(out.returncode, out.stderr, "cannot start its devices")
     assert not (tmp_path / "run").exists()
+
+
+def test_ctrl_c_in_the_middle_of_a_generation_is_exit_130(world, capsys, monkeypatch):
+    """A SIGINT (Ctrl-C) while tokens are being generated: exit 130 and "interrupted", never 0 as if
+    the continuation were complete. (A job a script starts with `&` ignores SIGINT, as the shell
+    sets it: there `kill -INT` does nothing and the generation finishes, exit 0.)"""
+    import signal
+
+    from memtx.data.vocab import ByteVocab
+
+    a = int(ByteVocab().encode(b"a")[0])
+    sampled = []
+
+    def sample_then_interrupt(*args, **kwargs):
+        sampled.append(a)
+        if len(sampled) == 3:
+            os.kill(os.getpid(), signal.SIGINT)  # delivered to this (the main) thread, as Ctrl-C is
+        return a  # never a stop token: the generation would go on to --max-tokens
+
+    monkeypatch.setattr(generate_lib, "sample", sample_then_interrupt)
+    code = run_cli(generate_lib.main, generate_lib.parser(), ["--workdir", str(world["run"]), "--prompt", "def",
+                                                              "--max-tokens", "50"])
+    out = capsys.readouterr()
+    assert code == 130 and "interrupted" in out.err, out.err
+    assert "tokens generated" not in out.err and len(sampled) == 3
