@@ -7,7 +7,12 @@ wrong JSON type, wrong field types, a directory in its place, binary garbage, em
   metrics.jsonl      read_metrics: one JSON object per line; a damaged line is skipped, not fatal
   eval_*.json        read_result: an evaluation to reuse; a damaged one is evaluated again
   cache_fit_*.json   memtx.cache_tuning.load_fit
-  checkpoints/       checkpoint_integrity.verify (STEP/memtx_integrity.json), checkpoint_owner
+  checkpoints/       STEP/memtx_integrity.json: checkpoint_integrity.verify; memtx_owner.json (a
+                     separate checkpoint directory's): checkpoint_owner.read_owner; STEP/data (the
+                     data streams' positions): memtx.data.stream.state_problem, then the stream's restore
+
+tests/test_workdir_files.py damages each in every way for its reader (and hypothesis tries any JSON);
+tests/test_damaged_work_directory.py runs every tool that reads one over it damaged.
 
 No JAX here.
 """
