@@ -19,7 +19,9 @@ TPU slice on a machine without TPUs, when libtpu is installed (pip install "jax[
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import math
+import os
 import re
 import sys
 
@@ -112,12 +114,34 @@ _TOPOLOGY_3D = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 1
                 512: "8x8x8"}
 
 
+def find_libtpu() -> bool:
+    """Whether libtpu can be loaded: installed, or where scripts/setup_env.sh puts it
+    (`.venv/libtpu`, or $MEMTX_LIBTPU_DIR), kept off the import path because with libtpu importable
+    every JAX start looks for a TPU. Found there, it goes on the path once this machine's own
+    devices are up (they must not look for a TPU)."""
+    if importlib.util.find_spec("libtpu") is not None:
+        return True
+    for where in filter(None, (os.environ.get("MEMTX_LIBTPU_DIR"), os.path.join(sys.prefix, "libtpu"))):
+        if os.path.isfile(os.path.join(where, "libtpu", "__init__.py")):
+            jax.devices()
+            os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # no TPU metadata server to ask here
+            os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+            # libtpu locks /tmp/libtpu_lockfile for a process's life, as if it held a TPU: compiling
+            # here, two processes at once (the suite's workers) must not refuse each other
+            os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+            sys.path.insert(0, where)
+            importlib.invalidate_caches()
+            return True
+    return False
+
+
 def tpu_topology_devices(kind: str, chips: int):
     """The devices of a TPU slice described by libtpu, for compiling ahead of time on a machine
     without TPUs (needs `pip install "jax[tpu]"`); raises UsageError saying why it cannot."""
     names = _TOPOLOGY_3D if kind in CORES_PER_CHIP else _TOPOLOGY_2D
     if chips not in names:
         raise UsageError(f"no known {kind} topology of {chips} chips for --aot (known: {sorted(names)})")
+    find_libtpu()
     try:
         from jax.experimental import topologies
 
@@ -133,6 +157,14 @@ def tpu_topology_devices(kind: str, chips: int):
 def compiled_memory(cfg: Config, devices=None) -> dict:
     """XLA's own memory analysis (per device) of the train step compiled for `devices`: this
     machine's by default, or a TPU slice's from `tpu_topology_devices` (ahead of time)."""
+    stats = compile_train_step(cfg, devices).memory_analysis()
+    return {"arguments": int(stats.argument_size_in_bytes), "outputs": int(stats.output_size_in_bytes),
+            "temporaries": int(stats.temp_size_in_bytes), "aliased": int(stats.alias_size_in_bytes)}
+
+
+def compile_train_step(cfg: Config, devices=None):
+    """The train step compiled for `devices` (this machine's by default, or a TPU slice's from
+    `tpu_topology_devices`, ahead of time): its .memory_analysis(), .cost_analysis(), .as_text()."""
     import flax.linen as nn
 
     from memtx import sharding
@@ -146,9 +178,7 @@ def compiled_memory(cfg: Config, devices=None) -> dict:
     batch = batch_layout.abstract(cfg.data.batch_size, cfg.data.seq_len, shardings)
     step = make_train_step(setup)
     with jax.set_mesh(setup.mesh), nn.logical_axis_rules(sharding.rules(cfg)):
-        stats = step.jitted.lower(setup.abstract_state, memory, batch).compile().memory_analysis()
-    return {"arguments": int(stats.argument_size_in_bytes), "outputs": int(stats.output_size_in_bytes),
-            "temporaries": int(stats.temp_size_in_bytes), "aliased": int(stats.alias_size_in_bytes)}
+        return step.jitted.lower(setup.abstract_state, memory, batch).compile()
 
 
 def _fmt(n: float) -> str:

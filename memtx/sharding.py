@@ -29,8 +29,9 @@ def make_mesh(cfg: Config, devices=None) -> jax.sharding.Mesh:
             raise ConfigError(f"mesh.shape {tuple(cfg.mesh.shape)} uses {used} of the {len(devices)} devices, "
                               f"but a run over {jax.process_count()} processes must span them all (use -1 in mesh.shape)")
         devices = devices[:used]
-    if len(devices) == jax.device_count():
-        return jax.make_mesh(shape, cfg.mesh.axes, axis_types=(AxisType.Auto,) * len(shape))
+    else:  # all of them, laid out by their physical topology; the devices given (a TPU slice's, ahead of
+        # time), never this machine's: a slice of 8 chips on a machine of 8 CPU devices once got the CPUs
+        return jax.make_mesh(shape, cfg.mesh.axes, axis_types=(AxisType.Auto,) * len(shape), devices=devices)
     return jax.sharding.Mesh(np.asarray(devices).reshape(shape), cfg.mesh.axes,
                              axis_types=(AxisType.Auto,) * len(shape))
 

@@ -55,13 +55,25 @@ def dummy_inputs(cfg: Config, batch_size: int):
             jnp.zeros((batch_size,), jnp.int32))
 
 
+def for_platform(model_cfg, mesh):
+    """`model_cfg` with `knn.backend=auto` resolved for the devices of `mesh`, which the program is
+    compiled for. At trace time `auto` would look at JAX's default backend: ahead of time from a CPU
+    machine, a TPU slice's program would get the CPU's exact search, not the approximate one."""
+    knn_options = model_cfg.knn
+    if not knn_options.enabled or knn_options.backend != "auto" or not isinstance(mesh, jax.sharding.Mesh):
+        return model_cfg  # an AbstractMesh has no devices: left to trace time
+    from memtx.memory import knn
+    backend = knn.resolve_backend("auto", knn_options.size, mesh.devices.flat[0].platform)
+    return dataclasses.replace(model_cfg, knn=dataclasses.replace(knn_options, backend=backend))
+
+
 def build(cfg: Config, mesh=None, check_fit: bool = True) -> Setup:
     """`mesh` may be abstract (jax.sharding.AbstractMesh) for sizes without devices (memtx.fit)."""
     mesh = sharding.make_mesh(cfg) if mesh is None else mesh
     if check_fit:
         check_parameters_fit(cfg, mesh)  # counted, not traced: tracing a million layers would take hours
         check_memory_fits(cfg, mesh, max(cfg.data.batch_size, cfg.data.eval_batch_size))
-    model = TransformerLM(cfg.model)
+    model = TransformerLM(for_platform(cfg.model, mesh))
     tx = make_optimizer(cfg.optim, cfg.train.steps)
     def init_boxed(rng):  # a batch of 1 row: parameter shapes do not depend on it
         params = model.init(rng, *dummy_inputs(cfg, 1))["params"]
