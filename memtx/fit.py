@@ -124,11 +124,6 @@ def find_libtpu() -> bool:
     for where in filter(None, (os.environ.get("MEMTX_LIBTPU_DIR"), os.path.join(sys.prefix, "libtpu"))):
         if os.path.isfile(os.path.join(where, "libtpu", "__init__.py")):
             jax.devices()
-            os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # no TPU metadata server to ask here
-            os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
-            # libtpu locks /tmp/libtpu_lockfile for a process's life, as if it held a TPU: compiling
-            # here, two processes at once (the suite's workers) must not refuse each other
-            os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
             sys.path.insert(0, where)
             importlib.invalidate_caches()
             return True
@@ -142,6 +137,12 @@ def tpu_topology_devices(kind: str, chips: int):
     if chips not in names:
         raise UsageError(f"no known {kind} topology of {chips} chips for --aot (known: {sorted(names)})")
     find_libtpu()
+    # What libtpu reads when it loads, for this call only: these variables also mean "a TPU VM of
+    # several hosts" to the distributed start-up (memtx/distributed.py) of anything started later.
+    # No TPU metadata server to ask here; and libtpu locks /tmp/libtpu_lockfile for a process's
+    # life, as if it held a TPU: two processes compiling at once must not refuse each other.
+    saved = {k: os.environ.get(k) for k in ("TPU_SKIP_MDS_QUERY", "TPU_WORKER_HOSTNAMES", "ALLOW_MULTIPLE_LIBTPU_LOAD")}
+    os.environ.update({k: os.environ.get(k) or v for k, v in zip(saved, ("1", "localhost", "1"))})
     try:
         from jax.experimental import topologies
 
@@ -149,6 +150,12 @@ def tpu_topology_devices(kind: str, chips: int):
     except Exception as e:  # no libtpu, or a libtpu that cannot describe this slice
         raise UsageError(f"cannot compile for {kind}:{names[chips]} here ({' '.join(str(e).split())[:200]}); "
                          "install libtpu with pip install \"jax[tpu]==$(jax version)\"") from None
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     if len(devices) == 2 * chips:  # described per TensorCore: JAX runs one device per chip (megacore)
         devices = [d for d in devices if getattr(d, "core_on_chip", 0) == 0]
     return devices

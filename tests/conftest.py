@@ -47,9 +47,15 @@ settings.register_profile("explore", database=None, deadline=None, max_examples=
 settings.load_profile("explore" if os.environ.get("MEMTX_PROPERTY_EXPLORE") else "memtx")
 
 
-def pytest_collection_modifyitems(items):
+def pytest_collection_modifyitems(config, items):
     """Tests marked `tensorflow` run last: TensorFlow, once imported, stays in the process, and the
-    rest of the suite (and the model code) must run without it."""
+    rest of the suite (and the model code) must run without it. Tests marked `tpu_presets` (every
+    preset compiled for TPU slices, 25 minutes) run only when -m names them."""
+    if "tpu_presets" not in (config.getoption("markexpr") or ""):
+        kept = [item for item in items if item.get_closest_marker("tpu_presets") is None]
+        if len(kept) < len(items):
+            config.hook.pytest_deselected(items=[item for item in items if item not in kept])
+            items[:] = kept
     items.sort(key=lambda item: item.get_closest_marker("tensorflow") is not None)
 
 

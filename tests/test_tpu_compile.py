@@ -68,3 +68,32 @@ def test_the_other_backends_lower_without_the_approximate_top_k(lowered, backend
         assert lowered["blocked"]["sorts"] > lowered["exact"]["sorts"]
     if backend == "bucketed":
         assert lowered["bucketed"]["sorts"] <= lowered["exact"]["sorts"]
+
+
+# Every preset of configs/, train and eval steps, compiled for a v5e and a v4 slice of 8 chips at
+# reduced depth and width with the same structure (memtx/tpu_aot.py: memory kind, layer roles,
+# segment, memory and kNN sizes, backends). About 15 s a preset and slice on 2 cores, 25 min in all:
+# marked `tpu_presets`, left out of the suite and run as its own step by .ci/run
+# (bash scripts/test.sh -m tpu_presets). The full shapes: benchmarks/tpu_estimate.py.
+
+def _preset_names():
+    from memtx import tpu_aot
+    return tpu_aot.preset_names()
+
+
+@pytest.mark.tpu_presets
+@pytest.mark.parametrize("target", ["v5e-8", "v4-8"])
+@pytest.mark.parametrize("name", _preset_names())
+def test_every_preset_compiles_for_a_tpu_slice(name, target):
+    from memtx import tpu_aot
+    kind, chips = target.split("-")
+    cfg = tpu_aot.for_slice(tpu_aot.reduced(tpu_aot.load(name)), int(chips), batch=int(chips))
+    steps = tpu_aot.compile_steps(cfg, kind, int(chips))
+    for step in steps.values():
+        analysis = tpu_aot.analysis(step, kind)
+        assert analysis["flops"] > 0 and analysis["arguments"] > 0
+
+
+def test_there_are_presets_to_compile():
+    names = _preset_names()
+    assert len(names) > 40 and any(":paper_262144" in n for n in names) and any("_no_look_ahead" in n for n in names)

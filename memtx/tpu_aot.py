@@ -1,0 +1,140 @@
+"""Compiling for TPU slices ahead of time, from a machine without TPUs (libtpu: memtx.fit.find_libtpu).
+
+- `preset_names()`: every preset of configs/ (with LaMemo's Table 3 ablations of each);
+- `reduced(cfg)`: the same structure (memory kind, layer roles, segment, memory and kNN sizes,
+  backends, scan/remat) at a few layers of a narrow width, so that CI compiles every preset in
+  seconds; the full shapes are benchmarks/tpu_estimate.py's;
+- `compile_steps(cfg, kind, chips)`: the train and eval steps compiled for a slice;
+- `analysis(compiled, kind)`: XLA's memory and cost analyses and a roofline step time.
+
+tests/test_tpu_compile.py compiles every reduced preset for a v5e and a v4 slice;
+benchmarks/tpu_estimate.py prints the paper presets' analyses at full size.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import os
+
+from memtx import fit
+from memtx.config import Config, load_config_file
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+# Per chip (JAX's device on these): peak bf16 FLOP/s and HBM bandwidth, from Google's spec sheets.
+CHIPS = {"v5e": {"flops": 197e12, "hbm_bytes_per_s": 819e9},
+         "v4": {"flops": 275e12, "hbm_bytes_per_s": 1228e9},
+         "v3": {"flops": 123e12, "hbm_bytes_per_s": 900e9}}
+
+
+def _module(path: str):
+    spec = importlib.util.spec_from_file_location(f"memtx_presets_{os.path.basename(path)[:-3]}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def preset_names() -> list[str]:
+    """'configs/FILE.py:PRESET' for every preset of every config file (and every ablation suffix
+    a file declares in ABLATIONS, on each of its presets); an alias (text8 is enwik8's function)
+    only once."""
+    names = []
+    for file in sorted(os.listdir(CONFIG_DIR)):
+        if not file.endswith(".py"):
+            continue
+        module = _module(os.path.join(CONFIG_DIR, file))
+        presets, seen = getattr(module, "PRESETS", {}), set()
+        for preset, make in presets.items():
+            if make in seen:
+                continue
+            seen.add(make)
+            names.append(f"configs/{file}:{preset}")
+            names += [f"configs/{file}:{preset}_{ablation}" for ablation in getattr(module, "ABLATIONS", {})]
+    return names
+
+
+def _moved(index: int, layers: int, to: int) -> int:
+    """Layer `index` (Python-style) of `layers`, at the same relative depth among `to` layers."""
+    index %= layers
+    return round(index * (to - 1) / max(layers - 1, 1))
+
+
+def reduced(cfg: Config, layers: int = 3, head_dim: int = 16, max_block_segment: int = 1024) -> Config:
+    """`cfg` at `layers` layers (its kNN, recurrent and smeared-key layers at the same relative
+    depth) and heads of `head_dim` (d_model = heads x head_dim, FFN 2 d_model); everything else,
+    segment, memory and kNN sizes included, as it is, but a Block-Recurrent segment longer than
+    `max_block_segment` (its blocks shortened in proportion)."""
+    c = copy.deepcopy(cfg)
+    m = c.model
+    L, R = m.num_layers, min(m.num_layers, layers)
+    if m.knn.enabled:
+        m.knn.layers = tuple(sorted({_moved(i, L, R) for i in m.knn.layer_indices(L)}))
+    if m.memory == "block_recurrent":
+        m.block_recurrent.layer = _moved(m.block_recurrent.layer, L, R)
+    m.smeared_keys = tuple(sorted({_moved(i, L, R) for i in m.smeared_keys}))
+    m.num_layers = R
+    m.head_dim, m.d_model = head_dim, m.num_heads * head_dim
+    m.d_ff = 2 * m.d_model
+    if m.memory == "block_recurrent" and c.data.seq_len > max_block_segment:
+        # As many blocks per segment, each shorter (window = block, its state as many vectors):
+        # PG-19's 8 blocks of 512 took 150 s to compile at 3 layers, 8 blocks of 128 take seconds.
+        f = -(-c.data.seq_len // max_block_segment)
+        b = m.block_recurrent
+        c.data.seq_len, m.mem_len, b.block_len, b.state_size = (c.data.seq_len // f, m.mem_len // f,
+                                                                 b.block_len // f, max(b.state_size // f, 1))
+    return c
+
+
+def for_slice(cfg: Config, chips: int, batch: int | None = None) -> Config:
+    """`cfg` data-parallel over the slice's `chips`, with batches of `batch` rows (default: the
+    preset's own, rounded up to divide over the chips)."""
+    c = copy.deepcopy(cfg)
+    c.mesh.shape = (-1, 1, 1)
+    c.data.batch_size = batch or -(-c.data.batch_size // chips) * chips
+    c.data.eval_batch_size = batch or -(-c.data.eval_batch_size // chips) * chips
+    return c
+
+
+def load(name: str) -> Config:
+    return load_config_file(name)
+
+
+def compile_steps(cfg: Config, kind: str, chips: int) -> dict:
+    """{"train": compiled train step, "eval": compiled eval step} of `cfg` for a `kind` slice of
+    `chips` chips (one device per chip)."""
+    import flax.linen as nn
+    import jax
+
+    from memtx import batch as batch_layout
+    from memtx import sharding
+    from memtx import state as state_lib
+    from memtx.step import make_eval_step, make_train_step
+
+    devices = fit.tpu_topology_devices(kind, chips)
+    setup = state_lib.build(cfg, sharding.make_mesh(cfg, list(devices)), check_fit=False)
+    shardings = state_lib.batch_shardings(setup)
+    train, evaluate = make_train_step(setup), make_eval_step(setup)  # outside the slice's mesh: they run
+    B, E = cfg.data.batch_size, cfg.data.eval_batch_size            # a little eagerly, on this machine
+    train_memory, eval_memory = state_lib.abstract_memory(setup, B), state_lib.abstract_memory(setup, E)
+    with jax.set_mesh(setup.mesh), nn.logical_axis_rules(sharding.rules(cfg)):
+        return {"train": train.jitted.lower(setup.abstract_state, train_memory,
+                                            batch_layout.abstract(B, cfg.data.seq_len, shardings)).compile(),
+                "eval": evaluate.jitted.lower(setup.abstract_state["params"], eval_memory,
+                                              batch_layout.abstract(E, cfg.data.seq_len, shardings)).compile()}
+
+
+def analysis(compiled, kind: str) -> dict:
+    """Per chip: XLA's memory analysis (bytes), its cost analysis (FLOPs, bytes accessed) and the
+    roofline step time max(FLOPs / peak, bytes / HBM bandwidth) in seconds. What a roofline cannot
+    see: custom calls XLA does not cost (the approximate top-k's PartialReduce), collectives over
+    the slice's links, and how far the kernels are from their peak."""
+    memory = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    flops, accessed = float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
+    chip = CHIPS[kind]
+    return {"arguments": int(memory.argument_size_in_bytes), "temporaries": int(memory.temp_size_in_bytes),
+            "outputs": int(memory.output_size_in_bytes), "aliased": int(memory.alias_size_in_bytes),
+            "flops": flops, "bytes_accessed": accessed,
+            "roofline_s": max(flops / chip["flops"], accessed / chip["hbm_bytes_per_s"])}
