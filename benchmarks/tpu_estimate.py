@@ -12,7 +12,7 @@ A roofline cannot see what XLA does not cost: the approximate top-k is a custom 
 (PartialReduce) whose work XLA's cost analysis may leave out, collectives over the slice's links,
 and how far each kernel runs from the chip's peak. Treat the times as lower bounds.
 
-    .venv/bin/python benchmarks/tpu_estimate.py [--kinds v5e,v4] [--chips 8] [--out FILE.json]
+    .venv/bin/python benchmarks/tpu_estimate.py [--kinds v5e,v4] [--chips 8] [--presets A,B] [--out FILE.json]
 
 About a minute per compile on 2 CPU cores (22 compiles: ~25 min).
 """
@@ -58,6 +58,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--kinds", default="v5e,v4")
     p.add_argument("--chips", type=int, default=8)
+    p.add_argument("--presets", default=",".join(PAPER_PRESETS), help="comma-separated (default: the paper presets)")
     p.add_argument("--out", help="also write the rows as JSON")
     args = p.parse_args()
     if not fit.find_libtpu():
@@ -65,7 +66,7 @@ def main() -> int:
         return 2
     rows = []
     for kind in args.kinds.split(","):
-        for name in PAPER_PRESETS:
+        for name in args.presets.split(","):
             rows.append(measure(name, [], kind, args.chips))
         rows.append(measure(*NO_MEMORY, kind, args.chips))
     print("| preset | slice | batch | arguments / temporaries / outputs (GiB per chip) | fits | TFLOPs | GB accessed | roofline ms |")
@@ -80,7 +81,9 @@ def main() -> int:
     for kind in args.kinds.split(","):
         base = next(r for r in rows if r["kind"] == kind and r["preset"].startswith(NO_MEMORY[0] + " "))
         for size in (8192, 65536, 262144):
-            r = next(r for r in rows if r["kind"] == kind and r["preset"] == f"configs/knn.py:paper_{size}")
+            r = next((r for r in rows if r["kind"] == kind and r["preset"] == f"configs/knn.py:paper_{size}"), None)
+            if r is None:
+                continue
             paper = f"{PAPER_RATIOS[size]:.2f}x" if size in PAPER_RATIOS else "-"
             print(f"| {kind}-{args.chips} | {size:,} | {r['roofline_s'] / base['roofline_s']:.2f}x | {paper} |")
     if args.out:
