@@ -32,7 +32,7 @@ from memtx import fit, tpu_aot  # noqa: E402
 PAPER_PRESETS = ["configs/txl.py:wt103", "configs/txl.py:enwik8", "configs/lamemo.py:wt103",
                  "configs/lamemo.py:enwik8", "configs/compressive.py:wt103", "configs/block_recurrent.py:pg19",
                  "configs/knn.py:paper_8192", "configs/knn.py:paper_65536", "configs/knn.py:paper_262144"]
-NO_MEMORY = ("configs/knn.py:paper_8192", ["--config.model.knn.enabled=false"])  # the kNN presets' model without it
+NO_MEMORY = "configs/knn.py:paper_8192"  # its model without the kNN memory (every kNN option at its default)
 PAPER_RATIOS = {8192: 1.25, 65536: 3.0}  # Wu et al. 2022, step time with the kNN memory / without (TPUv3)
 
 
@@ -40,17 +40,20 @@ def _gib(n: float) -> str:
     return f"{n / 2**30:.2f}"
 
 
-def measure(name: str, overrides: list[str], kind: str, chips: int) -> dict:
-    from memtx.cli import resolve_config
-    cfg = tpu_aot.for_slice(resolve_config(name, None, overrides), chips)
+def measure(name: str, kind: str, chips: int, without_memory: bool = False) -> dict:
+    from memtx.config import KNNConfig
+    cfg = tpu_aot.for_slice(tpu_aot.load(name), chips)
+    if without_memory:
+        cfg.model.knn = KNNConfig()
     t = time.perf_counter()
     compiled = fit.compile_train_step(cfg, fit.tpu_topology_devices(kind, chips))
     row = tpu_aot.analysis(compiled, kind)
-    row.update(preset=name + (" " + " ".join(overrides) if overrides else ""), kind=kind, chips=chips,
+    row.update(preset=name + (" without the kNN memory" if without_memory else ""), kind=kind, chips=chips,
                batch=cfg.data.batch_size, compile_s=time.perf_counter() - t,
                fits=row["arguments"] + row["temporaries"] + row["outputs"] - row["aliased"]
                <= fit.DEVICE_BYTES[kind])
-    print(f"  {row['preset']} on {kind}-{chips}: compiled in {row['compile_s']:.0f}s", file=sys.stderr, flush=True)
+    print(f"  {row['preset']} on {kind}-{chips}: compiled in {row['compile_s']:.0f}s; {json.dumps(row)}",
+          file=sys.stderr, flush=True)  # each row as it comes: a long run stopped keeps what it measured
     return row
 
 
@@ -67,8 +70,8 @@ def main() -> int:
     rows = []
     for kind in args.kinds.split(","):
         for name in args.presets.split(","):
-            rows.append(measure(name, [], kind, args.chips))
-        rows.append(measure(*NO_MEMORY, kind, args.chips))
+            rows.append(measure(name, kind, args.chips))
+        rows.append(measure(NO_MEMORY, kind, args.chips, without_memory=True))
     print("| preset | slice | batch | arguments / temporaries / outputs (GiB per chip) | fits | TFLOPs | GB accessed | roofline ms |")
     print("|---|---|---:|---|---|---:|---:|---:|")
     for r in rows:
@@ -79,7 +82,7 @@ def main() -> int:
     print("| slice | kNN slots | roofline kNN / no memory | the paper (TPUv3, measured) |")
     print("|---|---:|---:|---:|")
     for kind in args.kinds.split(","):
-        base = next(r for r in rows if r["kind"] == kind and r["preset"].startswith(NO_MEMORY[0] + " "))
+        base = next(r for r in rows if r["kind"] == kind and r["preset"] == NO_MEMORY + " without the kNN memory")
         for size in (8192, 65536, 262144):
             r = next((r for r in rows if r["kind"] == kind and r["preset"] == f"configs/knn.py:paper_{size}"), None)
             if r is None:
