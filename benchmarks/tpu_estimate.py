@@ -41,12 +41,12 @@ def _gib(n: float) -> str:
 
 
 def measure(name: str, kind: str, chips: int, without_memory: bool = False) -> dict:
-    from memtx.config import KNNConfig
-    cfg = tpu_aot.for_slice(tpu_aot.load(name), chips)
+    from memtx.config import KNNConfig, load_config_file
+    cfg = tpu_aot.for_slice(load_config_file(name), chips)
     if without_memory:
         cfg.model.knn = KNNConfig()
     t = time.perf_counter()
-    compiled = fit.compile_train_step(cfg, fit.tpu_topology_devices(kind, chips))
+    compiled = fit.compile_steps(cfg, fit.tpu_topology_devices(kind, chips))["train"]
     row = tpu_aot.analysis(compiled, kind)
     row.update(preset=name + (" without the kNN memory" if without_memory else ""), kind=kind, chips=chips,
                batch=cfg.data.batch_size, compile_s=time.perf_counter() - t,

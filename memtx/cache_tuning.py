@@ -15,12 +15,14 @@ import dataclasses
 import json
 import math
 import os
+import typing
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
+from memtx.config_schema import type_problem
 from memtx.errors import UsageError
 from memtx.config import Config, stable_hash
 from memtx.data import FileSource, load_vocab
@@ -117,11 +119,13 @@ def _read_fit(path: str) -> tuple[dict, CacheSpec]:
             if isinstance(value, bool) or not math.isfinite(float(value)):
                 raise ValueError(f"fit field '{key}' is {value!r:.40}")
         spec = saved["spec"]
-        for field in dataclasses.fields(CacheSpec):  # JSON types of the fields given (bool is not an int here)
-            kinds = {"int": (int,), "str": (str,), "bool": (bool,), "float": (int, float), "tuple": (list,)}[field.type]
-            value = spec.get(field.name, field.default)
-            if field.name in spec and (not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds)):
-                raise TypeError(f"spec field '{field.name}' is {value!r:.40}")
+        types = typing.get_type_hints(CacheSpec)
+        for name, value in spec.items():  # the JSON types of the fields given, as a config file's are checked
+            wanted = type_problem(value, types[name]) if name in types else "not a field"
+            if name == "gate" and not isinstance(value, list):
+                wanted = "a list"
+            if wanted:
+                raise TypeError(f"spec field '{name}' must be {wanted}, got {value!r:.40}")
         return record, CacheSpec(**{**spec, **({"gate": tuple(spec["gate"])} if "gate" in spec else {})})
     except (OSError, ValueError, KeyError, TypeError, OverflowError, AttributeError) as e:
         raise UsageError(f"--cache-fit {path}: not a cache fit written by memtx.evaluate "

@@ -22,6 +22,7 @@ import os
 
 from memtx.config import Config
 from memtx.errors import ConfigError
+from memtx.workdir_files import DamagedFile, read_json
 from memtx.workdir_lock import WorkdirLock
 
 OWNER_FILE = "memtx_owner.json"
@@ -55,11 +56,9 @@ def read_owner(path: str) -> str | None:
     if not os.path.exists(record):
         return None
     try:
-        with open(record) as f:
-            owner = json.load(f)["workdir"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ConfigError(f"{record} is damaged ({type(e).__name__}); restore it, or pass {ADOPT} to claim the "
-                          "checkpoint directory for this run") from None
+        owner = read_json(record).get("workdir")
+    except DamagedFile as e:
+        raise ConfigError(f"{e}; restore it, or pass {ADOPT} to claim the checkpoint directory for this run") from None
     if not isinstance(owner, str):
         raise ConfigError(f"{record}: key 'workdir' must be a path, got {owner!r:.60}; pass {ADOPT} to claim it")
     return owner

@@ -164,28 +164,36 @@ def tpu_topology_devices(kind: str, chips: int):
 def compiled_memory(cfg: Config, devices=None) -> dict:
     """XLA's own memory analysis (per device) of the train step compiled for `devices`: this
     machine's by default, or a TPU slice's from `tpu_topology_devices` (ahead of time)."""
-    stats = compile_train_step(cfg, devices).memory_analysis()
+    return memory_figures(compile_steps(cfg, devices)["train"])
+
+
+def memory_figures(compiled) -> dict:
+    """A compiled step's memory analysis, per device, in bytes."""
+    stats = compiled.memory_analysis()
     return {"arguments": int(stats.argument_size_in_bytes), "outputs": int(stats.output_size_in_bytes),
             "temporaries": int(stats.temp_size_in_bytes), "aliased": int(stats.alias_size_in_bytes)}
 
 
-def compile_train_step(cfg: Config, devices=None):
-    """The train step compiled for `devices` (this machine's by default, or a TPU slice's from
-    `tpu_topology_devices`, ahead of time): its .memory_analysis(), .cost_analysis(), .as_text()."""
+def compile_steps(cfg: Config, devices=None, steps: tuple[str, ...] = ("train",)) -> dict:
+    """{"train": ..., "eval": ...} (those named in `steps`): the steps compiled for `devices` (this
+    machine's by default, or a TPU slice's from `tpu_topology_devices`, ahead of time), each with
+    its .memory_analysis(), .cost_analysis() and .as_text()."""
     import flax.linen as nn
 
     from memtx import sharding
     from memtx import state as state_lib
-    from memtx.step import make_train_step
+    from memtx.step import make_eval_step, make_train_step
 
     mesh = None if devices is None else sharding.make_mesh(cfg, list(devices))
     setup = state_lib.build(cfg, mesh, check_fit=devices is None)
-    memory = state_lib.abstract_memory(setup, cfg.data.batch_size)
     shardings = state_lib.batch_shardings(setup)
-    batch = batch_layout.abstract(cfg.data.batch_size, cfg.data.seq_len, shardings)
-    step = make_train_step(setup)
+    # Built outside the mesh's context: they run a little eagerly, on this machine's devices.
+    made = {"train": (make_train_step, setup.abstract_state, cfg.data.batch_size),
+            "eval": (make_eval_step, setup.abstract_state["params"], cfg.data.eval_batch_size)}
+    lowerable = {name: (made[name][0](setup).jitted, made[name][1], state_lib.abstract_memory(setup, made[name][2]),
+                        batch_layout.abstract(made[name][2], cfg.data.seq_len, shardings)) for name in steps}
     with jax.set_mesh(setup.mesh), nn.logical_axis_rules(sharding.rules(cfg)):
-        return step.jitted.lower(setup.abstract_state, memory, batch).compile()
+        return {name: jitted.lower(*args).compile() for name, (jitted, *args) in lowerable.items()}
 
 
 def _fmt(n: float) -> str:

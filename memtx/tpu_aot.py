@@ -18,7 +18,7 @@ import importlib.util
 import os
 
 from memtx import fit
-from memtx.config import Config, load_config_file
+from memtx.config import Config
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
@@ -96,32 +96,10 @@ def for_slice(cfg: Config, chips: int, batch: int | None = None) -> Config:
     return c
 
 
-def load(name: str) -> Config:
-    return load_config_file(name)
-
-
 def compile_steps(cfg: Config, kind: str, chips: int) -> dict:
     """{"train": compiled train step, "eval": compiled eval step} of `cfg` for a `kind` slice of
     `chips` chips (one device per chip)."""
-    import flax.linen as nn
-    import jax
-
-    from memtx import batch as batch_layout
-    from memtx import sharding
-    from memtx import state as state_lib
-    from memtx.step import make_eval_step, make_train_step
-
-    devices = fit.tpu_topology_devices(kind, chips)
-    setup = state_lib.build(cfg, sharding.make_mesh(cfg, list(devices)), check_fit=False)
-    shardings = state_lib.batch_shardings(setup)
-    train, evaluate = make_train_step(setup), make_eval_step(setup)  # outside the slice's mesh: they run
-    B, E = cfg.data.batch_size, cfg.data.eval_batch_size            # a little eagerly, on this machine
-    train_memory, eval_memory = state_lib.abstract_memory(setup, B), state_lib.abstract_memory(setup, E)
-    with jax.set_mesh(setup.mesh), nn.logical_axis_rules(sharding.rules(cfg)):
-        return {"train": train.jitted.lower(setup.abstract_state, train_memory,
-                                            batch_layout.abstract(B, cfg.data.seq_len, shardings)).compile(),
-                "eval": evaluate.jitted.lower(setup.abstract_state["params"], eval_memory,
-                                              batch_layout.abstract(E, cfg.data.seq_len, shardings)).compile()}
+    return fit.compile_steps(cfg, fit.tpu_topology_devices(kind, chips), ("train", "eval"))
 
 
 def analysis(compiled, kind: str) -> dict:
@@ -129,12 +107,9 @@ def analysis(compiled, kind: str) -> dict:
     roofline step time max(FLOPs / peak, bytes / HBM bandwidth) in seconds. What a roofline cannot
     see: custom calls XLA does not cost (the approximate top-k's PartialReduce), collectives over
     the slice's links, and how far the kernels are from their peak."""
-    memory = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     flops, accessed = float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
     chip = CHIPS[kind]
-    return {"arguments": int(memory.argument_size_in_bytes), "temporaries": int(memory.temp_size_in_bytes),
-            "outputs": int(memory.output_size_in_bytes), "aliased": int(memory.alias_size_in_bytes),
-            "flops": flops, "bytes_accessed": accessed,
+    return {**fit.memory_figures(compiled), "flops": flops, "bytes_accessed": accessed,
             "roofline_s": max(flops / chip["flops"], accessed / chip["hbm_bytes_per_s"])}

@@ -33,7 +33,7 @@ from memtx.cli import resolve_config
 out = {}
 for backend in sys.argv[1:]:
     cfg = resolve_config("configs/knn.py:cpu", None, [f"--config.model.knn.backend={backend}"])
-    hlo = fit.compile_train_step(cfg, fit.tpu_topology_devices("v5e", 8)).as_text()
+    hlo = fit.compile_steps(cfg, fit.tpu_topology_devices("v5e", 8))["train"].as_text()
     out[backend] = {"custom_calls": sorted(set(re.findall(r'custom_call_target="([^"]+)"', hlo))),
                     "sorts": len(re.findall(r"\bsort\(", hlo))}
 print("RESULT " + json.dumps(out))
@@ -86,8 +86,9 @@ def _preset_names():
 @pytest.mark.parametrize("name", _preset_names())
 def test_every_preset_compiles_for_a_tpu_slice(name, target):
     from memtx import tpu_aot
+    from memtx.config import load_config_file
     kind, chips = target.split("-")
-    cfg = tpu_aot.for_slice(tpu_aot.reduced(tpu_aot.load(name)), int(chips), batch=int(chips))
+    cfg = tpu_aot.for_slice(tpu_aot.reduced(load_config_file(name)), int(chips), batch=int(chips))
     steps = tpu_aot.compile_steps(cfg, kind, int(chips))
     for step in steps.values():
         analysis = tpu_aot.analysis(step, kind)
