@@ -146,7 +146,10 @@ def tpu_topology_devices(kind: str, chips: int):
     try:
         from jax.experimental import topologies
 
-        devices = topologies.get_topology_desc(f"{kind}:{names[chips]}", "tpu").devices
+        # Chips of two TensorCores (v4, v5p) as JAX runs them on a TPU VM: one device per chip
+        # (megacore), with the chip's whole HBM. Described per core, a device has half of it.
+        megacore = {"chip_config_name": "megacore"} if kind in CORES_PER_CHIP else {}
+        devices = topologies.get_topology_desc(f"{kind}:{names[chips]}", "tpu", **megacore).devices
     except Exception as e:  # no libtpu, or a libtpu that cannot describe this slice
         raise UsageError(f"cannot compile for {kind}:{names[chips]} here ({' '.join(str(e).split())[:200]}); "
                          "install libtpu with pip install \"jax[tpu]==$(jax version)\"") from None
@@ -156,8 +159,8 @@ def tpu_topology_devices(kind: str, chips: int):
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-    if len(devices) == 2 * chips:  # described per TensorCore: JAX runs one device per chip (megacore)
-        devices = [d for d in devices if getattr(d, "core_on_chip", 0) == 0]
+    if len(devices) != chips:
+        raise UsageError(f"libtpu describes {kind}:{names[chips]} as {len(devices)} devices, not one per chip ({chips})")
     return devices
 
 
@@ -172,6 +175,14 @@ def memory_figures(compiled) -> dict:
     stats = compiled.memory_analysis()
     return {"arguments": int(stats.argument_size_in_bytes), "outputs": int(stats.output_size_in_bytes),
             "temporaries": int(stats.temp_size_in_bytes), "aliased": int(stats.alias_size_in_bytes)}
+
+
+def cost_figures(compiled) -> dict:
+    """A compiled program's cost analysis, per device: FLOPs and bytes accessed (NaN where XLA
+    does not count them)."""
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost  # older JAX: one dict per program
+    return {"flops": float(cost.get("flops", math.nan)), "bytes_accessed": float(cost.get("bytes accessed", math.nan))}
 
 
 def compile_steps(cfg: Config, devices=None, steps: tuple[str, ...] = ("train",)) -> dict:

@@ -70,11 +70,35 @@ def test_the_other_backends_lower_without_the_approximate_top_k(lowered, backend
         assert lowered["bucketed"]["sorts"] <= lowered["exact"]["sorts"]
 
 
-# Every preset of configs/, train and eval steps, compiled for a v5e and a v4 slice of 8 chips at
-# reduced depth and width with the same structure (memtx/tpu_aot.py: memory kind, layer roles,
-# segment, memory and kNN sizes, backends). About 15 s a preset and slice on 2 cores, 25 min in all:
-# marked `tpu_presets`, left out of the suite and run as its own step by .ci/run
-# (bash scripts/test.sh -m tpu_presets). The full shapes: benchmarks/tpu_estimate.py.
+def test_a_v4_chip_is_one_device_with_the_whole_chips_memory():
+    """v4 (and v5p) chips have two TensorCores; JAX on a TPU VM runs each chip as one device
+    (megacore) with its 32 GiB. A program of 20 GiB compiles for a v4 chip and is refused for a
+    v5e chip (16 GiB): compiled for one core of each chip, as before, the v4 refused it too."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import SingleDeviceSharding
+
+    def compile_20_gib(kind, chips):
+        devices = fit.tpu_topology_devices(kind, chips)
+        assert len(devices) == chips
+        x = jax.ShapeDtypeStruct((10 * 2**28,), jnp.float32, sharding=SingleDeviceSharding(devices[0]))  # 10 GiB
+        return jax.jit(lambda x: x + 1).lower(x).compile()  # and 10 GiB out
+
+    assert compile_20_gib("v4", 4).memory_analysis().argument_size_in_bytes == 10 * 2**30
+    with pytest.raises(Exception, match="RESOURCE_EXHAUSTED"):
+        compile_20_gib("v5e", 8)
+
+
+# Every preset of configs/ compiled for TPU slices at reduced depth and width with the same
+# structure (memtx/tpu_aot.py: memory kind, layer roles, segment, memory and kNN sizes, backends):
+# - as it is, train and eval steps, for a v5e-8 (8 chips) and a v4-8 (4 chips, two TensorCores each);
+# - with model.scan_layers, model.remat, and both (tpu_aot.VARIANTS), for the v5e-8: the train step,
+#   and the eval step when scanned (remat changes only the backward pass).
+# About 35 min on 2 cores: marked `tpu_presets`, left out of the suite and run as its own step by
+# .ci/run (bash scripts/test.sh -m tpu_presets --dist load). The full shapes: benchmarks/tpu_estimate.py.
+
+CASES = [("v5e-8", ""), ("v4-8", "")] + [("v5e-8", v) for v in ("scan", "remat", "scan_remat")]
+
 
 def _preset_names():
     from memtx import tpu_aot
@@ -82,19 +106,36 @@ def _preset_names():
 
 
 @pytest.mark.tpu_presets
-@pytest.mark.parametrize("target", ["v5e-8", "v4-8"])
+@pytest.mark.parametrize("target,variant", CASES, ids=[f"{t}{'-' + v if v else ''}" for t, v in CASES])
 @pytest.mark.parametrize("name", _preset_names())
-def test_every_preset_compiles_for_a_tpu_slice(name, target):
+def test_every_preset_compiles_for_a_tpu_slice(name, target, variant):
     from memtx import tpu_aot
     from memtx.config import load_config_file
-    kind, chips = target.split("-")
-    cfg = tpu_aot.for_slice(tpu_aot.reduced(load_config_file(name)), int(chips), batch=int(chips))
-    steps = tpu_aot.compile_steps(cfg, kind, int(chips))
+    kind, chips, _ = fit.parse_target(target)
+    cfg = tpu_aot.for_slice(tpu_aot.variant(load_config_file(name), variant), chips, batch=chips)
+    scanned = tpu_aot.scanned_runs(cfg)
+    assert bool(scanned) == ("scan" in variant), scanned  # the variant scans a run of layers, or none
+    steps = tpu_aot.compile_steps(cfg, kind, chips, ("train",) if "remat" in variant else ("train", "eval"))
     for step in steps.values():
         analysis = tpu_aot.analysis(step, kind)
         assert analysis["flops"] > 0 and analysis["arguments"] > 0
+        if scanned:
+            assert "while(" in step.as_text()  # the scan survived into the TPU program as a loop
 
 
 def test_there_are_presets_to_compile():
     names = _preset_names()
     assert len(names) > 40 and any(":paper_262144" in n for n in names) and any("_no_look_ahead" in n for n in names)
+
+
+def test_a_variant_has_what_it_names():
+    from memtx import tpu_aot
+    from memtx.config import load_config_file
+    cfg = load_config_file("configs/knn.py:paper_65536")
+    plain, both = tpu_aot.variant(cfg, ""), tpu_aot.variant(cfg, "scan_remat")
+    assert (plain.model.scan_layers, plain.model.remat, plain.model.num_layers) == (False, "", 3)
+    assert both.model.scan_layers and both.model.remat == "nothing_saveable"
+    # the kNN layer keeps its relative depth (8 of 0..11) and is not in the scanned run
+    (knn_layer,) = both.model.knn.layers
+    assert knn_layer == 4 and all(not a <= knn_layer < b for a, b in tpu_aot.scanned_runs(both))
+    assert both.model.knn.size == cfg.model.knn.size and both.data.seq_len == cfg.data.seq_len
