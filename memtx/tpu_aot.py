@@ -4,10 +4,12 @@
 - `reduced(cfg)`: the same structure (memory kind, layer roles, segment, memory and kNN sizes,
   backends, scan/remat) at a few layers of a narrow width, so that CI compiles every preset in
   seconds; the full shapes are benchmarks/tpu_estimate.py's;
+- `variant(cfg, name)`: a preset with `model.scan_layers` and/or `model.remat` (VARIANTS), at
+  enough layers that a run of identical layers is scanned;
 - `compile_steps(cfg, kind, chips)`: the train and eval steps compiled for a slice;
 - `analysis(compiled, kind)`: XLA's memory and cost analyses and a roofline step time.
 
-tests/test_tpu_compile.py compiles every reduced preset for a v5e and a v4 slice;
+tests/test_tpu_compile.py compiles every reduced preset for a v5e and a v4 slice, and each variant for v5e;
 benchmarks/tpu_estimate.py prints the paper presets' analyses at full size.
 """
 
@@ -86,6 +88,28 @@ def reduced(cfg: Config, layers: int = 3, head_dim: int = 16, max_block_segment:
     return c
 
 
+# What CI compiles besides each preset as it is: its layers scanned, rematerialised, or both.
+# The remat policy is the one that keeps least (every activation recomputed in the backward pass).
+VARIANTS = {"scan": {"scan_layers": True}, "remat": {"remat": "nothing_saveable"},
+            "scan_remat": {"scan_layers": True, "remat": "nothing_saveable"}}
+SCAN_LAYERS = 6  # a reduced preset's depth when scanned: its kNN or recurrent layer stays unrolled, the rest scan
+
+
+def variant(cfg: Config, name: str) -> Config:
+    """`cfg` (a full preset) reduced, with VARIANTS[name]'s options (name "": as it is)."""
+    options = VARIANTS[name] if name else {}
+    c = reduced(cfg, layers=SCAN_LAYERS if options.get("scan_layers") else 3)
+    for key, value in options.items():
+        setattr(c.model, key, value)
+    return c
+
+
+def scanned_runs(cfg: Config) -> list[tuple[int, int]]:
+    """The layer ranges [a, b) of `cfg`'s model that run as one scan (more than one layer)."""
+    from memtx.memory import registry
+    return [(a, b) for a, b in registry.get(cfg.model.memory).layers.scan_runs(cfg.model) if b - a > 1]
+
+
 def for_slice(cfg: Config, chips: int, batch: int | None = None) -> Config:
     """`cfg` data-parallel over the slice's `chips`, with batches of `batch` rows (default: the
     preset's own, rounded up to divide over the chips)."""
@@ -96,10 +120,10 @@ def for_slice(cfg: Config, chips: int, batch: int | None = None) -> Config:
     return c
 
 
-def compile_steps(cfg: Config, kind: str, chips: int) -> dict:
-    """{"train": compiled train step, "eval": compiled eval step} of `cfg` for a `kind` slice of
-    `chips` chips (one device per chip)."""
-    return fit.compile_steps(cfg, fit.tpu_topology_devices(kind, chips), ("train", "eval"))
+def compile_steps(cfg: Config, kind: str, chips: int, steps: tuple[str, ...] = ("train", "eval")) -> dict:
+    """{"train": compiled train step, "eval": compiled eval step} (those in `steps`) of `cfg` for a
+    `kind` slice of `chips` chips (one device per chip)."""
+    return fit.compile_steps(cfg, fit.tpu_topology_devices(kind, chips), steps)
 
 
 def analysis(compiled, kind: str) -> dict:
@@ -107,9 +131,6 @@ def analysis(compiled, kind: str) -> dict:
     roofline step time max(FLOPs / peak, bytes / HBM bandwidth) in seconds. What a roofline cannot
     see: custom calls XLA does not cost (the approximate top-k's PartialReduce), collectives over
     the slice's links, and how far the kernels are from their peak."""
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    flops, accessed = float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
-    chip = CHIPS[kind]
-    return {**fit.memory_figures(compiled), "flops": flops, "bytes_accessed": accessed,
-            "roofline_s": max(flops / chip["flops"], accessed / chip["hbm_bytes_per_s"])}
+    cost, chip = fit.cost_figures(compiled), CHIPS[kind]
+    return {**fit.memory_figures(compiled), **cost,
+            "roofline_s": max(cost["flops"] / chip["flops"], cost["bytes_accessed"] / chip["hbm_bytes_per_s"])}
