@@ -28,6 +28,7 @@ import numpy as np
 
 from benchmarks.step_time import measure
 from memtx.cli import ArgumentParser, UsageError, resolve_config, run_cli
+from memtx.config import KNNConfig
 from memtx.memory import knn
 
 
@@ -90,9 +91,10 @@ def main(args, rest) -> int:
     for size in sizes:
         for name in backends if size else backends[:1]:
             c = copy.deepcopy(cfg)
-            c.model.knn.enabled = size > 0
-            c.model.knn.size = max(size, c.model.knn.k)
-            c.model.knn.backend = name
+            if size:
+                c.model.knn.enabled, c.model.knn.size, c.model.knn.backend = True, max(size, c.model.knn.k), name
+            else:  # the same model without the memory: every kNN option at its default (the config
+                c.model.knn = KNNConfig()  # refuses kNN options with the memory off, knn.layers included)
             step = None if args.lookup_only else measure(c, args.steps, fill_knn=True)
             if size == 0:
                 base = step and step["step_ms"]

@@ -24,9 +24,10 @@ import flax.linen as nn
 import jax
 
 from benchmarks.step_time import measure
-from memtx import sharding, state as state_lib
+from memtx import batch as batch_layout, sharding, state as state_lib
 from memtx.cli import ArgumentParser, resolve_config, run_cli
 from memtx.config import validate
+from memtx.fit import cost_figures
 from memtx.step import make_eval_step, make_train_step
 
 PAPER_FLOPS_RATIO = 191 / 157
@@ -38,21 +39,15 @@ def compiled_flops(cfg) -> dict:
     setup = state_lib.build(cfg)
     B = cfg.data.batch_size
     memory = state_lib.abstract_memory(setup, B)
-    dtypes = {"inputs": "int32", "targets": "int32", "weights": "float32", "reset": "bool"}
-    batch = {k: jax.ShapeDtypeStruct((B,) if k == "reset" else (B, cfg.data.seq_len), dtypes[k], sharding=s)
-             for k, s in state_lib.batch_shardings(setup).items()}
-
-    def flops(compiled) -> float:
-        cost = compiled.cost_analysis()
-        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-        return float(cost.get("flops", float("nan")))
+    batch = batch_layout.abstract(B, cfg.data.seq_len, state_lib.batch_shardings(setup))
 
     with jax.set_mesh(setup.mesh), nn.logical_axis_rules(sharding.rules(cfg)):
         t0 = time.perf_counter()
         train = make_train_step(setup).jitted.lower(setup.abstract_state, memory, batch).compile()
         compile_s = time.perf_counter() - t0
         forward = make_eval_step(setup).jitted.lower(setup.abstract_state["params"], memory, batch).compile()
-    return {"train_flops": flops(train), "forward_flops": flops(forward), "compile_s": compile_s}
+    return {"train_flops": cost_figures(train)["flops"], "forward_flops": cost_figures(forward)["flops"],
+            "compile_s": compile_s}
 
 
 def main(args, rest) -> int:

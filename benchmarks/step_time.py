@@ -23,13 +23,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from memtx import sharding, state as state_lib
+from memtx.fit import memory_figures
 from memtx.cli import ArgumentParser, resolve_config, run_cli
 from memtx.flops import mfu
 from memtx.step import make_train_step
 
 
 def measure(cfg, steps: int, fill_knn: bool = False) -> dict:
-    """Compile time, median step time and tokens/s; `fill_knn` marks every kNN store full."""
+    """Compile time, median step time, tokens/s, MFU and XLA's memory analysis of the compiled step
+    (bytes per device: arguments, outputs, temporaries, aliased); `fill_knn` marks every kNN store full."""
     setup = state_lib.build(cfg)
     state = state_lib.init_state(setup, seed=0)
     memory = state_lib.init_memory_sharded(setup, cfg.data.batch_size)
@@ -57,7 +59,8 @@ def measure(cfg, steps: int, fill_knn: bool = False) -> dict:
         times.append(time.perf_counter() - t)
     median = statistics.median(times)
     utilisation = mfu(cfg, B * N / median, len(setup.mesh.devices.flat), setup.mesh.devices.flat[0].device_kind)
-    return {"compile_s": compile_s, "step_ms": median * 1e3, "tokens_per_s": B * N / median, "mfu": utilisation}
+    return {"compile_s": compile_s, "step_ms": median * 1e3, "tokens_per_s": B * N / median, "mfu": utilisation,
+            **memory_figures(compiled)}
 
 
 def main(args, rest) -> int:
