@@ -465,8 +465,14 @@ def test_ctrl_c_in_the_middle_of_a_generation_is_exit_130(world, capsys, monkeyp
         return a  # never a stop token: the generation would go on to --max-tokens
 
     monkeypatch.setattr(generate_lib, "sample", sample_then_interrupt)
-    code = run_cli(generate_lib.main, generate_lib.parser(), ["--workdir", str(world["run"]), "--prompt", "def",
-                                                              "--max-tokens", "50"])
+    # Python's own SIGINT handler, as a terminal's Ctrl-C meets it: a process started from a job the
+    # shell put in the background (`&`) inherits SIGINT ignored, and Python then keeps it ignored.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        code = run_cli(generate_lib.main, generate_lib.parser(), ["--workdir", str(world["run"]), "--prompt", "def",
+                                                                  "--max-tokens", "50"])
+    finally:
+        signal.signal(signal.SIGINT, previous)
     out = capsys.readouterr()
     assert code == 130 and "interrupted" in out.err, out.err
     assert "tokens generated" not in out.err and len(sampled) == 3
