@@ -9,7 +9,8 @@
 - `compile_steps(cfg, kind, chips)`: the train and eval steps compiled for a slice;
 - `analysis(compiled, kind)`: XLA's memory and cost analyses and a roofline step time.
 
-tests/test_tpu_compile.py compiles every reduced preset for a v5e and a v4 slice, and each variant for v5e;
+tests/test_tpu_compile.py compiles every reduced preset for a v5e slice, and VARIANT_PRESETS for a v4
+slice and in each variant for v5e;
 benchmarks/tpu_estimate.py prints the paper presets' analyses at full size.
 """
 
@@ -92,6 +93,13 @@ def reduced(cfg: Config, layers: int = 3, head_dim: int = 16, max_block_segment:
 # The remat policy is the one that keeps least (every activation recomputed in the backward pass).
 VARIANTS = {"scan": {"scan_layers": True}, "remat": {"remat": "nothing_saveable"},
             "scan_remat": {"scan_layers": True, "remat": "nothing_saveable"}}
+# The presets CI compiles in every variant and for the v4 slice: one of each memory kind's layer
+# code (no memory, XL, kNN, LaMemo, Compressive, Block-Recurrent). Scan, remat and the chip wrap
+# a memory kind's layers, not a preset's sizes: every variant of all 41 presets and each on the v4
+# too was 164 more cases, about an hour more of CI on 2 cores (MEMTX_TPU_CASES=all compiles them).
+# Block-Recurrent at its CPU size: its PG-19 twin takes 4-6 minutes a compile.
+VARIANT_PRESETS = ("configs/txl.py:cpu_rpe", "configs/txl.py:wt103", "configs/knn.py:paper_65536",
+                   "configs/lamemo.py:wt103", "configs/compressive.py:wt103", "configs/block_recurrent.py:cpu")
 SCAN_LAYERS = 6  # a reduced preset's depth when scanned: its kNN or recurrent layer stays unrolled, the rest scan
 
 

@@ -50,7 +50,7 @@ settings.load_profile("explore" if os.environ.get("MEMTX_PROPERTY_EXPLORE") else
 def pytest_collection_modifyitems(config, items):
     """Tests marked `tensorflow` run last: TensorFlow, once imported, stays in the process, and the
     rest of the suite (and the model code) must run without it. Tests marked `tpu_presets` (every
-    preset compiled for TPU slices, 35 minutes) or `accelerator_suite` (the GPU/TPU script run
+    preset compiled for TPU slices, 15-30 minutes) or `accelerator_suite` (the GPU/TPU script run
     small) run only when -m names them: .ci/run's second step."""
     for opt_in in ("tpu_presets", "accelerator_suite"):
         if opt_in in (config.getoption("markexpr") or ""):

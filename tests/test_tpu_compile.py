@@ -91,13 +91,14 @@ def test_a_v4_chip_is_one_device_with_the_whole_chips_memory():
 
 # Every preset of configs/ compiled for TPU slices at reduced depth and width with the same
 # structure (memtx/tpu_aot.py: memory kind, layer roles, segment, memory and kNN sizes, backends):
-# - as it is, train and eval steps, for a v5e-8 (8 chips) and a v4-8 (4 chips, two TensorCores each);
-# - with model.scan_layers, model.remat, and both (tpu_aot.VARIANTS), for the v5e-8: the train step,
-#   and the eval step when scanned (remat changes only the backward pass).
-# About 35 min on 2 cores: marked `tpu_presets`, left out of the suite and run as its own step by
-# .ci/run (bash scripts/test.sh -m tpu_presets --dist load). The full shapes: benchmarks/tpu_estimate.py.
-
-CASES = [("v5e-8", ""), ("v4-8", "")] + [("v5e-8", v) for v in ("scan", "remat", "scan_remat")]
+# - every preset as it is, train and eval steps, for a v5e-8 (8 chips);
+# - one preset of each memory kind (tpu_aot.VARIANT_PRESETS) as it is for a v4-8 (4 chips, two
+#   TensorCores each), and with model.scan_layers, model.remat, and both (tpu_aot.VARIANTS) for the
+#   v5e-8: the train step, and the eval step when scanned (remat changes only the backward pass).
+# 65 cases, about 30 min on 2 cores: marked `tpu_presets`, left out of the suite and run as its
+# own step by .ci/run (bash scripts/test.sh -m tpu_presets --dist load). MEMTX_TPU_CASES=all adds
+# every other preset on the v4-8 and in every variant (about 2 hours). The full shapes:
+# benchmarks/tpu_estimate.py.
 
 
 def _preset_names():
@@ -105,9 +106,16 @@ def _preset_names():
     return tpu_aot.preset_names()
 
 
+def _cases():
+    from memtx import tpu_aot
+    every = os.environ.get("MEMTX_TPU_CASES", "") == "all"
+    some = _preset_names() if every else list(tpu_aot.VARIANT_PRESETS)
+    return ([(name, "v5e-8", "") for name in _preset_names()] + [(name, "v4-8", "") for name in some]
+            + [(name, "v5e-8", v) for name in some for v in tpu_aot.VARIANTS])
+
+
 @pytest.mark.tpu_presets
-@pytest.mark.parametrize("target,variant", CASES, ids=[f"{t}{'-' + v if v else ''}" for t, v in CASES])
-@pytest.mark.parametrize("name", _preset_names())
+@pytest.mark.parametrize("name,target,variant", _cases(), ids=[f"{n}-{t}{'-' + v if v else ''}" for n, t, v in _cases()])
 def test_every_preset_compiles_for_a_tpu_slice(name, target, variant):
     from memtx import tpu_aot
     from memtx.config import load_config_file
@@ -126,6 +134,17 @@ def test_every_preset_compiles_for_a_tpu_slice(name, target, variant):
 def test_there_are_presets_to_compile():
     names = _preset_names()
     assert len(names) > 40 and any(":paper_262144" in n for n in names) and any("_no_look_ahead" in n for n in names)
+
+
+def test_the_variants_cover_every_memory_kind_and_the_knn_memory():
+    from memtx import tpu_aot
+    from memtx.config import load_config_file
+    from memtx.memory import registry
+    configs = [load_config_file(name) for name in tpu_aot.VARIANT_PRESETS]
+    assert set(tpu_aot.VARIANT_PRESETS) <= set(_preset_names())
+    assert {c.model.memory for c in configs} == set(registry.KINDS)
+    assert any(c.model.knn.enabled for c in configs) and any(c.model.mem_len == 0 and not c.model.knn.enabled
+                                                             for c in configs)  # the kNN layer, and no memory
 
 
 def test_a_variant_has_what_it_names():
