@@ -108,14 +108,17 @@ def _preset_names():
 
 def _cases():
     from memtx import tpu_aot
-    every = os.environ.get("MEMTX_TPU_CASES", "") == "all"
-    some = _preset_names() if every else list(tpu_aot.VARIANT_PRESETS)
-    return ([(name, "v5e-8", "") for name in _preset_names()] + [(name, "v4-8", "") for name in some]
+    every = _preset_names()
+    some = every if os.environ.get("MEMTX_TPU_CASES", "") == "all" else list(tpu_aot.VARIANT_PRESETS)
+    return ([(name, "v5e-8", "") for name in every] + [(name, "v4-8", "") for name in some]
             + [(name, "v5e-8", v) for name in some for v in tpu_aot.VARIANTS])
 
 
+CASES = _cases()
+
+
 @pytest.mark.tpu_presets
-@pytest.mark.parametrize("name,target,variant", _cases(), ids=[f"{n}-{t}{'-' + v if v else ''}" for n, t, v in _cases()])
+@pytest.mark.parametrize("name,target,variant", CASES, ids=[f"{n}-{t}{'-' + v if v else ''}" for n, t, v in CASES])
 def test_every_preset_compiles_for_a_tpu_slice(name, target, variant):
     from memtx import tpu_aot
     from memtx.config import load_config_file
